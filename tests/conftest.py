@@ -1,0 +1,74 @@
+"""Shared fixtures: a real loopback backend and a Vespa worker in front of it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from vespa.app import Worker
+from vespa.config import load_settings
+
+from .backend import make_backend
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+async def backend():
+    app, log = make_backend()
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    server.log = log
+    yield server
+    await server.close()
+
+
+@pytest.fixture
+async def make_worker(backend):
+    """Build a worker in front of ``backend`` from VESPA_* settings; returns (client, worker)."""
+    clients = []
+
+    async def factory(backend_url: str | None = None, **env: str):
+        values = {"VESPA_UNSECURED": "true",
+                  "VESPA_BACKEND_URL": backend_url or str(backend.make_url("")).rstrip("/"),
+                  **env}
+        worker = Worker(load_settings(values))
+        client = TestClient(TestServer(worker.make_app(), host="127.0.0.1"))
+        await client.start_server()
+        clients.append(client)
+        return client, worker
+
+    yield factory
+    for client in clients:
+        await client.close()
+
+
+async def wait_until(predicate, timeout: float = 5.0, interval: float = 0.01) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(interval)
+
+
+def worker_env(**extra: str) -> dict[str, str]:
+    """An environment for a worker subprocess: no inherited VESPA_* settings, no .env surprises."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VESPA_")}
+    env.update(extra)
+    env["PYTHONPATH"] = str(REPO)
+    return env
+
+
+PYTHON = sys.executable

@@ -1,0 +1,245 @@
+"""The proxy as a client sees it: faithful requests and responses, streaming, failures."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import hashlib
+import json
+import time
+
+import aiohttp
+import pytest
+from multidict import CIMultiDict
+
+from .conftest import free_port, wait_until
+
+METHODS_WITH_BODY = ["POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"])
+async def test_every_method_path_and_query_arrive_exactly(make_worker, backend, method):
+    client, _ = await make_worker()
+    raw = "/echo/a%2Fb/c%20d?x=1&x=2&empty=&q=caf%C3%A9&plus=a+b"
+    body = b'{"hello": "world"}' if method in METHODS_WITH_BODY else None
+    response = await client.request(method, raw, data=body,
+                                    headers={"Content-Type": "application/json"})
+    assert response.status == 200
+    if method == "HEAD":
+        assert await response.read() == b""
+        assert int(response.headers["Content-Length"]) > 0
+        seen = backend.log.requests[-1]
+    else:
+        seen = await response.json()
+    assert seen["method"] == method
+    assert seen["raw_path"] == raw
+    if body:
+        assert seen["body_text"] == body.decode()
+
+
+@pytest.mark.parametrize("body,content_type", [
+    (json.dumps({"messages": [{"role": "user", "content": "héllo"}]}).encode(), "application/json"),
+    (bytes(range(256)) * 1000, "application/octet-stream"),
+    (b"--XyZ\r\nContent-Disposition: form-data; name=\"f\"; filename=\"a.wav\"\r\n"
+     b"Content-Type: audio/wav\r\n\r\nRIFF\x00\x01\x02\r\n--XyZ--\r\n", "multipart/form-data; boundary=XyZ"),
+])
+async def test_bodies_are_forwarded_raw(make_worker, body, content_type):
+    client, _ = await make_worker()
+    response = await client.post("/echo", data=body, headers={"Content-Type": content_type})
+    seen = await response.json()
+    assert seen["body_len"] == len(body)
+    assert seen["body_sha256"] == hashlib.sha256(body).hexdigest()
+    assert dict(seen["headers"])["Content-Type"] == content_type
+
+
+async def test_request_headers_hop_by_hop_stripped_and_forwarding_set(make_worker, backend):
+    client, _ = await make_worker()
+    response = await client.get("/echo", headers={
+        "Connection": "keep-alive, X-Drop-Me",
+        "X-Drop-Me": "1",
+        "Keep-Alive": "timeout=5",
+        "TE": "trailers",
+        "Proxy-Authorization": "Basic Zm9v",
+        "Trailer": "X-Checksum",
+        "X-Custom": "kept",
+        "Authorization": "Bearer for-the-backend",
+        "X-Forwarded-For": "203.0.113.7",
+        "Host": "client-facing.example",
+    })
+    headers = CIMultiDict((await response.json())["headers"])
+    for gone in ("X-Drop-Me", "Keep-Alive", "TE", "Proxy-Authorization", "Trailer"):
+        assert gone not in headers, gone
+    assert headers["X-Custom"] == "kept"
+    assert headers["Authorization"] == "Bearer for-the-backend"
+    assert headers["Host"] == f"127.0.0.1:{backend.port}"
+    assert headers["X-Forwarded-For"] == "203.0.113.7, 127.0.0.1"
+    assert headers["X-Forwarded-Proto"] == "http"
+    assert headers["X-Request-Id"] == response.headers["X-Request-Id"]
+
+
+async def test_response_headers_hop_by_hop_stripped_others_kept(make_worker):
+    client, _ = await make_worker()
+    response = await client.get("/hop")
+    assert await response.text() == "hop"
+    for gone in ("X-Private", "Keep-Alive", "Proxy-Authenticate", "Trailer"):
+        assert gone not in response.headers, gone
+    assert response.headers["X-Kept"] == "yes"
+    cookies = await client.get("/cookies")
+    assert cookies.headers.getall("Set-Cookie") == ["a=1", "b=2"]
+
+
+async def test_gzip_is_relayed_as_sent_not_decompressed(make_worker):
+    client, _ = await make_worker()
+    async with client.session.get(client.make_url("/gzip"), auto_decompress=False) as response:
+        raw = await response.read()
+        assert response.headers["Content-Encoding"] == "gzip"
+    assert gzip.decompress(raw) == b'{"compressed": true}' * 100
+    assert int(response.headers["Content-Length"]) == len(raw)
+
+
+async def test_request_id_is_the_clients_or_a_new_one(make_worker):
+    client, _ = await make_worker()
+    mine = await client.get("/echo", headers={"X-Request-Id": "trace-42"})
+    assert mine.headers["X-Request-Id"] == "trace-42"
+    a = (await client.get("/echo")).headers["X-Request-Id"]
+    b = (await client.get("/status/404")).headers["X-Request-Id"]
+    assert a and b and a != b
+
+
+async def test_error_responses_keep_status_headers_and_body(make_worker):
+    client, _ = await make_worker()
+    response = await client.post("/status/503", data=b"{}")
+    assert response.status == 503
+    assert response.headers["Retry-After"] == "7"
+    assert response.headers["X-Backend-Error"] == "yes"
+    assert await response.json() == {"error": "backend says 503"}
+
+
+async def test_sse_first_event_arrives_before_backend_finishes(make_worker, backend):
+    client, _ = await make_worker()
+    async with client.get("/sse?n=10&delay=0.1") as response:
+        assert response.headers["Content-Type"] == "text/event-stream"
+        first = await response.content.readline()
+        first_at = time.monotonic()
+        assert first == b'data: {"i": 0}\n'
+        rest = await response.read()
+    assert backend.log.sse_last_event_at is not None
+    assert first_at < backend.log.sse_last_event_at - 0.5
+    assert rest.count(b"data: ") == 10  # nine more events and [DONE]
+    assert rest.endswith(b"data: [DONE]\n\n")
+
+
+async def test_ndjson_stream_relayed(make_worker):
+    client, _ = await make_worker()
+    response = await client.get("/ndjson?n=4")
+    lines = (await response.read()).splitlines()
+    assert [json.loads(line)["i"] for line in lines] == [0, 1, 2, 3]
+
+
+async def test_large_upload_streams_with_its_length(make_worker):
+    client, _ = await make_worker()
+    body = b"\x07" * (5 * 1024 * 1024)
+    result = await (await client.post("/upload", data=body)).json()
+    assert result["size"] == len(body)
+    assert result["sha256"] == hashlib.sha256(body).hexdigest()
+    assert result["content_length"] == str(len(body))
+
+
+async def test_chunked_upload_is_forwarded(make_worker):
+    client, _ = await make_worker()
+
+    async def chunks():
+        for _ in range(10):
+            yield b"x" * 100_000
+
+    result = await (await client.post("/upload", data=chunks())).json()
+    assert result["size"] == 1_000_000
+    assert result["chunked"] is True
+
+
+async def test_client_disconnect_cancels_backend_request_quickly(make_worker, backend):
+    client, worker = await make_worker()
+    task = asyncio.create_task(client.get("/hang?name=gone"))
+    await wait_until(lambda: len(worker.ledger.in_flight) == 1)
+    await asyncio.sleep(0.05)  # the request is now parked at the backend
+    left_at = time.monotonic()
+    task.cancel()
+    await asyncio.wait_for(backend.log.cancel_seen.wait(), 2)
+    name, cancelled_at = backend.log.cancelled[0]
+    assert name == "gone"
+    assert cancelled_at - left_at < 0.2
+    await wait_until(lambda: not worker.ledger.in_flight)
+    assert worker.ledger.totals.outcomes["cancelled"] == 1
+
+
+async def test_client_disconnect_mid_stream_cancels_backend(make_worker, backend):
+    client, worker = await make_worker()
+    response = await client.get("/slow-stream?name=s&n=100&delay=0.05")
+    assert await response.content.readline() == b"data: 0\n"
+    left_at = time.monotonic()
+    response.close()
+    await asyncio.wait_for(backend.log.cancel_seen.wait(), 2)
+    assert backend.log.cancelled[0][1] - left_at < 0.2
+    await wait_until(lambda: worker.ledger.totals.outcomes["cancelled"] == 1)
+
+
+async def test_backend_crash_mid_stream_cuts_the_client(make_worker):
+    client, worker = await make_worker()
+    response = await client.get("/crash")
+    assert response.status == 200
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await response.read()
+    await wait_until(lambda: worker.ledger.totals.outcomes["error"] == 1)
+
+
+async def test_backend_unreachable_is_502_with_json_error(make_worker):
+    client, worker = await make_worker(backend_url=f"http://127.0.0.1:{free_port()}")
+    response = await client.post("/v1/chat/completions", json={})
+    assert response.status == 502
+    error = (await response.json())["error"]
+    assert "backend unreachable" in error and "127.0.0.1" in error
+    assert worker.ledger.totals.outcomes["error"] == 1
+
+
+async def test_backend_past_request_timeout_is_504(make_worker):
+    client, _ = await make_worker(VESPA_REQUEST_TIMEOUT="0.3")
+    started = time.monotonic()
+    response = await client.get("/slow?delay=5")
+    assert response.status == 504
+    assert "VESPA_REQUEST_TIMEOUT" in (await response.json())["error"]
+    assert time.monotonic() - started < 2
+
+
+async def test_body_over_limit_is_413_declared_or_streamed(make_worker, backend):
+    client, _ = await make_worker(VESPA_MAX_BODY_BYTES="1000")
+    declared = await client.post("/upload", data=b"x" * 1001)
+    assert declared.status == 413
+    assert "VESPA_MAX_BODY_BYTES" in (await declared.json())["error"]
+
+    async def chunks():
+        for _ in range(5):
+            yield b"y" * 400
+
+    streamed = await client.post("/upload", data=chunks())
+    assert streamed.status == 413
+    ok = await client.post("/upload", data=b"x" * 1000)
+    assert (await ok.json())["size"] == 1000
+
+
+async def test_blocked_paths_are_403(make_worker, backend):
+    client, _ = await make_worker(VESPA_BLOCKED_PATHS="/admin/*, /echo/secret")
+    for path in ("/admin/reset", "/echo/secret"):
+        response = await client.post(path, data=b"{}")
+        assert response.status == 403
+        assert path in (await response.json())["error"]
+    assert (await client.get("/echo/public")).status == 200
+    assert all(r["path"] == "/echo/public" for r in backend.log.requests)
+
+
+async def test_upstream_connections_are_reused(make_worker, backend):
+    client, worker = await make_worker()
+    for _ in range(20):
+        assert (await client.post("/echo", data=b"{}")).status == 200
+    assert len(backend.log.requests) == 20
+    # the start-up health check may hold a second pooled connection, never more
+    assert len({r["peer_port"] for r in backend.log.requests}) <= 2

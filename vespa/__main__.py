@@ -1,0 +1,5 @@
+"""``python -m vespa``: run the worker."""
+
+from .app import main
+
+main()

@@ -1,0 +1,164 @@
+"""The ledger: per-request accounting, the single source of truth for load (pure, no IO, no clock).
+
+Every request that is admitted or rejected ends here exactly once. The ledger produces the load
+fields of ``worker_status`` (as PROTOCOL.md defines them), counted since the last report that
+reached the autoscaler, and the finished-request records that ``delete_requests`` carries.
+Memory is bounded: counters, the requests in flight, and a bounded outbox of finished records.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class Outcome(str, Enum):
+    SUCCESS = "success"
+    ERROR = "error"
+    CANCELLED = "cancelled"
+    REJECTED = "rejected"
+
+
+@dataclass(eq=False)
+class Entry:
+    """A request in flight (queued or running)."""
+
+    workload: float
+    request_idx: int | None
+    received_at: float
+    started_at: float | None = None
+    closed: bool = False
+
+
+@dataclass(frozen=True)
+class FinishedRequest:
+    """One record for ``delete_requests``."""
+
+    request_idx: int
+    success: bool
+    status: int
+    entered_queue_at: float
+    work_started_at: float | None
+    work_completed_at: float
+
+
+@dataclass
+class LoadWindow:
+    """Counters since the last report that reached the autoscaler."""
+
+    new_load: float = 0.0
+    rej_load: float = 0.0
+    cur_perf: float = 0.0
+    num_requests_recieved: int = 0
+
+    def minus(self, other: "LoadWindow") -> "LoadWindow":
+        return LoadWindow(self.new_load - other.new_load, self.rej_load - other.rej_load,
+                          self.cur_perf - other.cur_perf,
+                          self.num_requests_recieved - other.num_requests_recieved)
+
+
+@dataclass
+class Totals:
+    """Lifetime counts, for metrics and tests."""
+
+    received: int = 0
+    rejected: int = 0
+    outcomes: dict[str, int] = field(default_factory=lambda: {o.value: 0 for o in Outcome})
+    workload_served: float = 0.0
+
+
+class Ledger:
+    def __init__(self, outbox_limit: int = 100_000):
+        self.in_flight: set[Entry] = set()
+        self.window = LoadWindow()
+        self.totals = Totals()
+        self.outbox: deque[FinishedRequest] = deque()
+        self.outbox_limit = outbox_limit
+        self.dropped = 0
+
+    # -- recording ---------------------------------------------------------------------------
+    def receive(self, workload: float, request_idx: int | None, now: float) -> Entry:
+        """An admitted request (running or queued) enters the ledger."""
+        entry = Entry(workload, request_idx, now)
+        self.in_flight.add(entry)
+        self.window.new_load += workload
+        self.window.num_requests_recieved += 1
+        self.totals.received += 1
+        return entry
+
+    def start(self, entry: Entry, now: float) -> None:
+        entry.started_at = now
+
+    def finish(self, entry: Entry, outcome: Outcome, status: int, now: float) -> None:
+        """An admitted request ends; a second call for the same entry is ignored."""
+        if entry.closed:
+            return
+        entry.closed = True
+        self.in_flight.discard(entry)
+        self.totals.outcomes[outcome.value] += 1
+        if outcome is Outcome.SUCCESS:
+            self.window.cur_perf += entry.workload
+            self.totals.workload_served += entry.workload
+        elif outcome is Outcome.CANCELLED:
+            self.window.new_load -= entry.workload
+        elif outcome is Outcome.REJECTED:
+            self.window.new_load -= entry.workload
+            self.window.rej_load += entry.workload
+            self.totals.rejected += 1
+        self._record(entry.request_idx, outcome, status, entry.received_at, entry.started_at, now)
+
+    def reject(self, workload: float, request_idx: int | None, status: int, now: float) -> None:
+        """A request turned away before admission (overload, draining)."""
+        self.window.rej_load += workload
+        self.totals.rejected += 1
+        self.totals.outcomes[Outcome.REJECTED.value] += 1
+        self._record(request_idx, Outcome.REJECTED, status, now, None, now)
+
+    def _record(self, request_idx: int | None, outcome: Outcome, status: int,
+                received_at: float, started_at: float | None, now: float) -> None:
+        if request_idx is None:
+            return
+        if len(self.outbox) >= self.outbox_limit:
+            self.outbox.popleft()
+            self.dropped += 1
+        success = outcome in (Outcome.SUCCESS, Outcome.CANCELLED)
+        self.outbox.append(FinishedRequest(request_idx, success, status, received_at,
+                                           started_at, now))
+
+    # -- reporting ---------------------------------------------------------------------------
+    @property
+    def cur_load(self) -> float:
+        return sum(e.workload for e in self.in_flight)
+
+    def working_request_idxs(self) -> list[int]:
+        return sorted(e.request_idx for e in self.in_flight if e.request_idx is not None)
+
+    def load_fields(self) -> tuple[dict, LoadWindow]:
+        """The load fields of a worker_status body, and the window they report."""
+        sent = LoadWindow(**vars(self.window))
+        fields = {
+            "cur_load": self.cur_load,
+            "new_load": sent.new_load,
+            "rej_load": sent.rej_load,
+            "cur_perf": sent.cur_perf,
+            "num_requests_working": len(self.in_flight),
+            "num_requests_recieved": sent.num_requests_recieved,
+            "working_request_idxs": self.working_request_idxs(),
+        }
+        return fields, sent
+
+    def reported(self, sent: LoadWindow) -> None:
+        """The report carrying ``sent`` reached the autoscaler: count only what came after."""
+        self.window = self.window.minus(sent)
+
+    def take_finished(self, limit: int) -> list[FinishedRequest]:
+        """Up to ``limit`` finished records, oldest first, removed from the outbox."""
+        batch = []
+        while self.outbox and len(batch) < limit:
+            batch.append(self.outbox.popleft())
+        return batch
+
+    def put_back(self, batch: list[FinishedRequest]) -> None:
+        """Return records whose delivery failed to the front of the outbox, in order."""
+        self.outbox.extendleft(reversed(batch))
