@@ -1,0 +1,80 @@
+"""Settings: defaults, Vast's names, .env files, and one clear line for a bad value."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from vespa.config import ConfigError, environment, load_settings
+
+from .conftest import PYTHON, REPO, worker_env
+
+
+def test_defaults():
+    settings = load_settings({})
+    assert settings.backend_url == "http://localhost:8000"
+    assert settings.worker_port == 3000
+    assert settings.unsecured is False
+    assert settings.max_wait_time == 10.0
+    assert settings.max_throughput is None
+    assert settings.concurrency_limit is None
+
+
+def test_values_and_vast_port_name():
+    settings = load_settings({
+        "VESPA_BACKEND_URL": "http://127.0.0.1:9000/", "WORKER_PORT": "3005",
+        "VESPA_UNSECURED": "yes", "VESPA_MAX_CONCURRENCY": "4", "VESPA_MAX_WAIT_TIME": "2.5",
+        "VESPA_MAX_THROUGHPUT": "120", "VESPA_BLOCKED_PATHS": "/admin/*, /debug",
+        "VESPA_LOG_LEVEL": "debug"})
+    assert settings.backend_url == "http://127.0.0.1:9000"
+    assert settings.worker_port == 3005
+    assert settings.unsecured is True
+    assert settings.concurrency_limit == 4
+    assert settings.max_wait_time == 2.5
+    assert settings.max_throughput == 120.0
+    assert settings.blocked_paths == ("/admin/*", "/debug")
+    assert settings.log_level == "DEBUG"
+    assert load_settings({"VESPA_WORKER_PORT": "4000", "WORKER_PORT": "3005"}).worker_port == 4000
+
+
+def test_parallel_off_means_one_at_a_time():
+    assert load_settings({"VESPA_ALLOW_PARALLEL": "false",
+                          "VESPA_MAX_CONCURRENCY": "8"}).concurrency_limit == 1
+
+
+@pytest.mark.parametrize("name,value,accepts", [
+    ("VESPA_WORKER_PORT", "abc", "whole number from 1 to 65535"),
+    ("VESPA_WORKER_PORT", "70000", "whole number from 1 to 65535"),
+    ("VESPA_UNSECURED", "maybe", "true or false"),
+    ("VESPA_MAX_WAIT_TIME", "-1", "a number > 0"),
+    ("VESPA_MAX_THROUGHPUT", "nan", "a number > 0"),
+    ("VESPA_MAX_CONCURRENCY", "0", "whole number from 1"),
+    ("VESPA_BACKEND_URL", "localhost:8000", "http:// or https:// URL"),
+    ("VESPA_HEALTHCHECK_ENDPOINT", "health", "path starting with /"),
+    ("VESPA_LOG_LEVEL", "LOUD", "one of DEBUG"),
+])
+def test_bad_values_name_the_variable_and_what_it_accepts(name, value, accepts):
+    with pytest.raises(ConfigError) as caught:
+        load_settings({name: value})
+    assert name in str(caught.value) and accepts in str(caught.value)
+
+
+def test_dotenv_file_is_read_and_environment_wins(tmp_path, monkeypatch):
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("VESPA_MAX_WAIT_TIME=3\nVESPA_DEFAULT_COST=7\n")
+    monkeypatch.setenv("VESPA_DEFAULT_COST", "9")
+    merged = environment(str(dotenv))
+    settings = load_settings(merged)
+    assert settings.max_wait_time == 3.0
+    assert settings.default_cost == 9.0
+
+
+@pytest.mark.parametrize("entry", [["server.py"], ["-m", "vespa"]])
+def test_bad_value_stops_process_with_one_line_and_exit_2(entry, tmp_path):
+    result = subprocess.run([PYTHON, *[str(REPO / e) if e.endswith(".py") else e for e in entry]],
+                            env=worker_env(VESPA_MAX_WAIT_TIME="soon"), cwd=tmp_path,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines == ["vespa: invalid VESPA_MAX_WAIT_TIME='soon': expected a number > 0"]

@@ -1,0 +1,159 @@
+"""The worker as a real process: readiness, drain on SIGTERM, flat memory on huge streams."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import time
+
+import aiohttp
+import psutil
+import pytest
+
+from .conftest import PYTHON, REPO, free_port, wait_until, worker_env
+
+
+class WorkerProcess:
+    def __init__(self, backend_url: str, **env: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [PYTHON, "-m", "vespa"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            env=worker_env(VESPA_UNSECURED="true", VESPA_BACKEND_URL=backend_url,
+                           VESPA_WORKER_PORT=str(self.port), VESPA_WORKER_HOST="127.0.0.1",
+                           VESPA_HEALTHCHECK_INTERVAL="0.2", **env))
+
+    async def status(self, session: aiohttp.ClientSession, path: str) -> int | None:
+        try:
+            async with session.get(self.url + path) as response:
+                return response.status
+        except aiohttp.ClientError:
+            return None
+
+    async def wait_ready(self, session: aiohttp.ClientSession, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while await self.status(session, "/_vespa/readyz") != 200:
+            assert self.proc.poll() is None, self.proc.stdout.read().decode()
+            assert time.monotonic() < deadline, "worker never became ready"
+            await asyncio.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+        self.proc.stdout.close()
+
+
+@pytest.fixture
+async def session():
+    async with aiohttp.ClientSession() as client_session:
+        yield client_session
+
+
+@pytest.fixture
+def spawn():
+    procs = []
+
+    def factory(backend_url: str, **env: str) -> WorkerProcess:
+        proc = WorkerProcess(backend_url, **env)
+        procs.append(proc)
+        return proc
+
+    yield factory
+    for proc in procs:
+        proc.stop()
+
+
+def backend_url(backend) -> str:
+    return str(backend.make_url("")).rstrip("/")
+
+
+async def test_readyz_follows_backend_health(spawn, backend, session):
+    backend.log.healthy = False
+    worker = spawn(backend_url(backend))
+    await wait_until(lambda: worker.proc.poll() is None, 5)
+    deadline = time.monotonic() + 10
+    while await worker.status(session, "/_vespa/healthz") != 200:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+    assert await worker.status(session, "/_vespa/readyz") == 503
+    backend.log.healthy = True
+    await worker.wait_ready(session)
+    assert await worker.status(session, "/_vespa/nope") == 404
+
+
+async def test_python_server_py_is_the_same_entry(backend, session):
+    port = free_port()
+    proc = subprocess.Popen([PYTHON, "server.py"], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL,
+                            env=worker_env(VESPA_UNSECURED="true", VESPA_WORKER_PORT=str(port),
+                                           VESPA_BACKEND_URL=backend_url(backend)))
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                async with session.post(f"http://127.0.0.1:{port}/echo", data=b"{}") as response:
+                    assert response.status == 200
+                    assert (await response.json())["method"] == "POST"
+                    break
+            except aiohttp.ClientConnectionError:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+    finally:
+        proc.terminate()
+        assert proc.wait(15) == 0
+
+
+async def test_sigterm_drains_streams_in_flight_then_exits_0(spawn, backend, session):
+    worker = spawn(backend_url(backend), VESPA_DRAIN_TIMEOUT="10")
+    await worker.wait_ready(session)
+    streams = [await session.get(f"{worker.url}/slow-stream?name=s{i}&n=15&delay=0.05")
+               for i in range(5)]
+    for stream in streams:
+        assert await stream.content.readline() == b"data: 0\n"
+    worker.proc.send_signal(signal.SIGTERM)
+    await asyncio.sleep(0.2)
+    assert await worker.status(session, "/_vespa/readyz") == 503
+    async with session.get(f"{worker.url}/echo") as refused:
+        assert refused.status == 503
+        assert "shutting down" in (await refused.json())["error"]
+    bodies = [await stream.read() for stream in streams]
+    for body in bodies:
+        assert body.endswith(b"data: 14\n\n")
+    assert await asyncio.to_thread(worker.proc.wait, 10) == 0
+    assert sorted(backend.log.finished) == [f"s{i}" for i in range(5)]
+
+
+async def test_drain_timeout_cuts_what_is_still_running(spawn, backend, session):
+    worker = spawn(backend_url(backend), VESPA_DRAIN_TIMEOUT="0.5")
+    await worker.wait_ready(session)
+    stream = await session.get(f"{worker.url}/slow-stream?name=long&n=200&delay=0.05")
+    assert await stream.content.readline() == b"data: 0\n"
+    started = time.monotonic()
+    worker.proc.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(worker.proc.wait, 10) == 0
+    assert time.monotonic() - started < 4
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await stream.read()
+
+
+async def test_200_mb_stream_keeps_worker_memory_flat(spawn, backend, session):
+    worker = spawn(backend_url(backend))
+    await worker.wait_ready(session)
+    process = psutil.Process(worker.proc.pid)
+    async with session.get(f"{worker.url}/echo") as warm:
+        await warm.read()
+    baseline = process.memory_info().rss
+    peak = baseline
+    received = 0
+    total = 200 * 1024 * 1024
+    async with session.get(f"{worker.url}/big?bytes={total}&length=1") as response:
+        assert response.headers["Content-Type"] == "audio/wav"
+        assert int(response.headers["Content-Length"]) == total
+        async for chunk in response.content.iter_chunked(1 << 20):
+            received += len(chunk)
+            peak = max(peak, process.memory_info().rss)
+    assert received == total
+    growth_mb = (peak - baseline) / 2**20
+    assert growth_mb < 40, f"worker RSS grew {growth_mb:.0f} MB while relaying 200 MB"
