@@ -14,6 +14,7 @@ import signal
 import sys
 import time
 
+import aiohttp
 from aiohttp import web
 
 from .admission import Admission, workload_of
@@ -57,6 +58,7 @@ class Worker:
         self.blocked = compile_patterns(settings.blocked_paths)
         self.idle = asyncio.Event()
         self.background: list[asyncio.Task] = []
+        self.session: aiohttp.ClientSession | None = None  # control plane: health, reports
 
     # -- the corridor --------------------------------------------------------------------------
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -139,8 +141,9 @@ class Worker:
 
     async def on_startup(self, app: web.Application) -> None:
         await self.upstream.start()
+        self.session = aiohttp.ClientSession()
         health_url = self.settings.backend_url + self.settings.healthcheck_endpoint
-        lifecycle = Lifecycle(self.state, self.upstream.session, health_url,
+        lifecycle = Lifecycle(self.state, self.session, health_url,
                               ready_timeout=self.settings.ready_timeout_initial,
                               health_interval=self.settings.healthcheck_interval)
         self.background.append(asyncio.create_task(lifecycle.run(), name="lifecycle"))
@@ -150,6 +153,7 @@ class Worker:
             task.cancel()
         await asyncio.gather(*self.background, return_exceptions=True)
         await self.upstream.close()
+        await self.session.close()
 
     async def drain(self) -> None:
         """Refuse new work, let what is in flight finish (up to the drain timeout)."""

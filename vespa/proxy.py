@@ -1,27 +1,32 @@
 """The upstream hop: forward one request to the backend and relay its answer, streaming.
 
-One shared keep-alive ``ClientSession``; hop-by-hop headers stripped both ways (RFC 9110 §7.6.1
-and those named in ``Connection``); bodies relayed raw (no re-encoding, no decompression);
-streams relayed chunk by chunk with backpressure. Failures before the response starts raise
-``ProxyError`` (the caller answers 502/504/413); a backend that breaks after the response started
-makes us cut the client's connection, never fake a clean end.
+Hop-by-hop headers are stripped both ways (RFC 9110 §7.6.1 and those named in ``Connection``);
+bodies are relayed raw (no re-encoding, no decompression); streams are relayed chunk by chunk
+with backpressure. Failures before the response starts raise ``ProxyError`` (the caller answers
+502/504/413); a backend that breaks after the response started makes us cut the client's
+connection, never fake a clean end. Connections come from ``BackendPool`` (keep-alive).
 """
 
 from __future__ import annotations
 
 import asyncio
 
-import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
+from .backend_pool import (BackendClosed, BackendConnection, BackendPool, BackendResponse,
+                           BackendTimeout, MalformedResponse)
+
 HOP_BY_HOP = frozenset({
-    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
-    "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade",
+    b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization",
+    b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade",
 })
-# Recomputed for the upstream request by the client library.
-_REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "expect"}
+# Replaced by the proxy for the upstream request.
+_REQUEST_DROP = HOP_BY_HOP | {b"host", b"content-length", b"expect", b"x-forwarded-for",
+                              b"x-forwarded-proto", b"x-request-id"}
+_RESPONSE_DROP = HOP_BY_HOP | {b"content-length"}
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 # Bodies up to this size are read whole: one write each way instead of a stream.
 SMALL_BODY = 256 * 1024
 STREAM_CHUNK = 64 * 1024
@@ -40,24 +45,6 @@ class BodyTooLarge(Exception):
     """The request body grew past the configured limit while it was being streamed."""
 
 
-class BoundedBody:
-    """A request body streamed upstream chunk by chunk, stopped once it passes ``limit``."""
-
-    def __init__(self, request: web.Request, limit: int):
-        self.request = request
-        self.limit = limit
-        self.overflowed = False
-
-    async def __aiter__(self):
-        sent = 0
-        async for chunk in self.request.content.iter_chunked(STREAM_CHUNK):
-            sent += len(chunk)
-            if sent > self.limit:
-                self.overflowed = True
-                raise BodyTooLarge()
-            yield chunk
-
-
 class UpstreamBroken(Exception):
     """The backend failed after the response had started; the client's connection was cut."""
 
@@ -66,116 +53,202 @@ class UpstreamBroken(Exception):
         self.response = response
 
 
-def _dropped(headers, base: frozenset[str]) -> frozenset[str]:
-    connection = headers.get("Connection")
-    if not connection:
-        return base
-    return base | {token.strip().lower() for token in connection.split(",")}
+class BoundedBody:
+    """A request body streamed upstream chunk by chunk, stopped once it passes ``limit``."""
+
+    def __init__(self, request: web.Request, limit: int):
+        self.request = request
+        self.limit = limit
+        self.length = request.content_length
+
+    async def __aiter__(self):
+        sent = 0
+        async for chunk in self.request.content.iter_chunked(STREAM_CHUNK):
+            sent += len(chunk)
+            if sent > self.limit:
+                raise BodyTooLarge()
+            yield chunk
 
 
-def request_headers(request: web.Request, request_id: str) -> CIMultiDict:
-    """The headers to send upstream: the client's minus hop-by-hop, plus forwarding headers."""
-    drop = _dropped(request.headers, _REQUEST_DROP)
-    out = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in drop)
-    peer = request.remote or ""
-    prior = out.get("X-Forwarded-For")
-    out["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
-    out["X-Forwarded-Proto"] = request.scheme
-    out["X-Request-Id"] = request_id
-    return out
+def _connection_tokens(raw_headers) -> frozenset[bytes]:
+    tokens = set()
+    for name, value in raw_headers:
+        if name.lower() == b"connection":
+            tokens.update(t.strip().lower() for t in value.split(b","))
+    return frozenset(tokens)
 
 
-def response_headers(upstream: aiohttp.ClientResponse) -> CIMultiDict:
-    """The backend's response headers minus hop-by-hop (Content-Length is set by the relay)."""
-    drop = _dropped(upstream.headers, HOP_BY_HOP | {"content-length"})
-    return CIMultiDict((k, v) for k, v in upstream.headers.items() if k.lower() not in drop)
+def request_head(request: web.Request, target: str, host: bytes, request_id: str,
+                 framing: bytes) -> bytes:
+    """The upstream request line and headers: the client's minus hop-by-hop, plus ours."""
+    raw = request.raw_headers
+    tokens = _connection_tokens(raw)
+    drop = _REQUEST_DROP | tokens if tokens else _REQUEST_DROP
+    lines = [f"{request.method} {target} HTTP/1.1\r\n".encode(), b"Host: ", host, b"\r\n"]
+    forwarded_for = None
+    for name, value in raw:
+        lowered = name.lower()
+        if lowered in drop:
+            if lowered == b"x-forwarded-for":
+                forwarded_for = value
+            continue
+        lines += (name, b": ", value, b"\r\n")
+    peer = (request.remote or "").encode()
+    lines += (b"X-Forwarded-For: ", forwarded_for + b", " + peer if forwarded_for else peer,
+              b"\r\nX-Forwarded-Proto: ", request.scheme.encode(),
+              b"\r\nX-Request-Id: ", request_id.encode(), b"\r\n", framing, b"\r\n")
+    return b"".join(lines)
+
+
+def response_headers(raw_headers: list[tuple[bytes, bytes]]) -> tuple[CIMultiDict, int | None]:
+    """The backend's headers minus hop-by-hop, and its Content-Length if it sent one."""
+    drop = _RESPONSE_DROP | _connection_tokens(raw_headers)
+    headers: CIMultiDict = CIMultiDict()
+    length = None
+    for name, value in raw_headers:
+        lowered = name.lower()
+        if lowered in drop:
+            if lowered == b"content-length":
+                length = int(value)
+            continue
+        headers.add(name.decode("latin-1"), value.decode("latin-1"))
+    return headers, length
 
 
 class Upstream:
-    """The backend as seen through one shared, pooled, keep-alive client session."""
+    """The backend, reached through a pool of keep-alive connections."""
 
     def __init__(self, base_url: str, *, connection_limit: int, connect_timeout: float,
                  request_timeout: float, max_body_bytes: int):
+        url = URL(base_url)
         self.base_url = base_url.rstrip("/")
+        self.base_path = url.raw_path.rstrip("/")
+        self.host = url.raw_host or "localhost"
+        self.port = url.port or (443 if url.scheme == "https" else 80)
+        self.host_header = (f"{self.host}:{self.port}" if url.explicit_port else self.host).encode()
+        self.use_ssl = url.scheme == "https"
         self.connection_limit = connection_limit
-        self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout,
-                                             sock_read=request_timeout)
+        self.connect_timeout = connect_timeout
+        self.read_timeout = request_timeout
         self.max_body_bytes = max_body_bytes
-        self.session: aiohttp.ClientSession | None = None
+        self.pool: BackendPool | None = None
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=self.connection_limit, limit_per_host=0,
-                                         keepalive_timeout=60, ttl_dns_cache=300)
-        self.session = aiohttp.ClientSession(
-            connector=connector, timeout=self.timeout, auto_decompress=False,
-            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
-            cookie_jar=aiohttp.DummyCookieJar())
+        self.pool = BackendPool(self.host, self.port, use_ssl=self.use_ssl,
+                                limit=self.connection_limit, connect_timeout=self.connect_timeout)
 
     async def close(self) -> None:
-        if self.session is not None:
-            await self.session.close()
+        if self.pool is not None:
+            self.pool.close()
 
     async def forward(self, request: web.Request, request_id: str,
                       body: bytes | None = None, path_qs: str | None = None) -> web.StreamResponse:
         """Send ``request`` (or ``body`` instead of its own) upstream and relay the answer."""
-        headers = request_headers(request, request_id)
-        data = body if body is not None else await self._body(request, headers)
-        url = URL(self.base_url + (path_qs if path_qs is not None else request.raw_path),
-                  encoded=True)
+        if body is None:
+            body = await self._body(request)
+        target = self.base_path + (path_qs if path_qs is not None else request.raw_path)
+        if isinstance(body, bytes):
+            framing = b"Content-Length: %d\r\n" % len(body)
+        elif body is None:
+            framing = b"Content-Length: 0\r\n" if request.method in _BODY_METHODS else b""
+        elif body.length is not None:
+            framing = b"Content-Length: %d\r\n" % body.length
+        else:
+            framing = b"Transfer-Encoding: chunked\r\n"
+        head = request_head(request, target, self.host_header, request_id, framing)
+        conn, response = await self._exchange(request.method == "HEAD", head, body)
         try:
-            upstream = await self.session.request(
-                request.method, url, headers=headers, data=data, allow_redirects=False,
-                compress=None, chunked=None)
-        except (aiohttp.ClientError, asyncio.TimeoutError, BodyTooLarge) as exc:
-            if isinstance(data, BoundedBody) and data.overflowed:
-                raise ProxyError(413, f"request body exceeds the {self.max_body_bytes}-byte "
-                                      "limit (VESPA_MAX_BODY_BYTES)") from None
-            if isinstance(exc, asyncio.TimeoutError):
-                raise ProxyError(504, "backend did not answer within the request timeout "
-                                      "(VESPA_REQUEST_TIMEOUT)") from None
-            raise ProxyError(502, f"backend unreachable at {self.base_url}: {exc}") from None
-        try:
-            return await self._relay(request, upstream, request_id)
+            return await self._relay(request, response, request_id)
         finally:
-            if upstream.content.is_eof():
-                upstream.release()  # back to the keep-alive pool
-            else:
-                upstream.close()  # the backend sees its client go away and stops working
+            self.pool.release(conn, reusable=True)
 
-    async def _body(self, request: web.Request, headers: CIMultiDict):
-        """The request body: bytes when small, else a bounded stream with its length kept."""
+    async def _body(self, request: web.Request):
+        """The request body: bytes when small, else a bounded stream."""
         if not request.body_exists:
             return None
         length = request.content_length
         if length is not None and length <= SMALL_BODY:
             return await request.content.readexactly(length)
-        if length is not None:
-            headers["Content-Length"] = str(length)
         return BoundedBody(request, self.max_body_bytes)
 
-    async def _relay(self, request: web.Request, upstream: aiohttp.ClientResponse,
-                     request_id: str) -> web.StreamResponse:
-        headers = response_headers(upstream)
-        headers["X-Request-Id"] = request_id
-        length = upstream.content_length
-        if length is not None and length <= SMALL_BODY and request.method != "HEAD":
+    async def _exchange(self, head_only: bool, head: bytes, body
+                        ) -> tuple[BackendConnection, BackendResponse]:
+        """Write the request and wait for the response head; retry once on a stale connection."""
+        for attempt in (1, 2):
             try:
-                payload = await upstream.read()
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                raise ProxyError(502, f"backend broke off its response: {exc!r}") from None
-            return web.Response(status=upstream.status, reason=upstream.reason,
-                                headers=headers, body=payload)
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
-                                      headers=headers)
+                conn = await self.pool.acquire()
+            except (OSError, asyncio.TimeoutError) as exc:
+                raise ProxyError(502, f"backend unreachable at {self.base_url}: "
+                                      f"{exc or type(exc).__name__}") from None
+            response = conn.start(head_only, self.read_timeout)
+            try:
+                await self._send(conn, head, body)
+                await response.head
+                return conn, response
+            except BackendClosed as exc:
+                self.pool.release(conn, reusable=False)
+                if attempt == 1 and conn.reused and not isinstance(body, BoundedBody):
+                    continue  # the backend closed an idle keep-alive connection: try a new one
+                raise ProxyError(502, f"backend at {self.base_url} closed the connection "
+                                      f"without answering: {exc}") from None
+            except BodyTooLarge:
+                self.pool.release(conn, reusable=False)
+                raise ProxyError(413, f"request body exceeds the {self.max_body_bytes}-byte "
+                                      "limit (VESPA_MAX_BODY_BYTES)") from None
+            except BackendTimeout:
+                self.pool.release(conn, reusable=False)
+                raise ProxyError(504, f"backend did not answer within {self.read_timeout:g}s "
+                                      "(VESPA_REQUEST_TIMEOUT)") from None
+            except MalformedResponse as exc:
+                self.pool.release(conn, reusable=False)
+                raise ProxyError(502, str(exc)) from None
+            except BaseException:
+                self.pool.release(conn, reusable=False)
+                raise
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    async def _send(conn: BackendConnection, head: bytes, body) -> None:
+        transport = conn.transport
+        if body is None:
+            transport.write(head)
+        elif isinstance(body, bytes):
+            transport.write(head + body)
+        else:
+            transport.write(head)
+            chunked = body.length is None
+            async for chunk in body:
+                if conn.closed:
+                    raise BackendClosed("backend closed the connection during the upload")
+                transport.write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
+                await conn.drain()
+            if chunked:
+                transport.write(b"0\r\n\r\n")
+
+    async def _relay(self, request: web.Request, upstream: BackendResponse,
+                     request_id: str) -> web.StreamResponse:
+        headers, length = response_headers(upstream.raw_headers)
+        headers["X-Request-Id"] = request_id
+        reason = upstream.reason.decode("latin-1") or None
+        if length is not None and length <= SMALL_BODY and not upstream.head_only:
+            try:
+                payload = await upstream.read_all()
+            except (ConnectionError, TimeoutError) as exc:
+                raise ProxyError(502, f"backend broke off its response: {exc}") from None
+            return web.Response(status=upstream.status, reason=reason, headers=headers,
+                                body=payload)
+        response = web.StreamResponse(status=upstream.status, reason=reason, headers=headers)
         if length is not None:
             response.content_length = length
         await response.prepare(request)
         try:
-            async for chunk in upstream.content.iter_any():
+            while (chunk := await upstream.next_chunk()) is not None:
                 await response.write(chunk)
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            if request.transport is not None:
-                request.transport.abort()  # a cut, so the client cannot mistake it for the end
-            raise UpstreamBroken(f"backend failed mid-response: {exc!r}", response) from None
+        except (ConnectionError, TimeoutError) as exc:
+            if isinstance(exc, (BackendClosed, BackendTimeout, MalformedResponse)):
+                if request.transport is not None:
+                    request.transport.abort()  # a cut: the client cannot mistake it for the end
+                raise UpstreamBroken(f"backend failed mid-response: {exc}", response) from None
+            raise  # the client went away while we wrote to it
         await response.write_eof()
         return response

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Set up everything the test suite needs on a fresh machine, then run it.
+#   scripts/test.sh            the whole suite, slow end-to-end tests included (what CI runs)
+#   scripts/test.sh --fast     only the fast suite (no real model servers)
+# Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+fast=0
+if [[ "${1:-}" == "--fast" ]]; then fast=1; shift; fi
+
+source scripts/worker_env.sh   # creates/reuses .venvs/worker, exports VESPA_PYTHON
+
+if [[ $fast == 1 ]]; then
+  set -- -m "not slow" "$@"
+fi
+
+set +e
+"$VESPA_PYTHON" -m pytest "$@"
+status=$?
+set -e
+if [[ $status == 5 ]]; then
+  echo "test.sh: pytest collected no tests: that is a failure, not a pass" >&2
+  exit 1
+fi
+exit $status

@@ -1,0 +1,290 @@
+"""Pooled keep-alive HTTP/1.1 connections to the backend, parsed by llhttp (httptools).
+
+The lean upstream path: a request is one pre-built header block written to a pooled connection;
+the response is parsed in C and handed over as status, raw headers and body chunks, with
+backpressure (the backend socket stops being read while the client is slower). No per-request
+session, URL or header-multidict objects. A connection whose response was not read to the end
+is closed, which is how the backend learns that its client went away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl as ssl_module
+from collections import deque
+
+import httptools
+
+HIGH_WATER = 256 * 1024
+LOW_WATER = 64 * 1024
+
+
+class BackendClosed(ConnectionError):
+    """The backend closed or broke the connection before the response was complete."""
+
+
+class BackendTimeout(TimeoutError):
+    """The backend sent nothing for longer than the read timeout."""
+
+
+class MalformedResponse(ConnectionError):
+    """The backend's bytes are not valid HTTP."""
+
+
+class BackendResponse:
+    """One response as it arrives: head first, then body chunks until done or failed."""
+
+    __slots__ = ("conn", "status", "reason", "raw_headers", "head_only", "head", "chunks",
+                 "buffered", "waiter", "done", "error", "received_any", "keep_alive")
+
+    def __init__(self, conn: "BackendConnection", head_only: bool):
+        self.conn = conn
+        self.status = 0
+        self.reason = b""
+        self.raw_headers: list[tuple[bytes, bytes]] = []
+        self.head_only = head_only
+        self.head: asyncio.Future[None] = conn.loop.create_future()
+        self.chunks: deque[bytes] = deque()
+        self.buffered = 0
+        self.waiter: asyncio.Future[None] | None = None
+        self.done = False
+        self.error: BaseException | None = None
+        self.received_any = False
+        self.keep_alive = False
+
+    def _wake(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    def feed(self, chunk: bytes) -> None:
+        self.chunks.append(chunk)
+        self.buffered += len(chunk)
+        if self.buffered > HIGH_WATER:
+            self.conn.pause_reading()
+        self._wake()
+
+    def finish(self) -> None:
+        self.done = True
+        self._wake()
+
+    def fail(self, error: BaseException) -> None:
+        if self.done:
+            return
+        self.error = error
+        if not self.head.done():
+            self.head.set_exception(error)
+            self.head.exception()  # mark retrieved: the caller may already be gone
+        self._wake()
+
+    async def next_chunk(self) -> bytes | None:
+        """The next body chunk, or None at the end; raises if the backend failed."""
+        while not self.chunks:
+            if self.error is not None:
+                raise self.error
+            if self.done:
+                return None
+            self.waiter = self.conn.loop.create_future()
+            await self.waiter
+            self.waiter = None
+        chunk = self.chunks.popleft()
+        self.buffered -= len(chunk)
+        if self.buffered < LOW_WATER:
+            self.conn.resume_reading()
+        return chunk
+
+    async def read_all(self) -> bytes:
+        parts = []
+        while (chunk := await self.next_chunk()) is not None:
+            parts.append(chunk)
+        return b"".join(parts)
+
+
+class BackendConnection(asyncio.Protocol):
+    """One keep-alive connection; carries one request at a time."""
+
+    def __init__(self, pool: "BackendPool"):
+        self.pool = pool
+        self.loop = pool.loop
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.response: BackendResponse | None = None
+        self.closed = False
+        self.reused = False
+        self.reading_paused = False
+        self.writable: asyncio.Future[None] | None = None
+        self.last_active = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+
+    # -- asyncio protocol ----------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        if self.response is None:  # bytes nobody asked for: this connection is not sane
+            self.close()
+            return
+        self.last_active = self.loop.time()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            if self.response is not None:
+                self.response.fail(MalformedResponse(f"backend sent malformed HTTP: {exc}"))
+            self.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.cancel_timer()
+        response = self.response
+        if response is not None and not response.done:
+            if response.head.done() and self.ends_at_close():
+                response.finish()
+            else:
+                response.fail(BackendClosed("backend closed the connection"
+                                            + (f": {exc}" if exc else "")))
+        if self.writable is not None and not self.writable.done():
+            self.writable.set_exception(BackendClosed("backend closed the connection"))
+            self.writable.exception()
+        self.pool.forget(self)
+
+    def pause_writing(self) -> None:
+        self.writable = self.loop.create_future()
+
+    def resume_writing(self) -> None:
+        if self.writable is not None and not self.writable.done():
+            self.writable.set_result(None)
+        self.writable = None
+
+    # -- llhttp callbacks ----------------------------------------------------------------------
+    def on_status(self, status: bytes) -> None:
+        self.response.reason = status
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.response.raw_headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        response = self.response
+        response.status = self.parser.get_status_code()
+        response.keep_alive = self.parser.should_keep_alive()
+        response.received_any = True
+        response.head.set_result(None)
+        if response.head_only:
+            response.finish()
+
+    def on_body(self, body: bytes) -> None:
+        self.response.feed(body)
+
+    def on_message_complete(self) -> None:
+        if self.response is not None and not self.response.done:
+            self.response.finish()
+
+    # -- helpers -------------------------------------------------------------------------------
+    def ends_at_close(self) -> bool:
+        """A response without length or chunking is complete when the backend closes."""
+        names = {name.lower() for name, _ in self.response.raw_headers}
+        return b"content-length" not in names and b"transfer-encoding" not in names
+
+    def pause_reading(self) -> None:
+        if not self.reading_paused and not self.closed:
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.reading_paused and not self.closed:
+            self.reading_paused = False
+            self.transport.resume_reading()
+
+    def start(self, head_only: bool, read_timeout: float) -> BackendResponse:
+        self.response = BackendResponse(self, head_only)
+        self.last_active = self.loop.time()
+        self.timer = self.loop.call_later(read_timeout, self.check_timeout, read_timeout)
+        return self.response
+
+    def check_timeout(self, read_timeout: float) -> None:
+        idle = self.loop.time() - self.last_active
+        if self.response is None or self.response.done:
+            return
+        if idle < read_timeout and not self.reading_paused:
+            self.timer = self.loop.call_later(read_timeout - idle, self.check_timeout,
+                                              read_timeout)
+        elif self.reading_paused:  # the client is slow, not the backend
+            self.timer = self.loop.call_later(read_timeout, self.check_timeout, read_timeout)
+        else:
+            self.response.fail(BackendTimeout(f"backend sent nothing for {read_timeout:g}s"))
+            self.close()
+
+    def cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    async def drain(self) -> None:
+        if self.writable is not None:
+            await self.writable
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.transport.close()
+
+
+class BackendPool:
+    """Keep-alive connections to one backend; at most ``limit`` requests in flight upstream."""
+
+    def __init__(self, host: str, port: int, *, use_ssl: bool, limit: int,
+                 connect_timeout: float, idle_timeout: float = 4.0):
+        self.host = host
+        self.port = port
+        self.ssl = ssl_module.create_default_context() if use_ssl else None
+        self.connect_timeout = connect_timeout
+        self.idle_timeout = idle_timeout
+        self.slots = asyncio.Semaphore(limit)
+        self.idle: list[BackendConnection] = []
+        self.open: set[BackendConnection] = set()
+        self.loop = asyncio.get_running_loop()
+
+    async def acquire(self) -> BackendConnection:
+        await self.slots.acquire()
+        try:
+            return await self._connection()
+        except BaseException:
+            self.slots.release()
+            raise
+
+    async def _connection(self) -> BackendConnection:
+        now = self.loop.time()
+        while self.idle:
+            conn = self.idle.pop()
+            if conn.closed:
+                continue
+            if now - conn.last_active > self.idle_timeout:
+                conn.close()  # the backend may be closing it right now (uvicorn: 5 s)
+                continue
+            conn.reused = True
+            return conn
+        _, conn = await asyncio.wait_for(
+            self.loop.create_connection(lambda: BackendConnection(self), self.host, self.port,
+                                        ssl=self.ssl),
+            self.connect_timeout)
+        self.open.add(conn)
+        return conn
+
+    def release(self, conn: BackendConnection, reusable: bool) -> None:
+        """Give the connection back: into the idle pool when its response was read to the end."""
+        conn.cancel_timer()
+        response, conn.response = conn.response, None
+        if reusable and not conn.closed and response is not None and response.done \
+                and response.error is None and response.keep_alive \
+                and not response.head_only:
+            conn.last_active = self.loop.time()
+            self.idle.append(conn)
+        else:
+            conn.close()
+        self.slots.release()
+
+    def forget(self, conn: BackendConnection) -> None:
+        self.open.discard(conn)
+
+    def close(self) -> None:
+        for conn in list(self.open):
+            conn.close()
+        self.idle.clear()
