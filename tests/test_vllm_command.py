@@ -128,6 +128,7 @@ def test_model_and_served_name_from_vllm_args():
     ({"VLLM_ARGS": "--port 9000"}, "VLLM_ARGS must not set --port"),
     ({"VLLM_ARGS": "--port=9000"}, "VLLM_ARGS must not set --port"),
     ({"VLLM_ARGS": "--model"}, "--model in VLLM_ARGS has no value"),
+    ({"VLLM_ARGS": "--model --dtype half"}, "--model in VLLM_ARGS has no value"),
     ({"MODEL_NAME": "a/b", "VLLM_MODEL": "c/d"}, "MODEL_NAME and VLLM_MODEL are both set and differ"),
     ({"MODEL_NAME": "a/b", "VLLM_ARGS": "--model c/d"}, "model is set twice: in MODEL_NAME"),
     ({"VLLM_MAX_MODEL_LEN": "4096", "VLLM_ARGS": "--max-model-len 1024"},
