@@ -1,6 +1,6 @@
 """Vespa worker entry point: ``python server.py`` is the same as ``python -m vespa``."""
 
-from vespa.app import main
+from vespa.main import main
 
 if __name__ == "__main__":
     main()

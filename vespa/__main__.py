@@ -1,5 +1,5 @@
 """``python -m vespa``: run the worker."""
 
-from .app import main
+from .main import main
 
 main()

@@ -1,7 +1,8 @@
 """Wiring: the request corridor, the worker's own routes under /_vespa/, start-up, drain, main().
 
-A request walks: screen (draining, blocked path, body size) -> admission -> ledger -> proxy.
-Every request that was admitted or rejected ends in the ledger exactly once.
+A request walks: size check -> envelope -> signature -> refusals (draining, blocked path) ->
+admission -> ledger -> proxy. Every request that was admitted or rejected ends in the ledger
+exactly once; a request whose signature fails is not load and never enters it.
 """
 
 from __future__ import annotations
@@ -10,28 +11,32 @@ import asyncio
 import fnmatch
 import logging
 import re
-import signal
-import sys
 import time
 
 import aiohttp
 from aiohttp import web
 
 from .admission import Admission, workload_of
-from .config import ConfigError, Settings, load_settings
+from .auth import ReplayWindow, verify
+from .config import Settings
+from .envelope import PASSTHROUGH, BODY_METHODS, Envelope, EnvelopeError, open_envelope
 from .gate import Gate, Overloaded
+from .keyring import KeyRing
 from .ledger import Ledger, Outcome
-from .lifecycle import Lifecycle, Phase, WorkerState
-from .observability import request_id, setup_logging
-from .proxy import ProxyError, Upstream, UpstreamBroken
+from .lifecycle import Lifecycle, Phase, StartupPlan, WorkerState
+from .logwatch import LogWatch
+from .observability import request_id
+from .proxy import SMALL_BODY, ProxyError, Upstream, UpstreamBroken
+from .reporter import Identity, Reporter
 
 log = logging.getLogger("vespa")
 RESERVED_PREFIX = "/_vespa/"
 CLIENT_CLOSED = 499  # nginx's code for "client closed the request", used in records only
 
 
-def json_error(status: int, message: str, rid: str, headers: dict | None = None) -> web.Response:
-    response = web.json_response({"error": message}, status=status, headers=headers)
+def json_error(status: int, message: str, rid: str, headers: dict | None = None,
+               **extra) -> web.Response:
+    response = web.json_response({"error": message, **extra}, status=status, headers=headers)
     response.headers["X-Request-Id"] = rid
     return response
 
@@ -40,6 +45,23 @@ def compile_patterns(patterns: tuple[str, ...]) -> re.Pattern | None:
     if not patterns:
         return None
     return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns))
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The whole request body, refused past ``limit`` bytes even without a Content-Length."""
+    if request.content_length is not None:
+        return await request.content.readexactly(request.content_length)
+    parts, size = [], 0
+    async for chunk in request.content.iter_chunked(65536):
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge()
+        parts.append(chunk)
+    return b"".join(parts)
 
 
 class Worker:
@@ -56,18 +78,39 @@ class Worker:
                                  request_timeout=settings.request_timeout,
                                  max_body_bytes=settings.max_body_bytes)
         self.blocked = compile_patterns(settings.blocked_paths)
+        self.replay = ReplayWindow(settings.replay_window)
         self.idle = asyncio.Event()
         self.background: list[asyncio.Task] = []
         self.session: aiohttp.ClientSession | None = None  # control plane: health, reports
+        self.keyring: KeyRing | None = None
+        self.reporter: Reporter | None = None
 
     # -- the corridor --------------------------------------------------------------------------
     async def handle(self, request: web.Request) -> web.StreamResponse:
         rid = request_id(request.headers.get("X-Request-Id"))
-        refusal = self.screen(request, rid)
+        length = request.content_length
+        if length is not None and length > self.settings.max_body_bytes:
+            return self.too_large(rid, f"request body of {length} bytes")
+        try:
+            envelope = await self.open(request)
+        except EnvelopeError as exc:
+            return json_error(422, str(exc), rid, problems=exc.problems)
+        except BodyTooLarge:
+            return self.too_large(rid, "request body")
+        if envelope.auth_data is not None and not self.settings.unsecured:
+            problem = await self.check_signature(envelope.auth_data)
+            if problem is not None:
+                return json_error(problem[0], problem[1], rid)
+        workload = workload_of(envelope.cost, self.settings.default_cost)
+        refusal = self.refusal(request, rid)
         if refusal is not None:
+            self.ledger.reject(workload, envelope.request_idx, refusal.status, time.time())
             return refusal
-        workload = workload_of(None, self.settings.default_cost)
-        entry = self.ledger.receive(workload, None, time.time())
+        return await self.serve_admitted(request, rid, envelope, workload)
+
+    async def serve_admitted(self, request: web.Request, rid: str, envelope: Envelope,
+                             workload: float) -> web.StreamResponse:
+        entry = self.ledger.receive(workload, envelope.request_idx, time.time())
         self.idle.clear()
         outcome, status = Outcome.CANCELLED, CLIENT_CLOSED
         try:
@@ -79,7 +122,8 @@ class Worker:
                                   {"Retry-After": str(exc.rejection.retry_after)})
             self.ledger.start(entry, time.time())
             try:
-                response = await self.upstream.forward(request, rid)
+                response = await self.upstream.forward(request, rid, envelope.body,
+                                                       envelope.path_qs)
                 outcome = Outcome.SUCCESS if response.status < 500 else Outcome.ERROR
                 status = response.status
                 return response
@@ -97,7 +141,36 @@ class Worker:
             if not self.ledger.in_flight:
                 self.idle.set()
 
-    def screen(self, request: web.Request, rid: str) -> web.Response | None:
+    async def open(self, request: web.Request) -> Envelope:
+        """The request's envelope; reads the body only when it may be one."""
+        unsecured = self.settings.unsecured
+        if request.method not in BODY_METHODS:
+            if unsecured and "serverless_" not in request.raw_path:
+                return PASSTHROUGH
+            return open_envelope(request.method, request.raw_path, None, unsecured=unsecured)
+        if not request.body_exists:
+            return open_envelope(request.method, request.raw_path, None, unsecured=unsecured)
+        length = request.content_length
+        if unsecured and (length is None or length > SMALL_BODY):
+            return PASSTHROUGH  # a large or streamed body is never an envelope in dev mode
+        body = await read_body(request, self.settings.max_body_bytes)
+        envelope = open_envelope(request.method, request.raw_path, body, unsecured=unsecured)
+        return Envelope(None, body=body) if envelope is PASSTHROUGH else envelope
+
+    async def check_signature(self, auth_data: dict) -> tuple[int, str] | None:
+        """(status, reason) when the request must be refused, None when it is signed right."""
+        if self.keyring is None or self.keyring.key is None:
+            return 503, ("worker has not loaded the autoscaler's public key yet; "
+                         "route the request again shortly")
+        expected_url = self.settings.public_url or None
+        verdict = verify(auth_data, self.keyring.key, self.settings.signature_scheme,
+                         expected_url=expected_url, replay=self.replay)
+        if not verdict.ok and verdict.scheme is None and await self.keyring.refresh_after_failure():
+            verdict = verify(auth_data, self.keyring.key, self.settings.signature_scheme,
+                             expected_url=expected_url, replay=self.replay)
+        return None if verdict.ok else (401, verdict.reason)
+
+    def refusal(self, request: web.Request, rid: str) -> web.Response | None:
         """The answer for a request refused before admission, or None to let it in."""
         if self.state.draining:
             return json_error(503, "worker is shutting down; send the request to another worker",
@@ -105,12 +178,11 @@ class Worker:
         if self.blocked is not None and self.blocked.match(request.path):
             return json_error(403, f"path {request.path} is blocked on this worker "
                                    "(VESPA_BLOCKED_PATHS)", rid)
-        length = request.content_length
-        if length is not None and length > self.settings.max_body_bytes:
-            return json_error(413, f"request body of {length} bytes exceeds the "
-                                   f"{self.settings.max_body_bytes}-byte limit "
-                                   "(VESPA_MAX_BODY_BYTES)", rid)
         return None
+
+    def too_large(self, rid: str, what: str) -> web.Response:
+        return json_error(413, f"{what} exceeds the {self.settings.max_body_bytes}-byte limit "
+                               "(VESPA_MAX_BODY_BYTES)", rid)
 
     # -- the worker's own routes ---------------------------------------------------------------
     async def healthz(self, request: web.Request) -> web.Response:
@@ -139,21 +211,77 @@ class Worker:
         app.on_cleanup.append(self.on_cleanup)
         return app
 
+    def spawn(self, coroutine, name: str) -> None:
+        self.background.append(asyncio.create_task(coroutine, name=name))
+
     async def on_startup(self, app: web.Application) -> None:
+        settings = self.settings
         await self.upstream.start()
         self.session = aiohttp.ClientSession()
-        health_url = self.settings.backend_url + self.settings.healthcheck_endpoint
-        lifecycle = Lifecycle(self.state, self.session, health_url,
-                              ready_timeout=self.settings.ready_timeout_initial,
-                              health_interval=self.settings.healthcheck_interval)
-        self.background.append(asyncio.create_task(lifecycle.run(), name="lifecycle"))
+        if settings.report_addrs and not settings.unsecured:
+            self.keyring = KeyRing(settings.report_addrs, self.session)
+            self.spawn(self.keyring.run(), "pubkey")
+        if settings.report_addrs:
+            if settings.container_id is None:
+                log.warning("no CONTAINER_ID: not on a Vast instance, reporting as worker 0")
+            identity = Identity(settings.container_id or 0, settings.master_token,
+                                settings.public_url)
+            self.reporter = Reporter(settings.report_addrs, identity, self.ledger, self.state,
+                                     self.session, interval=settings.report_interval,
+                                     max_interval=settings.report_max_interval,
+                                     delete_format=settings.delete_requests_format)
+            self.spawn(self.reporter.run(), "reporter")
+        else:
+            log.info("dev mode: no REPORT_ADDR, nothing is reported to an autoscaler")
+        self.spawn(self.lifecycle().run(), "lifecycle")
+
+    def lifecycle(self) -> Lifecycle:
+        settings = self.settings
+        watch = None
+        if settings.backend_log:
+            watch = LogWatch(settings.backend_log, settings.backend_log_ready,
+                             settings.backend_log_error)
+        plan = StartupPlan(
+            backend_url=settings.backend_url,
+            health_url=settings.backend_url + settings.healthcheck_endpoint,
+            ready_timeout_initial=settings.ready_timeout_initial,
+            ready_timeout_resume=settings.ready_timeout_resume,
+            benchmark=settings.benchmark, benchmark_timeout=settings.benchmark_timeout,
+            benchmark_identity=settings.benchmark_identity, cache_path=settings.benchmark_cache,
+            fixed_throughput=settings.max_throughput,
+            throughput_required=bool(settings.report_addrs), log_watch=watch,
+            poll_interval=min(1.0, settings.healthcheck_interval),
+            health_interval=settings.healthcheck_interval,
+            failures_to_error=settings.healthcheck_failures)
+
+        def set_throughput(throughput: float) -> None:
+            self.admission.max_throughput = throughput
+
+        def wake_reporter() -> None:
+            if self.reporter is not None:
+                self.reporter.wake.set()
+
+        return Lifecycle(plan, self.state, self.session,
+                         key_ready=self.keyring.ready if self.keyring else None,
+                         on_throughput=set_throughput, on_ready=wake_reporter)
 
     async def on_cleanup(self, app: web.Application) -> None:
         for task in self.background:
             task.cancel()
         await asyncio.gather(*self.background, return_exceptions=True)
+        if self.reporter is not None:
+            await self.final_report()
         await self.upstream.close()
         await self.session.close()
+
+    async def final_report(self, timeout: float = 5.0) -> None:
+        """Tell the autoscaler about the last finished requests before the process ends."""
+        try:
+            await asyncio.wait_for(asyncio.gather(self.reporter.report_finished(),
+                                                  self.reporter.report_status(force=True)),
+                                   timeout)
+        except asyncio.TimeoutError:
+            log.warning("final report to the autoscaler timed out")
 
     async def drain(self) -> None:
         """Refuse new work, let what is in flight finish (up to the drain timeout)."""
@@ -168,46 +296,3 @@ class Worker:
                 log.warning("drain timeout: %d request(s) still in flight are cut",
                             len(self.ledger.in_flight))
 
-
-async def serve(settings: Settings, stop: asyncio.Event) -> None:
-    """Run the worker until ``stop`` is set, then drain and shut down."""
-    worker = Worker(settings)
-    runner = web.AppRunner(worker.make_app(), handler_cancellation=True,
-                           access_log=log if settings.log_level == "DEBUG" else None,
-                           shutdown_timeout=1.0)
-    await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.worker_port, backlog=2048)
-    await site.start()
-    log.info("vespa listening on %s:%d, backend %s%s", settings.host, settings.worker_port,
-             settings.backend_url, " (unsecured)" if settings.unsecured else "")
-    try:
-        await stop.wait()
-        await worker.drain()
-    finally:
-        await runner.cleanup()
-
-
-def run(settings: Settings) -> None:
-    async def _main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await serve(settings, stop)
-
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - platforms without uvloop
-        asyncio.run(_main())
-    else:
-        uvloop.run(_main())
-
-
-def main(argv: list[str] | None = None) -> None:
-    try:
-        settings = load_settings()
-    except ConfigError as exc:
-        print(f"vespa: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-    setup_logging(settings.log_level)
-    run(settings)

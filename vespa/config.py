@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Mapping, TypeVar
 
 from dotenv import dotenv_values
@@ -19,6 +20,14 @@ T = TypeVar("T")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_SCHEMES = ("auto", "full", "url", "legacy")
+_DELETE_FORMATS = ("2026", "legacy")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+# Settings that identify what a benchmark measured: a change in any of them measures again.
+BENCHMARK_IDENTITY = ("VESPA_BACKEND", "VESPA_BACKEND_URL", "MODEL_NAME", "VLLM_MODEL",
+                      "VLLM_ARGS", "VLLM_MAX_MODEL_LEN", "VLLM_QUANTIZATION",
+                      "VLLM_TENSOR_PARALLEL_SIZE", "VESPA_TTS_ENGINE", "VESPA_TTS_VOICE",
+                      "VESPA_TTS_MODEL_DIR")
 
 
 class ConfigError(ValueError):
@@ -50,7 +59,34 @@ class Settings:
     healthcheck_interval: float = 10.0
     ready_timeout_initial: float = 1200.0
     ready_timeout_resume: float = 300.0
+    healthcheck_failures: int = 3
     log_level: str = "INFO"
+    # Vast platform
+    report_addrs: tuple[str, ...] = ()
+    container_id: int | None = None
+    master_token: str = ""
+    public_url: str = ""
+    use_ssl: bool = False
+    ssl_cert: str = "/etc/instance.crt"
+    ssl_key: str = "/etc/instance.key"
+    # protocol
+    signature_scheme: str = "auto"
+    delete_requests_format: str = "2026"
+    replay_window: int = 10_000
+    report_interval: float = 1.0
+    report_max_interval: float = 10.0
+    # backend start-up
+    benchmark: str | None = None
+    benchmark_timeout: float = 900.0
+    cache_dir: str = str(REPO_ROOT / ".cache")
+    backend_log: str | None = None
+    backend_log_ready: str | None = None
+    backend_log_error: str | None = None
+    benchmark_identity: dict = field(default_factory=dict)
+
+    @property
+    def benchmark_cache(self) -> str:
+        return os.path.join(self.cache_dir, "benchmark.json")
 
     @property
     def concurrency_limit(self) -> int | None:
@@ -143,6 +179,43 @@ def _parse_patterns(value: str) -> tuple[str, ...]:
     return tuple(p.strip() for p in value.split(",") if p.strip())
 
 
+def _parse_urls(value: str) -> tuple[str, ...]:
+    return tuple(_parse_url(u.strip()) for u in value.split(",") if u.strip())
+
+
+def _parse_choice(choices: tuple[str, ...]) -> Callable[[str], str]:
+    def parse(value: str) -> str:
+        if value.lower() not in choices:
+            raise ValueError(value)
+        return value.lower()
+    return parse
+
+
+def _parse_target(value: str) -> str:
+    module, sep, function = value.partition(":")
+    if not sep or not module.strip() or not function.strip().isidentifier():
+        raise ValueError(value)
+    return value.strip()
+
+
+def _parse_regex(value: str) -> str:
+    import re
+    re.compile(value)
+    return value
+
+
+def _public_url(read: "_Reader", port: int, use_ssl: bool) -> str:
+    """``VESPA_PUBLIC_URL``, else Vast's ``PUBLIC_IPADDR`` and ``VAST_TCP_PORT_<port>``."""
+    explicit = read.get("VESPA_PUBLIC_URL", _parse_url, "an http:// or https:// URL", "")
+    if explicit:
+        return explicit
+    ip = read.raw("PUBLIC_IPADDR")
+    public_port = read.integer(f"VAST_TCP_PORT_{port}", None, minimum=1, maximum=65535)
+    if ip is None or public_port is None:
+        return ""
+    return f"{'https' if use_ssl else 'http'}://{ip[1]}:{public_port}"
+
+
 def environment(dotenv_path: str | None = ".env") -> dict[str, str]:
     """The process environment over the values of an optional ``.env`` file."""
     merged: dict[str, str] = {}
@@ -156,12 +229,14 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     """Build ``Settings`` from ``env`` (default: the environment and ``.env``)."""
     read = _Reader(environment() if env is None else env)
     d = Settings()
+    port = read.integer(("VESPA_WORKER_PORT", "WORKER_PORT"), d.worker_port, minimum=1,
+                        maximum=65535)
+    use_ssl = read.flag(("VESPA_USE_SSL", "USE_SSL"), d.use_ssl)
     return Settings(
         backend_url=read.get("VESPA_BACKEND_URL", _parse_url, "an http:// or https:// URL",
                              d.backend_url),
         host=read.get("VESPA_WORKER_HOST", str, "a host address", d.host),
-        worker_port=read.integer(("VESPA_WORKER_PORT", "WORKER_PORT"), d.worker_port,
-                                 minimum=1, maximum=65535),
+        worker_port=port,
         unsecured=read.flag("VESPA_UNSECURED", d.unsecured),
         allow_parallel=read.flag("VESPA_ALLOW_PARALLEL", d.allow_parallel),
         max_concurrency=read.integer("VESPA_MAX_CONCURRENCY", d.max_concurrency),
@@ -181,6 +256,35 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         ready_timeout_initial=read.number("VESPA_READY_TIMEOUT_INITIAL",
                                           d.ready_timeout_initial),
         ready_timeout_resume=read.number("VESPA_READY_TIMEOUT_RESUME", d.ready_timeout_resume),
+        healthcheck_failures=read.integer("VESPA_HEALTHCHECK_FAILURES", d.healthcheck_failures),
         log_level=read.get("VESPA_LOG_LEVEL", _parse_level, "one of " + ", ".join(_LOG_LEVELS),
                            d.log_level),
+        report_addrs=read.get("REPORT_ADDR", _parse_urls, "comma-separated http(s) URLs",
+                              d.report_addrs),
+        container_id=read.integer("CONTAINER_ID", d.container_id, minimum=0),
+        master_token=read.get("MASTER_TOKEN", str, "a token", d.master_token),
+        public_url=_public_url(read, port, use_ssl),
+        use_ssl=use_ssl,
+        ssl_cert=read.get("VESPA_SSL_CERT", str, "a file path", d.ssl_cert),
+        ssl_key=read.get("VESPA_SSL_KEY", str, "a file path", d.ssl_key),
+        signature_scheme=read.get("VESPA_SIGNATURE_SCHEME", _parse_choice(_SCHEMES),
+                                  "one of " + "|".join(_SCHEMES), d.signature_scheme),
+        delete_requests_format=read.get("VESPA_DELETE_REQUESTS_FORMAT",
+                                        _parse_choice(_DELETE_FORMATS),
+                                        "one of " + "|".join(_DELETE_FORMATS),
+                                        d.delete_requests_format),
+        replay_window=read.integer("VESPA_REPLAY_WINDOW", d.replay_window),
+        report_interval=read.number("VESPA_REPORT_INTERVAL", d.report_interval),
+        report_max_interval=read.number("VESPA_REPORT_MAX_INTERVAL", d.report_max_interval),
+        benchmark=read.get("VESPA_BENCHMARK", _parse_target, "module:function",
+                           d.benchmark),
+        benchmark_timeout=read.number("VESPA_BENCHMARK_TIMEOUT", d.benchmark_timeout),
+        cache_dir=read.get("VESPA_CACHE_DIR", str, "a directory", d.cache_dir),
+        backend_log=read.get("VESPA_BACKEND_LOG", str, "a file path", d.backend_log),
+        backend_log_ready=read.get("VESPA_BACKEND_LOG_READY", _parse_regex,
+                                   "a regular expression", d.backend_log_ready),
+        backend_log_error=read.get("VESPA_BACKEND_LOG_ERROR", _parse_regex,
+                                   "a regular expression", d.backend_log_error),
+        benchmark_identity={name: read.env[name] for name in BENCHMARK_IDENTITY
+                            if read.env.get(name)},
     )

@@ -1,7 +1,8 @@
-"""The worker's life: wait for the backend, become ready, watch its health, drain at the end.
+"""The worker's life: wait for the backend, benchmark it (cached), become ready, watch its health.
 
 ``WorkerState`` is what the routes and the reporter read; ``Lifecycle.run`` is the background task
-that moves it along: loading -> ready, with periodic health checks after that.
+that moves it along. A start-up failure leaves the worker alive in the errored phase, so the
+reporter keeps telling the autoscaler why (it must not wait in silence).
 """
 
 from __future__ import annotations
@@ -11,8 +12,12 @@ import logging
 import time
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Callable
 
 import aiohttp
+
+from .benchmarking import BenchmarkCache, BenchmarkError, cache_key, gpu_name, run_benchmark
+from .logwatch import LogWatch
 
 log = logging.getLogger("vespa.lifecycle")
 
@@ -32,6 +37,8 @@ class WorkerState:
     backend_healthy: bool = False
     started_at: float = field(default_factory=time.monotonic)
     ready_at: float | None = None
+    max_perf: float = 0.0
+    loadtime_unsent: float | None = None  # seconds from start to ready, until reported once
 
     @property
     def draining(self) -> bool:
@@ -39,17 +46,23 @@ class WorkerState:
 
     @property
     def ready(self) -> bool:
-        """Ready for work: the backend answers its health check and we are not shutting down."""
+        """Ready for work: started up, the backend answers its health check, not shutting down."""
         return self.phase is Phase.READY and self.backend_healthy and not self.error_msg
 
     def become_ready(self, now: float) -> None:
         self.phase = Phase.READY
         self.backend_healthy = True
         self.ready_at = now
+        self.loadtime_unsent = max(now - self.started_at, 1e-3)
 
     def fail(self, message: str) -> None:
-        self.phase = Phase.ERRORED
+        if not self.draining:
+            self.phase = Phase.ERRORED
         self.error_msg = message
+
+
+class StartupError(RuntimeError):
+    """The worker cannot become ready; the message is what the autoscaler is told."""
 
 
 async def backend_healthy(session: aiohttp.ClientSession, url: str, timeout: float) -> bool:
@@ -62,52 +75,125 @@ async def backend_healthy(session: aiohttp.ClientSession, url: str, timeout: flo
         return False
 
 
+@dataclass
+class StartupPlan:
+    """What start-up needs to know, taken from the settings."""
+
+    backend_url: str
+    health_url: str
+    ready_timeout_initial: float
+    ready_timeout_resume: float
+    benchmark: str | None
+    benchmark_timeout: float
+    benchmark_identity: dict
+    cache_path: str
+    fixed_throughput: float | None
+    throughput_required: bool
+    log_watch: LogWatch | None = None
+    poll_interval: float = 1.0
+    health_interval: float = 10.0
+    failures_to_error: int = 3
+
+
 class Lifecycle:
-    def __init__(self, state: WorkerState, session: aiohttp.ClientSession, health_url: str, *,
-                 ready_timeout: float, poll_interval: float = 1.0,
-                 health_interval: float = 10.0, failures_to_error: int = 3):
+    def __init__(self, plan: StartupPlan, state: WorkerState, session: aiohttp.ClientSession, *,
+                 key_ready: asyncio.Event | None = None,
+                 on_throughput: Callable[[float], None] = lambda _: None,
+                 on_ready: Callable[[], None] = lambda: None):
+        self.plan = plan
         self.state = state
         self.session = session
-        self.health_url = health_url
-        self.ready_timeout = ready_timeout
-        self.poll_interval = poll_interval
-        self.health_interval = health_interval
-        self.failures_to_error = failures_to_error
+        self.key_ready = key_ready
+        self.on_throughput = on_throughput
+        self.on_ready = on_ready
+        self.cache = BenchmarkCache(plan.cache_path)
 
     async def run(self) -> None:
-        if not await self.wait_for_backend():
-            self.state.fail(f"backend not healthy at {self.health_url} after "
-                            f"{self.ready_timeout:g}s")
-            log.error(self.state.error_msg)
+        try:
+            await self.start()
+        except StartupError as exc:
+            self.state.fail(str(exc))
+            log.error("start-up failed: %s", exc)
             return
         if self.state.draining:
             return
         self.state.become_ready(time.monotonic())
-        log.info("backend ready after %.1fs", self.state.ready_at - self.state.started_at)
+        log.info("ready after %.1fs (max_perf %.3g)", self.state.ready_at - self.state.started_at,
+                 self.state.max_perf)
+        self.on_ready()
         await self.watch_health()
 
-    async def wait_for_backend(self) -> bool:
-        deadline = time.monotonic() + self.ready_timeout
-        while time.monotonic() < deadline and not self.state.draining:
-            if await backend_healthy(self.session, self.health_url, self.poll_interval * 5):
-                return True
-            await asyncio.sleep(self.poll_interval)
-        return self.state.draining
+    async def start(self) -> None:
+        await self.wait_for_backend()
+        self.state.phase = Phase.BENCHMARKING
+        throughput = await self.throughput()
+        if throughput is not None:
+            self.state.max_perf = throughput
+            self.on_throughput(throughput)
+        if self.key_ready is not None and not self.key_ready.is_set():
+            log.info("waiting for the autoscaler's public key")
+            await self.key_ready.wait()
+
+    async def wait_for_backend(self) -> None:
+        plan = self.plan
+        timeout = plan.ready_timeout_resume if self.cache.exists() else plan.ready_timeout_initial
+        deadline = time.monotonic() + timeout
+        watch = plan.log_watch
+        while not self.state.draining:
+            if watch is not None:
+                await watch.poll()
+                if watch.error_line is not None:
+                    raise StartupError(f"backend log reports an error: {watch.error_line[:500]}")
+            if await backend_healthy(self.session, plan.health_url, plan.poll_interval * 5):
+                return
+            if time.monotonic() > deadline:
+                raise StartupError(f"backend not healthy at {plan.health_url} after {timeout:g}s "
+                                   "(VESPA_READY_TIMEOUT_INITIAL / _RESUME)")
+            await asyncio.sleep(plan.poll_interval)
+
+    async def throughput(self) -> float | None:
+        """The max throughput: fixed, cached, or measured now; None if none is configured."""
+        plan = self.plan
+        if plan.fixed_throughput is not None:
+            return plan.fixed_throughput
+        if plan.benchmark is None:
+            if plan.throughput_required:
+                raise StartupError("no throughput to report: set VESPA_BENCHMARK "
+                                   "(module:function) or VESPA_MAX_THROUGHPUT")
+            return None
+        gpu = await gpu_name()
+        key = cache_key(plan.benchmark, plan.benchmark_identity, gpu)
+        cached = await self.cache.get(key)
+        if cached is not None:
+            log.info("benchmark cache hit: %.4g units/s", cached)
+            return cached
+        log.info("running benchmark %s", plan.benchmark)
+        try:
+            measured = await run_benchmark(plan.benchmark, plan.backend_url,
+                                           plan.benchmark_timeout)
+        except BenchmarkError as exc:
+            raise StartupError(str(exc)) from None
+        log.info("benchmark: %.4g units/s", measured)
+        await self.cache.put(key, measured, {"benchmark": plan.benchmark, "gpu": gpu,
+                                             "backend": plan.benchmark_identity,
+                                             "measured_at": time.time()})
+        return measured
 
     async def watch_health(self) -> None:
+        plan = self.plan
         failures = 0
         while not self.state.draining:
-            await asyncio.sleep(self.health_interval)
-            if await backend_healthy(self.session, self.health_url, self.health_interval):
-                if failures >= self.failures_to_error:
+            await asyncio.sleep(plan.health_interval)
+            if await backend_healthy(self.session, plan.health_url, plan.health_interval):
+                if failures >= plan.failures_to_error:
                     log.info("backend healthy again")
                     self.state.error_msg = ""
                 failures = 0
                 self.state.backend_healthy = True
                 continue
             failures += 1
-            if failures == self.failures_to_error:
+            if failures == plan.failures_to_error:
                 self.state.backend_healthy = False
-                self.state.error_msg = (f"backend health check {self.health_url} failed "
+                self.state.error_msg = (f"backend health check {plan.health_url} failed "
                                         f"{failures} times in a row")
                 log.error(self.state.error_msg)

@@ -1,0 +1,331 @@
+"""Local autoscaler emulator: a real aiohttp server playing the Vast autoscaler of PROTOCOL.md.
+
+Serves /pubkey/ and /route/ (signing with the full, url or legacy scheme), records /worker_status/
+and /delete_requests/ for tests, validates every reported field's type, and shows the fleet at /.
+Run: ``python -m vespa.devtools.autoscaler --port 8081 [--scheme full|url|legacy]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import html
+import math
+import time
+import uuid
+from dataclasses import dataclass
+
+from aiohttp import web
+from Crypto.PublicKey import RSA
+
+from vespa import auth
+from vespa.devtools.signing import DEFAULT_ENDPOINT, Signer
+
+JSON_FAULT = {"error": "emulated autoscaler fault"}
+
+
+# -- field checks (one predicate and its description per PROTOCOL.md field) -------------------
+
+def is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+INTEGER = (is_int, "an integer")
+COUNT = (lambda v: is_int(v) and v >= 0, "an integer >= 0")
+NUMBER = (is_number, "a finite number")
+AMOUNT = (lambda v: is_number(v) and v >= 0, "a finite number >= 0")
+STRING = (lambda v: isinstance(v, str), "a string")
+BOOLEAN = (lambda v: isinstance(v, bool), "a boolean")
+INT_LIST = (lambda v: isinstance(v, list) and all(map(is_int, v)), "a list of integers")
+TIMESTAMP = (lambda v: v is None or is_number(v), "a number or null")
+
+WORKER_STATUS_FIELDS = {
+    "id": INTEGER, "mtoken": STRING, "version": STRING, "loadtime": AMOUNT, "cur_load": AMOUNT,
+    "new_load": NUMBER, "rej_load": AMOUNT, "max_perf": AMOUNT, "cur_perf": AMOUNT,
+    "error_msg": STRING, "cur_capacity": AMOUNT, "max_capacity": AMOUNT,
+    "num_requests_working": COUNT, "num_requests_recieved": COUNT,
+    "additional_disk_usage": NUMBER, "working_request_idxs": INT_LIST, "url": STRING,
+}
+DELETE_COMMON_FIELDS = {"worker_id": INTEGER, "mtoken": STRING}
+DELETE_LEGACY_FIELDS = {"request_idxs": INT_LIST, "success": BOOLEAN}
+DELETE_RECORD_FIELDS = {
+    "request_idx": INTEGER, "success": BOOLEAN, "status": INTEGER,
+    "entered_queue_at": TIMESTAMP, "work_started_at": TIMESTAMP, "work_completed_at": TIMESTAMP,
+}
+
+
+def field_errors(body: dict, fields: dict, where: str) -> list[str]:
+    """One message per missing or mistyped field."""
+    errors = []
+    for name, (accepts, expected) in fields.items():
+        if name not in body:
+            errors.append(f"{where}: {name} is missing")
+        elif not accepts(body[name]):
+            errors.append(f"{where}: {name} must be {expected}, got {body[name]!r:.80}")
+    return errors
+
+
+# -- the fleet ---------------------------------------------------------------------------------
+
+@dataclass
+class WorkerView:
+    """What the emulator knows of one worker: its latest report and what it routed there since."""
+
+    worker_id: object
+    report: dict
+    last_seen: float
+    routed_load: float = 0.0
+
+    def state(self, now: float, stale_after: float) -> str:
+        if now - self.last_seen > stale_after:
+            return "stale"
+        if self.report.get("error_msg"):
+            return "error"
+        if is_number(self.report.get("max_perf")) and self.report["max_perf"] > 0 \
+                and self.report.get("url"):
+            return "ready"
+        return "loading"
+
+    def expected_wait(self) -> float:
+        """Seconds of queued work: reported load plus what was routed since, over max_perf."""
+        cur_load = self.report.get("cur_load")
+        cur_load = cur_load if is_number(cur_load) else 0.0
+        return (cur_load + self.routed_load) / self.report["max_perf"]
+
+
+class AutoscalerEmulator:
+    """The emulator: ``await start()``, use ``url``, inspect the records, ``await stop()``.
+
+    Records: ``reports`` (worker_status bodies), ``deleted`` (one dict per finished request, both
+    delete_requests formats), ``delete_bodies``, ``routes`` (signed auth_data handed out) and
+    ``validation_errors`` (should stay empty). Faults: ``fail_reports``, ``fail_deletes``,
+    ``fail_routes``, ``fail_pubkey`` answer 500 without recording; ``delay`` seconds precede
+    every answer (a body that arrives is recorded even if its sender gave up waiting).
+    ``signer`` holds the key (``signer.public_pem``, ``signer.public_key``) and signs auth_data.
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, scheme: str = "full",
+                 endpoint: str = DEFAULT_ENDPOINT, api_key: str | None = None,
+                 private_key: RSA.RsaKey | None = None, stale_after: float = 30.0):
+        self.signer = Signer(private_key, scheme, endpoint)
+        self.host, self.port = host, port
+        self.endpoint, self.api_key, self.stale_after = endpoint, api_key, stale_after
+        self.workers: dict[object, WorkerView] = {}
+        self.reports: list[dict] = []
+        self.delete_bodies: list[dict] = []
+        self.deleted: list[dict] = []
+        self.routes: list[dict] = []
+        self.validation_errors: list[str] = []
+        self.fail_reports = self.fail_deletes = self.fail_routes = self.fail_pubkey = False
+        self.delay = 0.0
+        self.runner: web.AppRunner | None = None
+
+    # -- serving -----------------------------------------------------------------------------
+    @property
+    def app(self) -> web.Application:
+        self.signer.ensure_key()
+        app = web.Application(middlewares=[self.faults])
+        app.router.add_get("/", self.handle_status_page)
+        app.router.add_get("/pubkey/", self.handle_pubkey)
+        app.router.add_post("/route/", self.handle_route)
+        app.router.add_post("/worker_status/", self.handle_worker_status)
+        app.router.add_post("/delete_requests/", self.handle_delete_requests)
+        return app
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.signer.ensure_key)
+        self.runner = web.AppRunner(self.app, access_log=None)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, self.host, self.port)
+        await site.start()
+        self.port = self.runner.addresses[0][1]
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
+
+    async def __aenter__(self) -> "AutoscalerEmulator":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.stop()
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    @web.middleware
+    async def faults(self, request: web.Request, handler):
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        failing = {"/pubkey/": self.fail_pubkey, "/route/": self.fail_routes,
+                   "/worker_status/": self.fail_reports, "/delete_requests/": self.fail_deletes}
+        if failing.get(request.path):
+            return web.json_response(JSON_FAULT, status=500)
+        return await handler(request)
+
+    # -- handlers ----------------------------------------------------------------------------
+    async def handle_pubkey(self, request: web.Request) -> web.Response:
+        return web.Response(text=self.signer.public_pem, content_type="application/x-pem-file")
+
+    async def handle_route(self, request: web.Request) -> web.Response:
+        body = await read_json_object(request)
+        if isinstance(body, web.Response):
+            return body
+        if not self.api_key_ok(request, body):
+            return error_response(401, "missing or wrong endpoint api key (Authorization: Bearer)")
+        problem = self.route_problem(body)
+        if problem:
+            return error_response(404 if problem.startswith("no endpoint") else 400, problem)
+        request_idx = body.get("request_idx") or self.signer.next_request_idx()
+        worker = self.least_loaded_worker(time.monotonic())
+        if worker is None:
+            return web.json_response({"endpoint": self.endpoint, "status": self.state_counts(),
+                                      "request_idx": request_idx})
+        auth_data = self.signer.auth_data(worker.report["url"], body["cost"], request_idx)
+        worker.routed_load += body["cost"]
+        self.routes.append(dict(auth_data, worker_id=worker.worker_id))
+        return web.json_response(dict(auth_data, __request_id=uuid.uuid4().hex))
+
+    def api_key_ok(self, request: web.Request, body: dict) -> bool:
+        if self.api_key is None:
+            return True
+        header = request.headers.get("Authorization", "")
+        return header == f"Bearer {self.api_key}" or body.get("api_key") == self.api_key
+
+    def route_problem(self, body: dict) -> str:
+        if body.get("endpoint") != self.endpoint:
+            return f"no endpoint named {body.get('endpoint')!r:.80}; this one is {self.endpoint!r}"
+        if not is_number(body.get("cost")) or body["cost"] < 0:
+            return "cost must be a finite number >= 0"
+        if "request_idx" in body and not COUNT[0](body["request_idx"]):
+            return "request_idx must be an integer >= 0"
+        return ""
+
+    def least_loaded_worker(self, now: float) -> WorkerView | None:
+        ready = [w for w in self.workers.values() if w.state(now, self.stale_after) == "ready"]
+        return min(ready, key=WorkerView.expected_wait, default=None)
+
+    def state_counts(self) -> dict[str, int]:
+        now = time.monotonic()
+        counts = {"ready": 0, "loading": 0, "error": 0, "stale": 0}
+        for worker in self.workers.values():
+            counts[worker.state(now, self.stale_after)] += 1
+        return counts
+
+    async def handle_worker_status(self, request: web.Request) -> web.Response:
+        body = await read_json_object(request)
+        if isinstance(body, web.Response):
+            self.validation_errors.append("worker_status: body is not a JSON object")
+            return body
+        worker_id = body["id"] if is_int(body.get("id")) else str(body.get("url", "?"))
+        self.validation_errors += field_errors(body, WORKER_STATUS_FIELDS,
+                                               f"worker_status from {worker_id!r:.80}")
+        self.reports.append(body)
+        self.workers[worker_id] = WorkerView(worker_id, body, time.monotonic())
+        return web.json_response({"ok": True})
+
+    async def handle_delete_requests(self, request: web.Request) -> web.Response:
+        body = await read_json_object(request)
+        if isinstance(body, web.Response):
+            self.validation_errors.append("delete_requests: body is not a JSON object")
+            return body
+        self.delete_bodies.append(body)
+        self.validation_errors += field_errors(body, DELETE_COMMON_FIELDS, "delete_requests")
+        if "requests" in body:
+            self.record_deleted_2026(body)
+        else:
+            self.record_deleted_legacy(body)
+        return web.json_response({"ok": True})
+
+    def record_deleted_2026(self, body: dict) -> None:
+        if not isinstance(body["requests"], list):
+            self.validation_errors.append("delete_requests: requests must be a list")
+            return
+        for n, record in enumerate(body["requests"]):
+            if not isinstance(record, dict):
+                self.validation_errors.append(f"delete_requests: requests[{n}] is not an object")
+                continue
+            self.validation_errors += field_errors(record, DELETE_RECORD_FIELDS,
+                                                   f"delete_requests requests[{n}]")
+            self.deleted.append(dict(record, worker_id=body.get("worker_id"), format="requests"))
+
+    def record_deleted_legacy(self, body: dict) -> None:
+        errors = field_errors(body, DELETE_LEGACY_FIELDS, "delete_requests")
+        self.validation_errors += errors
+        if errors:
+            return
+        for request_idx in body["request_idxs"]:
+            self.deleted.append({"request_idx": request_idx, "success": body["success"],
+                                 "worker_id": body.get("worker_id"), "format": "legacy"})
+
+    def deleted_request_idxs(self) -> list[int]:
+        return [record.get("request_idx") for record in self.deleted]
+
+    async def handle_status_page(self, request: web.Request) -> web.Response:
+        return web.Response(text=self.status_page(), content_type="text/html")
+
+    def status_page(self) -> str:
+        now = time.monotonic()
+        head = "".join(f"<th>{name}</th>" for name in
+                       ["worker", "state", "last seen", *WORKER_STATUS_FIELDS])
+        rows = "".join(
+            "<tr>" + cell(w.worker_id) + cell(w.state(now, self.stale_after))
+            + cell(f"{now - w.last_seen:.1f} s ago")
+            + "".join(cell(w.report.get(name, "")) for name in WORKER_STATUS_FIELDS) + "</tr>"
+            for w in self.workers.values())
+        errors = "".join(f"<li>{html.escape(e)}</li>" for e in self.validation_errors[-20:])
+        return (f"<!doctype html><meta http-equiv=refresh content=2><title>Vespa autoscaler "
+                f"emulator</title><h1>Endpoint {html.escape(self.endpoint)} ({self.signer.scheme} "
+                f"signatures)</h1><p>{len(self.reports)} reports, {len(self.routes)} routes, "
+                f"{len(self.deleted)} finished requests, {len(self.validation_errors)} "
+                f"validation errors</p><table border=1><tr>{head}</tr>{rows}</table>"
+                f"<ul>{errors}</ul>")
+
+
+def cell(value) -> str:
+    return f"<td>{html.escape(str(value))}</td>"
+
+
+def error_response(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+async def read_json_object(request: web.Request) -> dict | web.Response:
+    """The request's JSON object body, or a 400 answer saying why not."""
+    try:
+        body = await request.json()
+    except ValueError:
+        return error_response(400, "body is not JSON")
+    if not isinstance(body, dict):
+        return error_response(400, "body must be a JSON object")
+    return body
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1", help="listen address (loopback default)")
+    parser.add_argument("--port", type=int, default=8081)
+    parser.add_argument("--scheme", choices=auth.SCHEMES, default="full")
+    parser.add_argument("--endpoint", default=DEFAULT_ENDPOINT, help="endpoint name to serve")
+    parser.add_argument("--api-key", default=None, help="require this Bearer key on /route/")
+    parser.add_argument("--stale-after", type=float, default=30.0,
+                        help="seconds without a report before a worker is no longer routed to")
+    args = parser.parse_args(argv)
+    emulator = AutoscalerEmulator(args.host, args.port, scheme=args.scheme,
+                                  endpoint=args.endpoint, api_key=args.api_key,
+                                  stale_after=args.stale_after)
+    print(f"autoscaler emulator on http://{args.host}:{args.port} (endpoint {args.endpoint!r}, "
+          f"{args.scheme} signatures); set REPORT_ADDR=http://{args.host}:{args.port}")
+    web.run_app(emulator.app, host=args.host, port=args.port, print=None)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""The worker process: settings, TLS, the server, signals and drain; ``main()``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import ssl
+import sys
+
+from aiohttp import web
+
+from .app import Worker
+from .config import ConfigError, Settings, load_settings
+from .observability import setup_logging
+
+log = logging.getLogger("vespa")
+
+
+def ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    if not settings.use_ssl:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(settings.ssl_cert, settings.ssl_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError("VESPA_USE_SSL", "true",
+                          f"a certificate at {settings.ssl_cert} and key at {settings.ssl_key} "
+                          f"(VESPA_SSL_CERT, VESPA_SSL_KEY): {exc}") from None
+    return context
+
+
+async def serve(settings: Settings, stop: asyncio.Event) -> None:
+    """Run the worker until ``stop`` is set, then drain and shut down."""
+    context = ssl_context(settings)
+    worker = Worker(settings)
+    runner = web.AppRunner(worker.make_app(), handler_cancellation=True,
+                           access_log=log if settings.log_level == "DEBUG" else None,
+                           shutdown_timeout=1.0)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.worker_port, backlog=2048,
+                       ssl_context=context)
+    await site.start()
+    log.info("vespa listening on %s://%s:%d, backend %s%s", "https" if context else "http",
+             settings.host, settings.worker_port, settings.backend_url,
+             " (unsecured)" if settings.unsecured else "")
+    try:
+        await stop.wait()
+        await worker.drain()
+    finally:
+        await runner.cleanup()
+
+
+def run(settings: Settings) -> None:
+    async def _main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(settings, stop)
+
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - platforms without uvloop
+        asyncio.run(_main())
+    else:
+        uvloop.run(_main())
+
+
+def main() -> None:
+    try:
+        settings = load_settings()
+        ssl_context(settings)
+    except ConfigError as exc:
+        print(f"vespa: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    setup_logging(settings.log_level)
+    run(settings)

@@ -1,0 +1,160 @@
+"""Reports to the autoscaler: ``worker_status`` (load, capacity, errors) and ``delete_requests``
+(finished requests), to each REPORT_ADDR in order, with retries; ledger counters are reset only
+by a report that reached the autoscaler, finished records are re-queued when delivery fails."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+import aiohttp
+import psutil
+
+from . import __version__
+from .ledger import FinishedRequest, Ledger
+from .lifecycle import WorkerState
+
+log = logging.getLogger("vespa.reporter")
+NO_DELETE_ADDR = "https://cloud.vast.ai/api/v0"  # takes worker_status, not delete_requests
+DELETE_BATCH = 500
+
+
+@dataclass
+class Identity:
+    """Who the worker is to the autoscaler."""
+
+    worker_id: int
+    mtoken: str
+    url: str
+    version: str = field(default=f"vespa-{__version__}")
+
+
+def status_body(identity: Identity, state: WorkerState, load: dict, disk_delta_gb: float) -> dict:
+    """The worker_status body, exactly the fields PROTOCOL.md lists."""
+    return {
+        "id": identity.worker_id,
+        "mtoken": identity.mtoken,
+        "version": identity.version,
+        "loadtime": state.loadtime_unsent or 0.0,
+        **load,
+        "max_perf": state.max_perf if state.ready else 0.0,
+        "error_msg": state.error_msg,
+        "cur_capacity": 0,
+        "max_capacity": 0,
+        "additional_disk_usage": disk_delta_gb,
+        "url": identity.url,
+    }
+
+
+def _record(item: FinishedRequest) -> dict:
+    return {"request_idx": item.request_idx, "success": item.success, "status": item.status,
+            "entered_queue_at": item.entered_queue_at, "work_started_at": item.work_started_at,
+            "work_completed_at": item.work_completed_at}
+
+
+def delete_bodies(identity: Identity, batch: list[FinishedRequest], fmt: str
+                  ) -> list[tuple[dict, list[FinishedRequest]]]:
+    """The delete_requests POST bodies for a batch, each with the records it carries."""
+    head = {"worker_id": identity.worker_id, "mtoken": identity.mtoken}
+    if fmt == "2026":
+        return [({**head, "requests": [_record(r) for r in batch]}, batch)]
+    bodies = []
+    for success in (True, False):
+        part = [r for r in batch if r.success is success]
+        if part:
+            bodies.append(({**head, "request_idxs": [r.request_idx for r in part],
+                            "success": success}, part))
+    return bodies
+
+
+class Reporter:
+    def __init__(self, addrs: tuple[str, ...], identity: Identity, ledger: Ledger,
+                 state: WorkerState, session: aiohttp.ClientSession, *, interval: float = 1.0,
+                 max_interval: float = 10.0, delete_format: str = "2026",
+                 attempts: int = 3, timeout: float = 5.0):
+        self.addrs = addrs
+        self.identity = identity
+        self.ledger = ledger
+        self.state = state
+        self.session = session
+        self.interval = interval
+        self.max_interval = max_interval
+        self.delete_format = delete_format
+        self.attempts = attempts
+        self.timeout = aiohttp.ClientTimeout(total=timeout)
+        self.wake = asyncio.Event()
+        self.last_sent: dict | None = None
+        self.last_sent_at = float("-inf")
+        self.disk_used = psutil.disk_usage("/").used
+        self.sent = 0
+        self.failed = 0
+
+    async def post(self, path: str, body: dict) -> bool:
+        """POST to the first address that takes it (each tried a few times)."""
+        for addr in self.addrs:
+            if path == "/delete_requests/" and addr.rstrip("/") == NO_DELETE_ADDR:
+                continue
+            for attempt in range(self.attempts):
+                try:
+                    async with self.session.post(addr + path, json=body,
+                                                 timeout=self.timeout) as response:
+                        await response.read()
+                        if 200 <= response.status < 300:
+                            return True
+                        log.warning("%s%s answered %d", addr, path, response.status)
+                except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                    log.warning("%s%s failed: %s", addr, path, exc or type(exc).__name__)
+                if attempt + 1 < self.attempts:
+                    await asyncio.sleep(0.2 * 2 ** attempt)
+        return False
+
+    async def report_status(self, force: bool = False) -> bool:
+        load, window = self.ledger.load_fields()
+        disk_used = psutil.disk_usage("/").used
+        body = status_body(self.identity, self.state, load, (disk_used - self.disk_used) / 1e9)
+        unchanged = self.last_sent is not None and {**body, "additional_disk_usage": 0} == {
+            **self.last_sent, "additional_disk_usage": 0}
+        due = time.monotonic() - self.last_sent_at >= self.max_interval
+        if unchanged and not due and not force:
+            return True
+        if not await self.post("/worker_status/", body):
+            self.failed += 1
+            return False
+        self.sent += 1
+        self.ledger.reported(window)
+        self.disk_used = disk_used
+        if body["loadtime"]:
+            self.state.loadtime_unsent = None  # loadtime goes out once
+        self.last_sent, self.last_sent_at = body, time.monotonic()
+        return True
+
+    async def report_finished(self) -> bool:
+        """Deliver finished-request records; undelivered ones go back to the front of the outbox."""
+        while self.ledger.outbox:
+            batch = self.ledger.take_finished(DELETE_BATCH)
+            bodies = delete_bodies(self.identity, batch, self.delete_format)
+            for i, (body, _) in enumerate(bodies):
+                if not await self.post("/delete_requests/", body):
+                    self.ledger.put_back([r for _, records in bodies[i:] for r in records])
+                    return False
+        return True
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self.wake.wait(), self.interval)
+            except asyncio.TimeoutError:
+                pass
+            forced = self.wake.is_set()
+            self.wake.clear()
+            try:
+                await self.report_status(force=forced)
+                await self.report_finished()
+            except Exception:  # a reporting bug must not stop reporting
+                log.exception("report failed")
+            if self.ledger.dropped:
+                log.error("%d finished-request records were dropped: the autoscaler was "
+                          "unreachable for too long", self.ledger.dropped)
+                self.ledger.dropped = 0
