@@ -1,0 +1,80 @@
+"""A fleet on loopback for signed end-to-end tests: the autoscaler emulator, a backend, a worker."""
+
+from __future__ import annotations
+
+import functools
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestServer
+from Crypto.PublicKey import RSA
+
+from vespa.app import Worker
+from vespa.config import load_settings
+from vespa.devtools.autoscaler import AutoscalerEmulator
+
+from .conftest import free_port, wait_until
+
+
+@functools.lru_cache(maxsize=1)
+def autoscaler_key() -> RSA.RsaKey:
+    return RSA.generate(2048)
+
+
+class Fleet:
+    """One emulator, one backend, one worker on loopback."""
+
+    def __init__(self, emulator: AutoscalerEmulator, backend, worker: Worker, server: TestServer,
+                 session: aiohttp.ClientSession):
+        self.emulator, self.backend, self.worker = emulator, backend, worker
+        self.server, self.session = server, session
+        self.url = f"http://127.0.0.1:{server.port}"
+
+    async def route(self, cost: float = 10.0) -> dict:
+        async with self.session.post(f"{self.emulator.url}/route/",
+                                     json={"endpoint": self.emulator.endpoint, "cost": cost,
+                                           "request_idx": 0}) as response:
+            assert response.status == 200, await response.text()
+            return await response.json()
+
+    @staticmethod
+    def auth_data(route: dict) -> dict:
+        return {k: route[k] for k in ("cost", "endpoint", "reqnum", "request_idx", "signature",
+                                      "url")}
+
+    async def post(self, path: str, auth_data: dict, payload: dict) -> aiohttp.ClientResponse:
+        return await self.session.post(f"{self.url}{path}",
+                                       json={"auth_data": auth_data, "payload": payload})
+
+
+@pytest.fixture
+async def fleet(backend):
+    fleets = []
+
+    async def start(scheme: str = "full", pubkey_down: bool = False, **env: str) -> Fleet:
+        emulator = AutoscalerEmulator(scheme=scheme, private_key=autoscaler_key())
+        emulator.fail_pubkey = pubkey_down
+        await emulator.start()
+        port = free_port()
+        settings = load_settings({
+            "VESPA_BACKEND_URL": str(backend.make_url("")).rstrip("/"),
+            "REPORT_ADDR": emulator.url, "CONTAINER_ID": "7", "MASTER_TOKEN": "mtoken-secret",
+            "VESPA_PUBLIC_URL": f"http://127.0.0.1:{port}", "VESPA_MAX_THROUGHPUT": "1000",
+            "VESPA_REPORT_INTERVAL": "0.05", "VESPA_HEALTHCHECK_INTERVAL": "0.2", **env})
+        worker = Worker(settings)
+        server = TestServer(worker.make_app(), host="127.0.0.1", port=port)
+        await server.start_server()
+        fleet = Fleet(emulator, backend, worker, server, aiohttp.ClientSession())
+        fleets.append(fleet)
+        return fleet
+
+    yield start
+    for fleet in fleets:
+        await fleet.session.close()
+        await fleet.server.close()
+        await fleet.emulator.stop()
+
+
+async def ready(fleet: Fleet) -> None:
+    await wait_until(lambda: fleet.worker.state.ready, timeout=10)
+    await wait_until(lambda: any(r["max_perf"] > 0 for r in fleet.emulator.reports), timeout=10)

@@ -1,0 +1,155 @@
+"""Signed requests end to end: the autoscaler emulator routes and signs, the worker verifies,
+proxies and reports; what the emulator received is checked against what the clients saw."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from urllib.parse import urlencode
+
+import pytest
+
+from .conftest import wait_until
+from .fleet import Fleet, fleet, ready  # noqa: F401  (fixture)
+
+
+@pytest.mark.parametrize("scheme", ["full", "url", "legacy"])
+async def test_signed_request_through_the_emulator(fleet, scheme):
+    f = await fleet(scheme)
+    await ready(f)
+    route = await f.route(cost=42)
+    assert route["url"] == f.url
+    response = await f.post("/echo/chat", f.auth_data(route), {"prompt": "héllo", "n": 1})
+    assert response.status == 200
+    seen = await response.json()
+    assert json.loads(seen["body_text"]) == {"prompt": "héllo", "n": 1}
+    assert seen["path"] == "/echo/chat"
+    await wait_until(lambda: route["request_idx"] in f.emulator.deleted_request_idxs())
+    assert f.emulator.validation_errors == []
+
+
+@pytest.mark.parametrize("field,value", [
+    ("cost", 43), ("cost", 42.0), ("endpoint", "other"), ("reqnum", 999999),
+    ("request_idx", 123456), ("url", "http://127.0.0.1:1"), ("signature", "AAAA"),
+])
+async def test_every_tampered_field_is_refused(fleet, field, value):
+    f = await fleet("full")
+    await ready(f)
+    auth_data = f.auth_data(await f.route(cost=42))
+    auth_data[field] = value
+    response = await f.post("/echo", auth_data, {"x": 1})
+    assert response.status == 401
+    assert (await response.json())["error"]
+    assert f.backend.log.requests == []
+
+
+async def test_request_signed_for_another_worker_is_refused(fleet):
+    f = await fleet("full")
+    await ready(f)
+    auth_data = f.emulator.signer.auth_data("http://10.0.0.9:40000", cost=5)
+    response = await f.post("/echo", auth_data, {})
+    assert response.status == 401
+    assert "another worker" in (await response.json())["error"]
+
+
+async def test_replay_is_refused_and_bad_signatures_are_not_load(fleet):
+    f = await fleet("full")
+    await ready(f)
+    auth_data = f.auth_data(await f.route(cost=30))
+    assert (await f.post("/echo", auth_data, {"n": 1})).status == 200
+    replay = await f.post("/echo", auth_data, {"n": 1})
+    assert replay.status == 401
+    assert "replayed" in (await replay.json())["error"]
+    forged = dict(f.auth_data(await f.route(cost=30)), cost=31)
+    assert (await f.post("/echo", forged, {})).status == 401
+    await wait_until(lambda: f.worker.ledger.totals.received == 1 and not f.worker.ledger.outbox)
+    await asyncio.sleep(0.2)
+    assert f.emulator.deleted_request_idxs() == [auth_data["request_idx"]]
+    assert sum(r["rej_load"] for r in f.emulator.reports) == 0
+    assert sum(r["new_load"] for r in f.emulator.reports) == 30
+
+
+async def test_get_with_query_auth_keeps_other_parameters(fleet):
+    f = await fleet("full")
+    await ready(f)
+    route = await f.route(cost=100.0)
+    query = {f"serverless_{k}": v for k, v in f.auth_data(route).items()}
+    url = f"{f.url}/echo/models?limit=5&" + urlencode(query) + "&q=a%20b"
+    async with f.session.get(url) as response:
+        assert response.status == 200
+        seen = await response.json()
+    assert seen["raw_path"] == "/echo/models?limit=5&q=a%20b"
+
+
+async def test_envelope_errors_are_422_with_one_message_per_field(fleet):
+    f = await fleet("full")
+    await ready(f)
+    response = await f.post("/echo", {"cost": "x", "reqnum": 1}, {})
+    assert response.status == 422
+    problems = (await response.json())["problems"]
+    assert "auth_data.cost must be a finite number >= 0" in problems
+    assert "auth_data.signature is missing" in problems
+    assert len(problems) == 5
+    not_json = await f.session.post(f"{f.url}/echo", data=b"plain text")
+    assert not_json.status == 422
+    assert "not JSON" in (await not_json.json())["error"]
+
+
+async def test_public_key_server_down_at_start_then_up(fleet):
+    f = await fleet("full", pubkey_down=True)
+    await wait_until(lambda: f.worker.state.phase.value == "benchmarking", timeout=10)
+    await asyncio.sleep(0.3)
+    auth_data = f.emulator.signer.auth_data(f.url, cost=5)
+    refused = await f.post("/echo", auth_data, {})
+    assert refused.status == 503
+    assert "public key" in (await refused.json())["error"]
+    assert not f.worker.state.ready
+    async with f.session.get(f"{f.url}/_vespa/readyz") as readyz:
+        assert readyz.status == 503
+    assert all(r["max_perf"] == 0 for r in f.emulator.reports)
+    f.emulator.fail_pubkey = False
+    await wait_until(lambda: f.worker.state.ready, timeout=10)
+    auth_data = f.emulator.signer.auth_data(f.url, cost=5)
+    assert (await f.post("/echo", auth_data, {})).status == 200
+
+
+async def test_failed_benchmark_is_reported_as_error_and_keeps_reporting(fleet, tmp_path,
+                                                                        monkeypatch):
+    (tmp_path / "broken_bench.py").write_text(
+        "async def benchmark(url, session):\n    raise RuntimeError('GPU fell off')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    f = await fleet("full", VESPA_MAX_THROUGHPUT="", VESPA_BENCHMARK="broken_bench:benchmark",
+                    VESPA_CACHE_DIR=str(tmp_path / "cache"), VESPA_REPORT_MAX_INTERVAL="0.2")
+    await wait_until(lambda: any(r["error_msg"] for r in f.emulator.reports), timeout=10)
+    errors = [r["error_msg"] for r in f.emulator.reports if r["error_msg"]]
+    assert "GPU fell off" in errors[0]
+    assert all(r["max_perf"] == 0 for r in f.emulator.reports)
+    count = len(errors)
+    await wait_until(lambda: len([r for r in f.emulator.reports if r["error_msg"]]) > count + 1,
+                     timeout=5)
+    assert not (tmp_path / "cache" / "benchmark.json").exists()
+    async with f.session.get(f"{f.url}/_vespa/readyz") as readyz:
+        assert readyz.status == 503
+        assert "GPU fell off" in (await readyz.json())["error"]
+
+
+async def test_benchmark_result_is_used_and_cached(fleet, tmp_path, monkeypatch):
+    (tmp_path / "counting_bench.py").write_text(
+        "calls = 0\nasync def benchmark(url, session):\n"
+        "    global calls\n    calls += 1\n"
+        "    async with session.get('/health') as r:\n        assert r.status == 200\n"
+        "    return 123.5\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    env = dict(VESPA_MAX_THROUGHPUT="", VESPA_BENCHMARK="counting_bench:benchmark",
+               VESPA_CACHE_DIR=str(tmp_path / "cache"), MODEL_NAME="model-a")
+    first = await fleet("full", **env)
+    await ready(first)
+    assert first.worker.admission.max_throughput == 123.5
+    assert max(r["max_perf"] for r in first.emulator.reports) == 123.5
+    import counting_bench
+    second = await fleet("full", **env)
+    await ready(second)
+    assert counting_bench.calls == 1  # the second worker read the cache
+    third = await fleet("full", **{**env, "MODEL_NAME": "model-b"})
+    await ready(third)
+    assert counting_bench.calls == 2  # another model measures again
