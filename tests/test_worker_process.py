@@ -157,3 +157,40 @@ async def test_200_mb_stream_keeps_worker_memory_flat(spawn, backend, session):
     assert received == total
     growth_mb = (peak - baseline) / 2**20
     assert growth_mb < 40, f"worker RSS grew {growth_mb:.0f} MB while relaying 200 MB"
+
+
+def self_signed(tmp_path) -> tuple[str, str]:
+    cert, key = tmp_path / "instance.crt", tmp_path / "instance.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    return str(cert), str(key)
+
+
+async def test_https_with_instance_certificate(spawn, backend, session, tmp_path):
+    import ssl
+    cert, key = self_signed(tmp_path)
+    worker = spawn(backend_url(backend), USE_SSL="true", VESPA_SSL_CERT=cert,
+                   VESPA_SSL_KEY=key)
+    worker.url = worker.url.replace("http://", "https://")
+    trust = ssl.create_default_context(cafile=cert)
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            async with session.post(f"{worker.url}/echo", data=b"{}", ssl=trust) as response:
+                assert response.status == 200
+                headers = dict((await response.json())["headers"])
+                assert headers["X-Forwarded-Proto"] == "https"
+                break
+        except aiohttp.ClientConnectionError:
+            assert time.monotonic() < deadline and worker.proc.poll() is None
+            await asyncio.sleep(0.1)
+
+
+def test_https_without_certificate_stops_with_one_line(tmp_path):
+    result = subprocess.run([PYTHON, "-m", "vespa"], cwd=REPO, capture_output=True, text=True,
+                            timeout=30, env=worker_env(VESPA_USE_SSL="true",
+                                                       VESPA_SSL_CERT=str(tmp_path / "no.crt")))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "VESPA_SSL_CERT" in lines[0] and "no.crt" in lines[0]
