@@ -9,7 +9,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from backends.tts.audio import (
-    RESPONSE_FORMATS,
     UNKNOWN_SIZE,
     WAV_HEADER_SIZE,
     parse_wav,
@@ -74,9 +73,3 @@ def test_invalid_header_arguments():
         wav_header(0)
     with pytest.raises(ValueError):
         wav_header(8000, -1)
-
-
-def test_response_formats():
-    assert RESPONSE_FORMATS["wav"].preamble(22050) == wav_header(22050)
-    assert RESPONSE_FORMATS["pcm"].preamble(22050) == b""
-    assert RESPONSE_FORMATS["wav"].content_type == "audio/wav"

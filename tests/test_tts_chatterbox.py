@@ -2,19 +2,26 @@
 
 chatterbox-tts needs a GPU-sized torch install and hub weights, so it is not run here: these tests
 check our side (argument mapping, voice-clip conditionals, float -> int16, sample rate, loading
-path) against a fake that follows the real API: `sr`, `conds`, `generate(text, exaggeration=,
-cfg_weight=, temperature=)` returning a (1, samples) float tensor, `prepare_conditionals(path, exaggeration=)`.
+path) against a fake that follows the real API (chatterbox-tts 0.1.7): `sr`, `conds`,
+`generate(text, exaggeration=, cfg_weight=, temperature=)` returning a (1, samples) float tensor,
+`prepare_conditionals(path, exaggeration=)`.
 """
 
+import os
 import sys
 import types
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from backends.tts.engines import EngineInputError
-from backends.tts.engines import chatterbox
+try:
+    import numpy as np
+except ImportError:  # the adapter needs numpy, as chatterbox itself does
+    if os.environ.get("CI") == "true":
+        raise
+    pytest.skip("numpy is not installed (it belongs in the test extras)", allow_module_level=True)
+
+from backends.tts.engines import EngineInputError, chatterbox
 from backends.tts.engines.chatterbox import ChatterboxEngine, float_to_pcm16
 
 
@@ -144,7 +151,8 @@ def fake_chatterbox_package(monkeypatch):
 def test_load_from_hub_or_local_dir(fake_chatterbox_package):
     assert chatterbox.load(device="cuda").sample_rate == 24000
     chatterbox.load(model_dir="/models/chatterbox", device="cuda:1")
-    assert fake_chatterbox_package == [("from_pretrained", "cuda"), ("from_local", "/models/chatterbox", "cuda:1")]
+    assert fake_chatterbox_package == [
+        ("from_pretrained", "cuda"), ("from_local", "/models/chatterbox", "cuda:1")]
 
 
 def test_load_picks_cuda_when_torch_sees_a_gpu(fake_chatterbox_package, monkeypatch):

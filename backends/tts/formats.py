@@ -1,0 +1,87 @@
+"""Response formats of the speech endpoints: streaming encoders from s16le PCM to what is sent.
+
+wav: a streaming WAV header, then the samples; pcm: the raw samples (s16le, mono, the rate in the
+X-Sample-Rate header); mp3: LAME via the `lameenc` package, offered only when it is installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from .audio import wav_header
+
+MP3_BIT_RATE = 64  # kbit/s, plenty for mono speech
+MP3_QUALITY = 5  # LAME's 2 (best) .. 7 (fastest)
+
+
+class Encoder(Protocol):
+    """Turns the PCM of one request, piece by piece, into the bytes of the response body."""
+
+    def encode(self, pcm: bytes) -> bytes: ...
+
+    def finish(self) -> bytes: ...
+
+
+class RawEncoder:
+    def encode(self, pcm: bytes) -> bytes:
+        return pcm
+
+    def finish(self) -> bytes:
+        return b""
+
+
+class WavEncoder:
+    """A streaming WAV: the header (sizes unknown) goes out with the first piece."""
+
+    def __init__(self, sample_rate: int):
+        self.header = wav_header(sample_rate)
+
+    def encode(self, pcm: bytes) -> bytes:
+        header, self.header = self.header, b""
+        return header + pcm
+
+    def finish(self) -> bytes:
+        return self.encode(b"")  # the header, if no piece came
+
+
+class Mp3Encoder:
+    """MP3 frames as LAME completes them; `finish` flushes the last ones."""
+
+    def __init__(self, sample_rate: int):
+        import lameenc
+
+        self.lame = lameenc.Encoder()
+        self.lame.set_bit_rate(MP3_BIT_RATE)
+        self.lame.set_in_sample_rate(sample_rate)
+        self.lame.set_channels(1)
+        self.lame.set_quality(MP3_QUALITY)
+
+    def encode(self, pcm: bytes) -> bytes:
+        return bytes(self.lame.encode(pcm))
+
+    def finish(self) -> bytes:
+        return bytes(self.lame.flush())
+
+
+@dataclass(frozen=True)
+class ResponseFormat:
+    name: str
+    content_type: str
+    encoder: Callable[[int], Encoder]  # sample rate -> a new encoder for one response
+    cpu_heavy: bool  # encode on a worker thread, not on the event loop
+
+
+def available_formats(mp3: bool) -> dict[str, ResponseFormat]:
+    formats = {
+        "wav": ResponseFormat("wav", "audio/wav", WavEncoder, cpu_heavy=False),
+        "pcm": ResponseFormat("pcm", "audio/pcm", lambda rate: RawEncoder(), cpu_heavy=False),
+    }
+    if mp3:
+        formats["mp3"] = ResponseFormat("mp3", "audio/mpeg", Mp3Encoder, cpu_heavy=True)
+    return formats
+
+
+RESPONSE_FORMATS = available_formats(mp3=importlib.util.find_spec("lameenc") is not None)

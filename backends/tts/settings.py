@@ -1,0 +1,42 @@
+"""The TTS server's settings: `VESPA_TTS_*` environment variables, read once at start-up.
+
+VESPA_TTS_ENGINE     piper | chatterbox | espeak (default: chatterbox on a GPU where installed, else piper)
+VESPA_TTS_VOICE      default voice: piper en_US-joe-medium or a .onnx path; espeak en-us; chatterbox default
+VESPA_TTS_MODEL_DIR  chatterbox: local folder with its weights (from_local) instead of the model hub
+VESPA_TTS_DEVICE     chatterbox: torch device (default cuda when available, else cpu)
+VESPA_TTS_MAX_CHARS  longest accepted input, in characters (default 4096)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+DEFAULT_MAX_CHARS = 4096
+
+
+@dataclass(frozen=True)
+class Settings:
+    engine: str | None = None
+    voice: str | None = None
+    model_dir: str | None = None
+    device: str | None = None
+    max_chars: int = DEFAULT_MAX_CHARS
+
+
+def settings_from_env(env: Mapping[str, str]) -> Settings:
+    """Settings from an environment mapping; ValueError with the variable's name if one is bad."""
+    raw_max = env.get("VESPA_TTS_MAX_CHARS", "").strip()
+    try:
+        max_chars = int(raw_max) if raw_max else DEFAULT_MAX_CHARS
+    except ValueError:
+        raise ValueError(f"VESPA_TTS_MAX_CHARS must be a whole number, got {raw_max!r}") from None
+    if max_chars < 1:
+        raise ValueError(f"VESPA_TTS_MAX_CHARS must be at least 1, got {max_chars}")
+    return Settings(
+        engine=env.get("VESPA_TTS_ENGINE", "").strip().lower() or None,
+        voice=env.get("VESPA_TTS_VOICE", "").strip() or None,
+        model_dir=env.get("VESPA_TTS_MODEL_DIR", "").strip() or None,
+        device=env.get("VESPA_TTS_DEVICE", "").strip() or None,
+        max_chars=max_chars,
+    )

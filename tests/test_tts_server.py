@@ -1,0 +1,205 @@
+"""The TTS HTTP server (backends/tts/server.py, stream.py, runner.py) in-process, with a tone engine.
+
+The engine here stands in for a model (one beep per sentence, longer for longer text); the real
+engines behind the real server are exercised in tests/slow/test_tts_backend.py.
+"""
+
+import asyncio
+import math
+import struct
+import threading
+import time
+
+import aiohttp
+import pytest
+
+from backends.tts.audio import UNKNOWN_SIZE, wav_pcm
+from backends.tts.engines import EngineInputError
+from backends.tts.server import create_app
+
+RATE = 16000
+
+
+class ToneEngine:
+    """A deterministic engine: 1 ms of a 440 Hz tone per input character."""
+
+    name = "tone"
+    sample_rate = RATE
+    default_voice = "beep"
+    options = frozenset({"temperature"})
+    speed_range = (0.5, 2.0)
+
+    def __init__(self, delay=0.0, fail_on=None):
+        self.delay = delay
+        self.fail_on = fail_on
+        self.calls = []
+        self.running = 0
+        self.max_running = 0
+        self.lock = threading.Lock()
+
+    def voices(self):
+        return ["beep", "boop"]
+
+    def synthesize(self, text, voice, speed, **options):
+        with self.lock:
+            self.running += 1
+            self.max_running = max(self.max_running, self.running)
+        try:
+            self.calls.append((text, voice, speed, options))
+            time.sleep(self.delay)
+            if self.fail_on and self.fail_on in text:
+                raise RuntimeError("engine exploded")
+            if "unusable" in text:
+                raise EngineInputError("cannot say that")
+            samples = int(len(text) * RATE / 1000 / speed)
+            yield struct.pack(f"<{samples}h", *(int(8000 * math.sin(i / 5)) for i in range(samples)))
+        finally:
+            with self.lock:
+                self.running -= 1
+
+
+async def ready_client(aiohttp_client, engine, max_chars=4096):
+    client = await aiohttp_client(create_app(lambda: engine, max_chars))
+    for _ in range(200):
+        if (await client.get("/health")).status == 200:
+            return client
+        await asyncio.sleep(0.01)
+    raise AssertionError("engine never became ready")
+
+
+async def test_health_is_503_while_loading_then_200(aiohttp_client):
+    release = threading.Event()
+
+    def slow_load():
+        release.wait(5)
+        return ToneEngine()
+
+    client = await aiohttp_client(create_app(slow_load, 100))
+    response = await client.get("/health")
+    assert (response.status, await response.json()) == (503, {"status": "loading"})
+    speech = await client.post("/v1/audio/speech", json={"input": "hi"})
+    assert (speech.status, await speech.json()) == (503, {"error": "TTS engine is loading"})
+    release.set()
+    for _ in range(200):
+        response = await client.get("/health")
+        if response.status == 200:
+            break
+        await asyncio.sleep(0.01)
+    assert await response.json() == {"status": "ready", "engine": "tone", "sample_rate": RATE}
+
+
+async def test_failed_load_is_reported(aiohttp_client):
+    def broken_load():
+        raise RuntimeError("weights missing")
+
+    client = await aiohttp_client(create_app(broken_load, 100))
+    for _ in range(100):
+        response = await client.get("/health")
+        if response.status != 503:
+            break
+        await asyncio.sleep(0.01)
+    assert (response.status, await response.json()) == (
+        500, {"status": "failed", "error": "RuntimeError: weights missing"})
+
+
+async def test_voices(aiohttp_client):
+    client = await ready_client(aiohttp_client, ToneEngine())
+    assert await (await client.get("/voices")).json() == {
+        "engine": "tone", "default": "beep", "voices": ["beep", "boop"],
+        "sample_rate": RATE, "options": ["temperature"],
+    }
+
+
+async def test_wav_is_streamed_sentence_by_sentence(aiohttp_client):
+    engine = ToneEngine()
+    client = await ready_client(aiohttp_client, engine)
+    response = await client.post("/v1/audio/speech", json={
+        "model": "tts-1", "input": "One two. Three four five!", "voice": "boop", "speed": 2,
+        "temperature": 0.5})
+    assert response.status == 200
+    assert response.headers["Content-Type"] == "audio/wav"
+    assert response.headers["Transfer-Encoding"] == "chunked"
+    assert response.headers["X-Sample-Rate"] == str(RATE)
+    body = await response.read()
+    assert struct.unpack_from("<I", body, 40)[0] == UNKNOWN_SIZE
+    rate, pcm = wav_pcm(body)
+    assert rate == RATE
+    assert [call[0] for call in engine.calls] == ["One two.", "Three four five!"]
+    assert engine.calls[0][1:] == ("boop", 2.0, {"temperature": 0.5})
+    assert len(pcm) == 2 * (int(8 * 16 / 2) + int(16 * 16 / 2))
+
+
+async def test_pcm_is_raw_samples(aiohttp_client):
+    client = await ready_client(aiohttp_client, ToneEngine())
+    response = await client.post("/v1/audio/speech", json={"input": "Hello.", "response_format": "pcm"})
+    assert response.headers["Content-Type"] == "audio/pcm"
+    assert len(await response.read()) == 2 * 6 * 16
+
+
+async def test_synthesize_answers_wav(aiohttp_client):
+    client = await ready_client(aiohttp_client, ToneEngine())
+    response = await client.post("/synthesize", json={"text": "Hello."})
+    assert wav_pcm(await response.read())[0] == RATE
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "words"),
+    [
+        ("/v1/audio/speech", {"input": ""}, 422, "empty"),
+        ("/v1/audio/speech", {"input": "x" * 51}, 422, "limit is 50"),
+        ("/v1/audio/speech", {"input": "hi", "voice": "alloy"}, 422, "unknown voice 'alloy'"),
+        ("/v1/audio/speech", {"input": "hi", "response_format": "flac"}, 422, "response_format"),
+        ("/v1/audio/speech", {"input": "hi", "exaggeration": 1}, 422, "does not support"),
+        ("/synthesize", {"input": "hi"}, 400, "'text'"),
+        ("/v1/audio/speech", {"input": "unusable words"}, 422, "cannot say that"),
+        ("/v1/audio/speech", {"input": "kaboom"}, 500, "engine exploded"),
+    ],
+)
+async def test_refusals_are_json(aiohttp_client, path, body, status, words):
+    client = await ready_client(aiohttp_client, ToneEngine(fail_on="kaboom"), max_chars=50)
+    response = await client.post(path, json=body)
+    assert response.status == status
+    assert words in (await response.json())["error"]
+
+
+async def test_invalid_json_is_400(aiohttp_client):
+    client = await ready_client(aiohttp_client, ToneEngine())
+    response = await client.post("/v1/audio/speech", data=b"{nope",
+                                 headers={"Content-Type": "application/json"})
+    assert (response.status, await response.json()) == (400, {"error": "request body is not valid JSON"})
+
+
+async def test_failure_mid_stream_cuts_the_response(aiohttp_client):
+    client = await ready_client(aiohttp_client, ToneEngine(fail_on="kaboom"))
+    response = await client.post("/v1/audio/speech", json={"input": "Fine. Still fine. kaboom. Never."})
+    assert response.status == 200
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await response.read()
+
+
+async def test_disconnect_stops_synthesis(aiohttp_client):
+    engine = ToneEngine(delay=0.05)
+    client = await ready_client(aiohttp_client, engine)
+    text = " ".join(f"Sentence {i}." for i in range(40))
+    response = await client.post("/v1/audio/speech", json={"input": text})
+    assert await response.content.readany()
+    response.close()
+    await asyncio.sleep(1.0)  # time for 20 more sentences, had synthesis gone on
+    assert len(engine.calls) <= 3  # the first, and at most the ones already under way
+
+
+async def test_engine_calls_never_overlap_and_loop_stays_free(aiohttp_client):
+    engine = ToneEngine(delay=0.02)
+    client = await ready_client(aiohttp_client, engine)
+    text = "First one. Second one. Third one."
+    requests = [client.post("/v1/audio/speech", json={"input": text}) for _ in range(4)]
+    started = time.monotonic()
+    health = asyncio.ensure_future(client.get("/health"))
+    responses = await asyncio.gather(*requests)
+    health_response = await health
+    assert health_response.status == 200
+    bodies = [await response.read() for response in responses]
+    assert all(len(wav_pcm(body)[1]) > 0 for body in bodies)
+    assert engine.max_running == 1
+    assert len(engine.calls) == 12
+    assert time.monotonic() - started >= 12 * 0.02
