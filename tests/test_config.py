@@ -15,7 +15,8 @@ def test_defaults():
     settings = load_settings({})
     assert settings.backend_url == "http://localhost:8000"
     assert settings.worker_port == 3000
-    assert settings.unsecured is False
+    assert settings.unsecured is True  # no REPORT_ADDR: nobody signs, dev mode
+    assert load_settings({"REPORT_ADDR": "http://127.0.0.1:8081"}).unsecured is False
     assert settings.max_wait_time == 10.0
     assert settings.max_throughput is None
     assert settings.concurrency_limit is None
@@ -78,3 +79,16 @@ def test_bad_value_stops_process_with_one_line_and_exit_2(entry, tmp_path):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert lines == ["vespa: invalid VESPA_MAX_WAIT_TIME='soon': expected a number > 0"]
+
+
+def test_launched_backend_settings():
+    settings = load_settings({"VESPA_BACKEND": "tts", "VESPA_BACKEND_PORT": "8100",
+                              "VESPA_BACKEND_URL": "http://elsewhere:1", "VLLM_ARGS": "--x",
+                              "VESPA_TTS_VOICE": "joe", "PATH": "/bin"})
+    assert settings.backend_url == "http://127.0.0.1:8100"
+    assert settings.benchmark == "benchmarks.tts:benchmark"
+    assert settings.backend_env == {"VLLM_ARGS": "--x", "VESPA_TTS_VOICE": "joe"}
+    assert settings.backend_log.endswith("logs/tts.log")
+    assert load_settings({"VESPA_BACKEND": "vllm"}).benchmark == "benchmarks.openai_chat:benchmark"
+    with pytest.raises(ConfigError, match="VESPA_BACKEND"):
+        load_settings({"VESPA_BACKEND": "ollama"})

@@ -22,6 +22,11 @@ _FALSE = {"0", "false", "no", "off", ""}
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _SCHEMES = ("auto", "full", "url", "legacy")
 _DELETE_FORMATS = ("2026", "legacy")
+_BACKENDS = ("vllm", "tts")
+DEFAULT_BENCHMARKS = {"vllm": "benchmarks.openai_chat:benchmark", "tts": "benchmarks.tts:benchmark"}
+# Settings handed to a launched backend's command builder.
+_BACKEND_ENV_PREFIXES = ("VLLM_", "VESPA_TTS_", "VESPA_VLLM_", "HF_")
+_BACKEND_ENV_NAMES = ("MODEL_NAME", "VESPA_CACHE_DIR")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Settings that identify what a benchmark measured: a change in any of them measures again.
 BENCHMARK_IDENTITY = ("VESPA_BACKEND", "VESPA_BACKEND_URL", "MODEL_NAME", "VLLM_MODEL",
@@ -83,6 +88,11 @@ class Settings:
     backend_log_ready: str | None = None
     backend_log_error: str | None = None
     benchmark_identity: dict = field(default_factory=dict)
+    # launched backend (VESPA_BACKEND)
+    backend: str | None = None
+    backend_port: int = 8000
+    backend_restarts: int = 0
+    backend_env: dict = field(default_factory=dict)
 
     @property
     def benchmark_cache(self) -> str:
@@ -232,12 +242,25 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     port = read.integer(("VESPA_WORKER_PORT", "WORKER_PORT"), d.worker_port, minimum=1,
                         maximum=65535)
     use_ssl = read.flag(("VESPA_USE_SSL", "USE_SSL"), d.use_ssl)
+    report_addrs = read.get("REPORT_ADDR", _parse_urls, "comma-separated http(s) URLs",
+                            d.report_addrs)
+    backend = read.get("VESPA_BACKEND", _parse_choice(_BACKENDS), "one of vllm|tts", None)
+    backend_port = read.integer("VESPA_BACKEND_PORT", d.backend_port, minimum=1, maximum=65535)
+    backend_url = read.get("VESPA_BACKEND_URL", _parse_url, "an http:// or https:// URL",
+                           d.backend_url)
+    if backend is not None:
+        backend_url = f"http://127.0.0.1:{backend_port}"
     return Settings(
-        backend_url=read.get("VESPA_BACKEND_URL", _parse_url, "an http:// or https:// URL",
-                             d.backend_url),
+        backend_url=backend_url,
+        backend=backend,
+        backend_port=backend_port,
+        backend_restarts=read.integer("VESPA_BACKEND_RESTARTS", d.backend_restarts, minimum=0),
+        backend_env={k: v for k, v in read.env.items()
+                     if k.startswith(_BACKEND_ENV_PREFIXES) or k in _BACKEND_ENV_NAMES},
         host=read.get("VESPA_WORKER_HOST", str, "a host address", d.host),
         worker_port=port,
-        unsecured=read.flag("VESPA_UNSECURED", d.unsecured),
+        # Without an autoscaler nobody signs requests: dev mode is unsecured unless told otherwise.
+        unsecured=read.flag("VESPA_UNSECURED", not report_addrs),
         allow_parallel=read.flag("VESPA_ALLOW_PARALLEL", d.allow_parallel),
         max_concurrency=read.integer("VESPA_MAX_CONCURRENCY", d.max_concurrency),
         max_wait_time=read.number("VESPA_MAX_WAIT_TIME", d.max_wait_time),
@@ -259,8 +282,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         healthcheck_failures=read.integer("VESPA_HEALTHCHECK_FAILURES", d.healthcheck_failures),
         log_level=read.get("VESPA_LOG_LEVEL", _parse_level, "one of " + ", ".join(_LOG_LEVELS),
                            d.log_level),
-        report_addrs=read.get("REPORT_ADDR", _parse_urls, "comma-separated http(s) URLs",
-                              d.report_addrs),
+        report_addrs=report_addrs,
         container_id=read.integer("CONTAINER_ID", d.container_id, minimum=0),
         master_token=read.get("MASTER_TOKEN", str, "a token", d.master_token),
         public_url=_public_url(read, port, use_ssl),
@@ -277,10 +299,12 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         report_interval=read.number("VESPA_REPORT_INTERVAL", d.report_interval),
         report_max_interval=read.number("VESPA_REPORT_MAX_INTERVAL", d.report_max_interval),
         benchmark=read.get("VESPA_BENCHMARK", _parse_target, "module:function",
-                           d.benchmark),
+                           DEFAULT_BENCHMARKS.get(backend or "")),
         benchmark_timeout=read.number("VESPA_BENCHMARK_TIMEOUT", d.benchmark_timeout),
         cache_dir=read.get("VESPA_CACHE_DIR", str, "a directory", d.cache_dir),
-        backend_log=read.get("VESPA_BACKEND_LOG", str, "a file path", d.backend_log),
+        backend_log=read.get("VESPA_BACKEND_LOG", str, "a file path",
+                             os.path.join(read.get("VESPA_CACHE_DIR", str, "", d.cache_dir),
+                                          "logs", f"{backend}.log") if backend else None),
         backend_log_ready=read.get("VESPA_BACKEND_LOG_READY", _parse_regex,
                                    "a regular expression", d.backend_log_ready),
         backend_log_error=read.get("VESPA_BACKEND_LOG_ERROR", _parse_regex,

@@ -1,0 +1,126 @@
+"""Launch and supervise the local backend process: its log, its death, its restarts, its end.
+
+The backend runs in its own process group (so stopping it stops its children too) and is told
+to die with the worker (Linux parent-death signal), so no orphans are left even when the worker
+itself is killed. Its output goes to a log file and, line by line, to the worker's log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ctypes
+import logging
+import os
+import signal
+from dataclasses import dataclass, field
+from typing import Callable
+
+log = logging.getLogger("vespa.backend")
+PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True)
+class ProcessSpec:
+    """What to run for a backend."""
+
+    name: str
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    cwd: str | None = None
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+class Supervisor:
+    def __init__(self, spec: ProcessSpec, log_path: str, *, restarts: int = 0,
+                 grace: float = 15.0, on_exit: Callable[[str], None] = lambda _: None,
+                 on_restart: Callable[[], None] = lambda: None):
+        self.spec = spec
+        self.log_path = log_path
+        self.restarts_left = restarts
+        self.grace = grace
+        self.on_exit = on_exit
+        self.on_restart = on_restart
+        self.process: asyncio.subprocess.Process | None = None
+        self.stopping = False
+        self.tail: collections.deque[str] = collections.deque(maxlen=20)
+        self.restarts = 0
+
+    async def start(self) -> None:
+        os.makedirs(os.path.dirname(self.log_path) or ".", exist_ok=True)
+        log.info("starting %s: %s (log: %s)", self.spec.name, " ".join(self.spec.argv),
+                 self.log_path)
+        self.process = await asyncio.create_subprocess_exec(
+            *self.spec.argv, cwd=self.spec.cwd, env={**os.environ, **self.spec.env},
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT, start_new_session=True,
+            preexec_fn=_die_with_parent, limit=1 << 20)
+
+    async def run(self) -> None:
+        """Start the backend and watch it until it is stopped or out of restarts."""
+        delay = 1.0
+        await self.start()
+        while True:
+            await self.pump_output()
+            code = await self.process.wait()
+            if self.stopping:
+                return
+            message = f"backend {self.spec.name} exited with code {code}"
+            if self.tail:
+                message += ": " + " | ".join(list(self.tail)[-5:])
+            log.error(message)
+            if self.restarts_left <= 0:
+                self.on_exit(message[:2000])
+                return
+            self.restarts_left -= 1
+            self.restarts += 1
+            log.warning("restarting %s in %.0fs (%d restart(s) left)", self.spec.name, delay,
+                        self.restarts_left)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 60.0)
+            self.on_restart()
+            await self.start()
+
+    async def pump_output(self) -> None:
+        """Copy the backend's output to its log file and the worker's log, line by line."""
+        loop = asyncio.get_running_loop()
+        with open(self.log_path, "ab", buffering=0) as sink:
+            while line := await self._next_line():
+                await loop.run_in_executor(None, sink.write, line)
+                text = line.decode("utf-8", "replace").rstrip()
+                if text:
+                    self.tail.append(text[:300])
+                    log.info("%s: %s", self.spec.name, text)
+
+    async def _next_line(self) -> bytes:
+        try:
+            return await self.process.stdout.readline()
+        except ValueError:  # a line longer than the buffer: take it in pieces
+            return await self.process.stdout.read(1 << 16)
+
+    async def stop(self) -> None:
+        """SIGTERM the backend's process group, SIGKILL it after the grace period."""
+        self.stopping = True
+        process = self.process
+        if process is None or process.returncode is not None:
+            return
+        self._signal_group(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(process.wait(), self.grace)
+        except asyncio.TimeoutError:
+            log.warning("%s did not stop in %.0fs: killing it", self.spec.name, self.grace)
+            self._signal_group(signal.SIGKILL)
+            await process.wait()
+        self._signal_group(signal.SIGKILL)  # children that outlived their parent
+
+    def _signal_group(self, sig: signal.Signals) -> None:
+        try:
+            os.killpg(self.process.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
