@@ -27,7 +27,9 @@ from .lifecycle import Lifecycle, Phase, StartupPlan, WorkerState
 from .logwatch import LogWatch
 from .observability import request_id
 from .proxy import SMALL_BODY, ProxyError, Upstream, UpstreamBroken
+from .launch import backend_process
 from .reporter import Identity, Reporter
+from .supervisor import Supervisor
 
 log = logging.getLogger("vespa")
 RESERVED_PREFIX = "/_vespa/"
@@ -84,6 +86,7 @@ class Worker:
         self.session: aiohttp.ClientSession | None = None  # control plane: health, reports
         self.keyring: KeyRing | None = None
         self.reporter: Reporter | None = None
+        self.supervisor: Supervisor | None = None
 
     # -- the corridor --------------------------------------------------------------------------
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -233,7 +236,22 @@ class Worker:
             self.spawn(self.reporter.run(), "reporter")
         else:
             log.info("dev mode: no REPORT_ADDR, nothing is reported to an autoscaler")
+        if settings.unsecured:
+            log.warning("unsecured: requests are not signature-checked (VESPA_UNSECURED)")
+        if settings.backend is not None:
+            await self.launch_backend()
         self.spawn(self.lifecycle().run(), "lifecycle")
+
+    async def launch_backend(self) -> None:
+        spec, problem = await backend_process(self.settings)
+        if problem is not None:
+            self.state.fail(problem)
+            log.error(problem)
+            return
+        self.supervisor = Supervisor(spec, self.settings.backend_log,
+                                     restarts=self.settings.backend_restarts,
+                                     on_exit=self.state.fail)
+        self.spawn(self.supervisor.run(), "supervisor")
 
     def lifecycle(self) -> Lifecycle:
         settings = self.settings
@@ -263,9 +281,11 @@ class Worker:
 
         return Lifecycle(plan, self.state, self.session,
                          key_ready=self.keyring.ready if self.keyring else None,
-                         on_throughput=set_throughput, on_ready=wake_reporter)
+                         on_throughput=set_throughput, on_change=wake_reporter)
 
     async def on_cleanup(self, app: web.Application) -> None:
+        if self.supervisor is not None:
+            await self.supervisor.stop()
         for task in self.background:
             task.cancel()
         await asyncio.gather(*self.background, return_exceptions=True)

@@ -22,7 +22,7 @@ _FALSE = {"0", "false", "no", "off", ""}
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _SCHEMES = ("auto", "full", "url", "legacy")
 _DELETE_FORMATS = ("2026", "legacy")
-_BACKENDS = ("vllm", "tts")
+_BACKENDS = ("vllm", "tts", "command")
 DEFAULT_BENCHMARKS = {"vllm": "benchmarks.openai_chat:benchmark", "tts": "benchmarks.tts:benchmark"}
 # Settings handed to a launched backend's command builder.
 _BACKEND_ENV_PREFIXES = ("VLLM_", "VESPA_TTS_", "VESPA_VLLM_", "HF_")
@@ -93,6 +93,7 @@ class Settings:
     backend_port: int = 8000
     backend_restarts: int = 0
     backend_env: dict = field(default_factory=dict)
+    backend_command: tuple[str, ...] = ()
 
     @property
     def benchmark_cache(self) -> str:
@@ -208,6 +209,14 @@ def _parse_target(value: str) -> str:
     return value.strip()
 
 
+def _parse_command(value: str) -> tuple[str, ...]:
+    import shlex
+    words = tuple(shlex.split(value))
+    if not words:
+        raise ValueError(value)
+    return words
+
+
 def _parse_regex(value: str) -> str:
     import re
     re.compile(value)
@@ -244,7 +253,12 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     use_ssl = read.flag(("VESPA_USE_SSL", "USE_SSL"), d.use_ssl)
     report_addrs = read.get("REPORT_ADDR", _parse_urls, "comma-separated http(s) URLs",
                             d.report_addrs)
-    backend = read.get("VESPA_BACKEND", _parse_choice(_BACKENDS), "one of vllm|tts", None)
+    backend_command = read.get("VESPA_BACKEND_COMMAND", _parse_command,
+                               "a command line (use {port} for the backend port)", ())
+    backend = read.get("VESPA_BACKEND", _parse_choice(_BACKENDS), "one of vllm|tts|command",
+                       "command" if backend_command else None)
+    if backend == "command" and not backend_command:
+        raise ConfigError("VESPA_BACKEND_COMMAND", "", "a command line when VESPA_BACKEND=command")
     backend_port = read.integer("VESPA_BACKEND_PORT", d.backend_port, minimum=1, maximum=65535)
     backend_url = read.get("VESPA_BACKEND_URL", _parse_url, "an http:// or https:// URL",
                            d.backend_url)
@@ -254,6 +268,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         backend_url=backend_url,
         backend=backend,
         backend_port=backend_port,
+        backend_command=backend_command,
         backend_restarts=read.integer("VESPA_BACKEND_RESTARTS", d.backend_restarts, minimum=0),
         backend_env={k: v for k, v in read.env.items()
                      if k.startswith(_BACKEND_ENV_PREFIXES) or k in _BACKEND_ENV_NAMES},

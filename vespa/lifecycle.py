@@ -99,13 +99,13 @@ class Lifecycle:
     def __init__(self, plan: StartupPlan, state: WorkerState, session: aiohttp.ClientSession, *,
                  key_ready: asyncio.Event | None = None,
                  on_throughput: Callable[[float], None] = lambda _: None,
-                 on_ready: Callable[[], None] = lambda: None):
+                 on_change: Callable[[], None] = lambda: None):
         self.plan = plan
         self.state = state
         self.session = session
         self.key_ready = key_ready
         self.on_throughput = on_throughput
-        self.on_ready = on_ready
+        self.on_change = on_change
         self.cache = BenchmarkCache(plan.cache_path)
 
     async def run(self) -> None:
@@ -113,6 +113,7 @@ class Lifecycle:
             await self.start()
         except StartupError as exc:
             self.state.fail(str(exc))
+            self.on_change()  # tell the autoscaler at once
             log.error("start-up failed: %s", exc)
             return
         if self.state.draining:
@@ -120,7 +121,7 @@ class Lifecycle:
         self.state.become_ready(time.monotonic())
         log.info("ready after %.1fs (max_perf %.3g)", self.state.ready_at - self.state.started_at,
                  self.state.max_perf)
-        self.on_ready()
+        self.on_change()
         await self.watch_health()
 
     async def start(self) -> None:
@@ -140,6 +141,8 @@ class Lifecycle:
         deadline = time.monotonic() + timeout
         watch = plan.log_watch
         while not self.state.draining:
+            if self.state.phase is Phase.ERRORED:  # e.g. the backend process exited
+                raise StartupError(self.state.error_msg)
             if watch is not None:
                 await watch.poll()
                 if watch.error_line is not None:

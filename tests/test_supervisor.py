@@ -1,0 +1,119 @@
+"""The supervised backend: launched, logged, its death reported, restarted, stopped with no orphans."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import time
+
+import aiohttp
+import psutil
+
+from .conftest import PYTHON, REPO, free_port, wait_until, worker_env
+from .fleet import fleet, ready  # noqa: F401  (fixture)
+
+BACKEND = f"{PYTHON} tests/procs/backend_proc.py --port {{port}}"
+
+
+def alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def read_pids(path) -> tuple[int, int]:
+    backend_pid, child_pid = open(path).read().split()
+    return int(backend_pid), int(child_pid)
+
+
+async def get_status(session: aiohttp.ClientSession, url: str) -> tuple[int | None, dict]:
+    try:
+        async with session.get(url) as response:
+            return response.status, await response.json()
+    except aiohttp.ClientError:
+        return None, {}
+
+
+async def test_worker_launches_backend_logs_it_and_sigterm_leaves_no_orphans(tmp_path):
+    port = free_port()
+    pidfile, log = tmp_path / "pids", tmp_path / "backend.log"
+    proc = subprocess.Popen(
+        [PYTHON, "-m", "vespa"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=worker_env(VESPA_WORKER_PORT=str(port), VESPA_BACKEND_PORT=str(free_port()),
+                       VESPA_BACKEND_COMMAND=f"{BACKEND} --child-pidfile {pidfile}",
+                       VESPA_BACKEND_LOG=str(log), VESPA_HEALTHCHECK_INTERVAL="0.2"))
+    try:
+        async with aiohttp.ClientSession() as session:
+            deadline = time.monotonic() + 20
+            while (await get_status(session, f"http://127.0.0.1:{port}/_vespa/readyz"))[0] != 200:
+                assert time.monotonic() < deadline and proc.poll() is None
+                await asyncio.sleep(0.1)
+            backend_pid, child_pid = read_pids(pidfile)
+            async with session.post(f"http://127.0.0.1:{port}/echo", data=b"hi") as response:
+                assert (await response.json()) == {"pid": backend_pid, "body": "hi"}
+        assert "backend ready on" in log.read_text()
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, 30) == 0
+        await wait_until(lambda: not alive(backend_pid) and not alive(child_pid), timeout=5)
+    finally:
+        proc.kill()
+
+
+async def test_killed_worker_takes_its_backend_along(tmp_path):
+    pidfile = tmp_path / "pids"
+    proc = subprocess.Popen(
+        [PYTHON, "-m", "vespa"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=worker_env(VESPA_WORKER_PORT=str(free_port()), VESPA_BACKEND_PORT=str(free_port()),
+                       VESPA_BACKEND_COMMAND=f"{BACKEND} --child-pidfile {pidfile}",
+                       VESPA_BACKEND_LOG=str(tmp_path / "log")))
+    try:
+        await wait_until(lambda: pidfile.exists() and pidfile.read_text().strip(), timeout=20)
+        backend_pid, _ = read_pids(pidfile)
+        assert alive(backend_pid)
+        proc.kill()  # SIGKILL: the worker gets no chance to clean up
+        proc.wait(10)
+        await wait_until(lambda: not alive(backend_pid), timeout=5)
+    finally:
+        proc.kill()
+        if pidfile.exists():  # the grandchild is the backend's own business; don't leak it here
+            _, child_pid = read_pids(pidfile)
+            if alive(child_pid):
+                os.kill(child_pid, signal.SIGKILL)
+
+
+async def test_backend_crash_is_reported_to_the_autoscaler(fleet, tmp_path):
+    f = await fleet("full", VESPA_BACKEND_PORT=str(free_port()),
+                    VESPA_BACKEND_COMMAND=f"{BACKEND} --crash-after 0.3",
+                    VESPA_BACKEND_LOG=str(tmp_path / "log"), VESPA_REPORT_MAX_INTERVAL="0.2")
+    await wait_until(lambda: any(r["error_msg"] for r in f.emulator.reports), timeout=20)
+    error = next(r["error_msg"] for r in f.emulator.reports if r["error_msg"])
+    assert "exited with code 3" in error
+    assert "something terrible happened" in error
+    status, body = await get_status(f.session, f"{f.url}/_vespa/readyz")
+    assert status == 503 and "exited with code 3" in body["error"]
+
+
+async def test_backend_restarts_and_the_worker_recovers(fleet, tmp_path):
+    f = await fleet("full", VESPA_BACKEND_PORT=str(free_port()), VESPA_BACKEND_RESTARTS="1",
+                    VESPA_BACKEND_COMMAND=f"{BACKEND} --crash-once {tmp_path / 'crashed'} "
+                                          "--crash-after 0.1",
+                    VESPA_BACKEND_LOG=str(tmp_path / "log"), VESPA_HEALTHCHECK_FAILURES="1")
+    await wait_until(lambda: (tmp_path / "crashed").exists(), timeout=20)
+    await wait_until(lambda: f.worker.supervisor.restarts == 1, timeout=20)
+    await wait_until(lambda: f.worker.state.ready, timeout=20)
+    auth_data = f.emulator.signer.auth_data(f.url, cost=3)
+    response = await f.post("/echo", auth_data, {"after": "restart"})
+    assert response.status == 200
+    assert (await response.json())["body"] == '{"after":"restart"}'
+    assert (tmp_path / "log").read_text().count("backend starting") == 2
+
+
+async def test_missing_backend_venv_is_a_clear_error(fleet, tmp_path):
+    f = await fleet("full", VESPA_BACKEND="tts", VESPA_TTS_VENV=str(tmp_path / "nope"),
+                    VESPA_REPORT_MAX_INTERVAL="0.2")
+    await wait_until(lambda: any(r["error_msg"] for r in f.emulator.reports), timeout=10)
+    error = next(r["error_msg"] for r in f.emulator.reports if r["error_msg"])
+    assert "run backends/setup_tts.sh" in error
