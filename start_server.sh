@@ -60,14 +60,16 @@ basicConstraints = CA:FALSE
 keyUsage = nonRepudiation, digitalSignature, keyEncipherment
 subjectAltName = IP.1:0.0.0.0
 EOF
+  # (called in an `||` list, where set -e is off: every step checks its own result)
   openssl req -newkey rsa:2048 -nodes -sha256 -subj "/C=US/ST=CA/CN=pyworker.vast.ai/" \
-    -keyout "$tmp/instance.key" -out "$tmp/instance.csr" -config "$tmp/san.cnf" 2>/dev/null
+    -keyout "$tmp/instance.key" -out "$tmp/instance.csr" -config "$tmp/san.cnf" 2>/dev/null \
+    || return 1
   curl -fsS -m 60 -H 'Content-Type: application/octet-stream' --data-binary "@$tmp/instance.csr" \
     -X POST "${VESPA_CERT_SIGN_URL:-https://console.vast.ai/api/v0/sign_cert/}?instance_id=${CONTAINER_ID}" \
-    -o "$tmp/instance.crt"
-  grep -q 'BEGIN CERTIFICATE' "$tmp/instance.crt"
-  install -m 600 "$tmp/instance.key" "${VESPA_SSL_KEY:-/etc/instance.key}"
-  install -m 644 "$tmp/instance.crt" "${VESPA_SSL_CERT:-/etc/instance.crt}"
+    -o "$tmp/instance.crt" || return 1
+  grep -q 'BEGIN CERTIFICATE' "$tmp/instance.crt" || return 1
+  install -m 600 "$tmp/instance.key" "${VESPA_SSL_KEY:-/etc/instance.key}" || return 1
+  install -m 644 "$tmp/instance.crt" "${VESPA_SSL_CERT:-/etc/instance.crt}" || return 1
   rm -rf "$tmp"
 }
 

@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 fast=0
 if [[ "${1:-}" == "--fast" ]]; then fast=1; shift; fi
 
-source scripts/worker_env.sh   # creates/reuses .venvs/worker, exports VESPA_PYTHON
+VESPA_WORKER_EXTRAS=test source scripts/worker_env.sh  # .venvs/worker, exports VESPA_PYTHON
 
 if [[ $fast == 1 ]]; then
   set -- -m "not slow" "$@"

@@ -1,0 +1,136 @@
+"""start_server.sh on a (pretend) Vast instance: certificate signing, and failure reports with
+valid JSON when the worker cannot start. The autoscaler and Vast's signing service are loopback
+servers of the test."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import ssl
+import subprocess
+import sys
+import time
+
+import aiohttp
+from aiohttp import web
+
+from vespa.devtools.autoscaler import AutoscalerEmulator
+
+from .conftest import REPO, free_port, wait_until, worker_env
+from .fleet import autoscaler_key
+
+
+def start_script(tmp_path, **env: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        ["bash", "start_server.sh"], cwd=REPO, stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / "start_server.log", "wb"), start_new_session=True,
+        env=worker_env(**{"CONTAINER_ID": "42", "MASTER_TOKEN": "tok", "VESPA_BACKEND": "command",
+                          "VESPA_SSL_CERT": str(tmp_path / "instance.crt"),
+                          "VESPA_SSL_KEY": str(tmp_path / "instance.key"),
+                          "VESPA_VENV": os.path.dirname(os.path.dirname(sys.executable)),
+                          **env}))
+
+
+def stop_script(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(10)
+
+
+async def test_worker_that_cannot_start_is_reported_with_valid_json(tmp_path):
+    emulator = AutoscalerEmulator(private_key=autoscaler_key())
+    await emulator.start()
+    proc = start_script(tmp_path, REPORT_ADDR=f"http://127.0.0.1:1,{emulator.url}",
+                        USE_SSL="false", VESPA_MAX_WAIT_TIME="soon",
+                        VESPA_BACKEND_COMMAND="true")
+    try:
+        await wait_until(lambda: emulator.reports, timeout=60)
+        report = emulator.reports[0]
+        assert report["id"] == 42 and report["mtoken"] == "tok"
+        assert "exited with code 2" in report["error_msg"]
+        assert emulator.validation_errors == []
+    finally:
+        stop_script(proc)
+        await emulator.stop()
+
+
+def make_ca(tmp_path) -> tuple[str, str]:
+    ca_key, ca_crt = tmp_path / "ca.key", tmp_path / "ca.crt"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=test-vast-ca", "-keyout", str(ca_key), "-out", str(ca_crt)],
+                   check=True, capture_output=True)
+    return str(ca_key), str(ca_crt)
+
+
+async def signing_service(tmp_path, ca_key: str, ca_crt: str, fail: bool):
+    """A stand-in for Vast's certificate signer: signs the instance's CSR with a test CA."""
+    seen = []
+
+    async def sign(request: web.Request) -> web.Response:
+        seen.append(request.query.get("instance_id"))
+        if fail:
+            return web.Response(status=500, text="signer is down")
+        csr = tmp_path / "in.csr"
+        csr.write_bytes(await request.read())
+        out = tmp_path / "signed.crt"
+        await asyncio.to_thread(subprocess.run, [
+            "openssl", "x509", "-req", "-in", str(csr), "-CA", ca_crt, "-CAkey", ca_key,
+            "-CAcreateserial", "-days", "1", "-out", str(out)], check=True, capture_output=True)
+        return web.Response(body=out.read_bytes())
+
+    app = web.Application()
+    app.router.add_post("/sign_cert/", sign)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner, f"http://127.0.0.1:{port}/sign_cert/", seen
+
+
+async def test_certificate_is_signed_and_the_worker_serves_https(tmp_path, backend):
+    ca_key, ca_crt = make_ca(tmp_path)
+    runner, sign_url, seen = await signing_service(tmp_path, ca_key, ca_crt, fail=False)
+    port = free_port()
+    proc = start_script(tmp_path, REPORT_ADDR="http://127.0.0.1:1", USE_SSL="true",
+                        VESPA_CERT_SIGN_URL=sign_url, WORKER_PORT=str(port),
+                        VESPA_UNSECURED="true",
+                        VESPA_BACKEND_COMMAND="sleep 600", VESPA_BACKEND_PORT=str(backend.port))
+    trust = ssl.create_default_context(cafile=ca_crt)
+    trust.check_hostname = False  # Vast's certificates name 0.0.0.0, not the address dialled
+    try:
+        async with aiohttp.ClientSession() as session:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    async with session.get(f"https://127.0.0.1:{port}/echo", ssl=trust) as r:
+                        assert r.status == 200
+                        break
+                except aiohttp.ClientConnectionError:
+                    assert time.monotonic() < deadline and proc.poll() is None, \
+                        (tmp_path / "start_server.log").read_text()
+                    await asyncio.sleep(0.2)
+        assert seen == ["42"]
+        assert oct(os.stat(tmp_path / "instance.key").st_mode & 0o777) == "0o600"
+    finally:
+        stop_script(proc)
+        await runner.cleanup()
+
+
+async def test_failed_signing_is_an_error_not_a_certificate(tmp_path):
+    ca_key, ca_crt = make_ca(tmp_path)
+    runner, sign_url, _ = await signing_service(tmp_path, ca_key, ca_crt, fail=True)
+    emulator = AutoscalerEmulator(private_key=autoscaler_key())
+    await emulator.start()
+    proc = start_script(tmp_path, REPORT_ADDR=emulator.url, USE_SSL="true",
+                        VESPA_CERT_SIGN_URL=sign_url, VESPA_BACKEND_COMMAND="true")
+    try:
+        await wait_until(lambda: emulator.reports, timeout=60)
+        assert "TLS certificate signing failed" in emulator.reports[0]["error_msg"]
+        assert not (tmp_path / "instance.crt").exists()
+    finally:
+        stop_script(proc)
+        await runner.cleanup()
+        await emulator.stop()
