@@ -103,6 +103,8 @@ async def test_backend_restarts_and_the_worker_recovers(fleet, tmp_path):
                     VESPA_BACKEND_LOG=str(tmp_path / "log"), VESPA_HEALTHCHECK_FAILURES="1")
     await wait_until(lambda: (tmp_path / "crashed").exists(), timeout=20)
     await wait_until(lambda: f.worker.supervisor.restarts == 1, timeout=20)
+    await wait_until(lambda: (tmp_path / "log").read_text().count("backend ready on") == 2,
+                     timeout=20)
     await wait_until(lambda: f.worker.state.ready, timeout=20)
     auth_data = f.emulator.signer.auth_data(f.url, cost=3)
     response = await f.post("/echo", auth_data, {"after": "restart"})
