@@ -243,3 +243,47 @@ async def test_upstream_connections_are_reused(make_worker, backend):
     assert len(backend.log.requests) == 20
     # the start-up health check may hold a second pooled connection, never more
     assert len({r["peer_port"] for r in backend.log.requests}) <= 2
+
+
+async def raw_backend(reply: bytes):
+    """A loopback server that answers every request with the given raw bytes."""
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(reply)
+        await writer.drain()
+        writer.close()
+
+    return await asyncio.start_server(answer, "127.0.0.1", 0)
+
+
+async def test_interim_103_is_skipped_and_the_final_response_relayed(make_worker):
+    server = await raw_backend(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n"
+                               b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Final: 1\r\n\r\nfinal")
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        client, _ = await make_worker(backend_url=f"http://127.0.0.1:{port}")
+        response = await client.get("/anything")
+        assert response.status == 200
+        assert response.headers["X-Final"] == "1"
+        assert await response.text() == "final"
+
+
+async def test_malformed_backend_response_is_502(make_worker):
+    server = await raw_backend(b"HTTP/1.1 200 OK\r\nContent-Length: nope\r\n\r\nxx")
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        client, worker = await make_worker(backend_url=f"http://127.0.0.1:{port}")
+        response = await client.get("/anything")
+        assert response.status == 502
+        assert "malformed" in (await response.json())["error"]
+
+
+async def test_response_without_length_ends_when_backend_closes(make_worker):
+    server = await raw_backend(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\n"
+                               b"streamed until close")
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        client, _ = await make_worker(backend_url=f"http://127.0.0.1:{port}")
+        response = await client.get("/anything")
+        assert response.status == 200
+        assert await response.text() == "streamed until close"

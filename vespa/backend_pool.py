@@ -35,7 +35,8 @@ class BackendResponse:
     """One response as it arrives: head first, then body chunks until done or failed."""
 
     __slots__ = ("conn", "status", "reason", "raw_headers", "head_only", "head", "chunks",
-                 "buffered", "waiter", "done", "error", "received_any", "keep_alive")
+                 "buffered", "waiter", "done", "error", "received_any", "keep_alive",
+                 "interim")
 
     def __init__(self, conn: "BackendConnection", head_only: bool):
         self.conn = conn
@@ -51,6 +52,7 @@ class BackendResponse:
         self.error: BaseException | None = None
         self.received_any = False
         self.keep_alive = False
+        self.interim = False
 
     def _wake(self) -> None:
         if self.waiter is not None and not self.waiter.done():
@@ -168,7 +170,12 @@ class BackendConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         response = self.response
-        response.status = self.parser.get_status_code()
+        status = self.parser.get_status_code()
+        if 100 <= status < 200:  # interim (e.g. 103 Early Hints): wait for the final response
+            response.raw_headers.clear()
+            response.interim = True
+            return
+        response.status = status
         response.keep_alive = self.parser.should_keep_alive()
         response.received_any = True
         response.head.set_result(None)
@@ -179,8 +186,13 @@ class BackendConnection(asyncio.Protocol):
         self.response.feed(body)
 
     def on_message_complete(self) -> None:
-        if self.response is not None and not self.response.done:
-            self.response.finish()
+        response = self.response
+        if response is None or response.done:
+            return
+        if response.interim:
+            response.interim = False
+            return
+        response.finish()
 
     # -- helpers -------------------------------------------------------------------------------
     def ends_at_close(self) -> bool:
