@@ -26,7 +26,7 @@ from .ledger import Ledger, Outcome
 from .lifecycle import Lifecycle, Phase, StartupPlan, WorkerState
 from .logwatch import LogWatch
 from .observability import request_id
-from .proxy import SMALL_BODY, ProxyError, Upstream, UpstreamBroken
+from .proxy import SMALL_BODY, BodyTooLarge, ProxyError, Upstream, UpstreamBroken, read_body
 from .launch import backend_process
 from .reporter import Identity, Reporter
 from .supervisor import Supervisor
@@ -47,23 +47,6 @@ def compile_patterns(patterns: tuple[str, ...]) -> re.Pattern | None:
     if not patterns:
         return None
     return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns))
-
-
-class BodyTooLarge(Exception):
-    pass
-
-
-async def read_body(request: web.Request, limit: int) -> bytes:
-    """The whole request body, refused past ``limit`` bytes even without a Content-Length."""
-    if request.content_length is not None:
-        return await request.content.readexactly(request.content_length)
-    parts, size = [], 0
-    async for chunk in request.content.iter_chunked(65536):
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge()
-        parts.append(chunk)
-    return b"".join(parts)
 
 
 class Worker:

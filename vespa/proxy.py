@@ -53,6 +53,19 @@ class UpstreamBroken(Exception):
         self.response = response
 
 
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The whole request body, refused past ``limit`` bytes even without a Content-Length."""
+    if request.content_length is not None:
+        return await request.content.readexactly(request.content_length)
+    parts, size = [], 0
+    async for chunk in request.content.iter_chunked(STREAM_CHUNK):
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge()
+        parts.append(chunk)
+    return b"".join(parts)
+
+
 class BoundedBody:
     """A request body streamed upstream chunk by chunk, stopped once it passes ``limit``."""
 
