@@ -43,6 +43,14 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _is_cost(value: object) -> bool:
+    """A finite number >= 0 that fits a float (a 400-digit integer does not)."""
+    try:
+        return _is_number(value) and math.isfinite(float(value)) and value >= 0
+    except OverflowError:
+        return False
+
+
 def check_auth_data(auth_data: object, where: str = "auth_data") -> list[str]:
     """One message per missing or mistyped field; empty when the auth data is well-formed."""
     if not isinstance(auth_data, dict):
@@ -52,7 +60,7 @@ def check_auth_data(auth_data: object, where: str = "auth_data") -> list[str]:
         if name not in auth_data:
             problems.append(f"{where}.{name} is missing")
     cost = auth_data.get("cost")
-    if "cost" in auth_data and not (_is_number(cost) and math.isfinite(cost) and cost >= 0):
+    if "cost" in auth_data and not _is_cost(cost):
         problems.append(f"{where}.cost must be a finite number >= 0")
     for name in ("reqnum", "request_idx"):
         value = auth_data.get(name)
@@ -80,9 +88,13 @@ def open_body(body: bytes, *, unsecured: bool) -> Envelope:
     try:
         document = json.loads(body)
     except (ValueError, UnicodeDecodeError):
+        if unsecured:  # "auth_data" was only text in a body that is no envelope
+            return PASSTHROUGH
         raise EnvelopeError(["body must be a JSON envelope "
                              '{"auth_data": {...}, "payload": {...}}, but it is not JSON'])
     if not isinstance(document, dict):
+        if unsecured:
+            return PASSTHROUGH
         raise EnvelopeError(['body must be a JSON object {"auth_data": ..., "payload": ...}'])
     if "auth_data" not in document:
         if unsecured:
@@ -129,6 +141,8 @@ def open_query(raw_path: str, *, unsecured: bool) -> Envelope:
             auth_data[field] = _query_value(field, value)
         elif part:
             kept.append(part)
+    if not auth_data and unsecured:  # "serverless_" was only text in the path or a value
+        return PASSTHROUGH
     problems = check_auth_data(auth_data, "query")
     if problems:
         raise EnvelopeError([p.replace("query.", f"query parameter {QUERY_PREFIX}")

@@ -109,8 +109,10 @@ class Ledger:
         self._record(entry.request_idx, outcome, status, entry.received_at, entry.started_at, now)
 
     def reject(self, workload: float, request_idx: int | None, status: int, now: float) -> None:
-        """A request turned away before admission (overload, draining)."""
+        """A request turned away before admission (draining, blocked path): received, too."""
         self.window.rej_load += workload
+        self.window.num_requests_recieved += 1
+        self.totals.received += 1
         self.totals.rejected += 1
         self.totals.outcomes[Outcome.REJECTED.value] += 1
         self._record(request_idx, Outcome.REJECTED, status, now, None, now)

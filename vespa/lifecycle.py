@@ -136,23 +136,32 @@ class Lifecycle:
             await self.key_ready.wait()
 
     async def wait_for_backend(self) -> None:
+        """Until the backend answers its health check (and, with a ready pattern, logged it)."""
         plan = self.plan
         timeout = plan.ready_timeout_resume if self.cache.exists() else plan.ready_timeout_initial
         deadline = time.monotonic() + timeout
         watch = plan.log_watch
-        while not self.state.draining:
-            if self.state.phase is Phase.ERRORED:  # e.g. the backend process exited
-                raise StartupError(self.state.error_msg)
+        try:
+            while not self.state.draining:
+                if self.state.phase is Phase.ERRORED:  # e.g. the backend process exited
+                    raise StartupError(self.state.error_msg)
+                if watch is not None:
+                    await watch.poll()
+                    if watch.error_line is not None:
+                        raise StartupError(f"backend log reports an error: "
+                                           f"{watch.error_line[:500]}")
+                logged_ready = watch is None or watch.ready_pattern is None \
+                    or watch.ready_line is not None
+                if logged_ready and await backend_healthy(self.session, plan.health_url,
+                                                          plan.poll_interval * 5):
+                    return
+                if time.monotonic() > deadline:
+                    raise StartupError(f"backend not healthy at {plan.health_url} after "
+                                       f"{timeout:g}s (VESPA_READY_TIMEOUT_INITIAL / _RESUME)")
+                await asyncio.sleep(plan.poll_interval)
+        finally:
             if watch is not None:
-                await watch.poll()
-                if watch.error_line is not None:
-                    raise StartupError(f"backend log reports an error: {watch.error_line[:500]}")
-            if await backend_healthy(self.session, plan.health_url, plan.poll_interval * 5):
-                return
-            if time.monotonic() > deadline:
-                raise StartupError(f"backend not healthy at {plan.health_url} after {timeout:g}s "
-                                   "(VESPA_READY_TIMEOUT_INITIAL / _RESUME)")
-            await asyncio.sleep(plan.poll_interval)
+                watch.close()
 
     async def throughput(self) -> float | None:
         """The max throughput: fixed, cached, or measured now; None if none is configured."""

@@ -5,13 +5,17 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+from typing import BinaryIO
+
+CHUNK = 1 << 20  # the most one poll reads
 
 
 class LogWatch:
     """Reads what is appended to ``path``; remembers the first ready and error line it sees.
 
-    Rotation (the file replaced, or truncated) starts reading the new file from its beginning.
-    Reads run in a thread: the event loop never waits on the disk.
+    Rotation: a file renamed away is read to its end (it stays open), then the new file from its
+    beginning; a truncated file is read again from its beginning. Reads run in a thread: the
+    event loop never waits on the disk. ``close()`` when done watching.
     """
 
     def __init__(self, path: str, ready: str | None, error: str | None):
@@ -20,24 +24,40 @@ class LogWatch:
         self.error_pattern = re.compile(error) if error else None
         self.ready_line: str | None = None
         self.error_line: str | None = None
-        self.inode: int | None = None
-        self.offset = 0
+        self.file: BinaryIO | None = None  # kept open: a renamed file is read to its end
         self.partial = b""
 
     def _read_new(self) -> bytes:
         try:
             stat = os.stat(self.path)
         except FileNotFoundError:
-            return b""
-        if stat.st_ino != self.inode or stat.st_size < self.offset:
-            self.inode, self.offset, self.partial = stat.st_ino, 0, b""
-        if stat.st_size == self.offset:
-            return b""
-        with open(self.path, "rb") as file:
-            file.seek(self.offset)
-            data = file.read(1 << 20)
-        self.offset += len(data)
-        return data
+            stat = None
+        tail = b""
+        if self.file is not None:
+            current = os.fstat(self.file.fileno())
+            if stat is not None and (stat.st_ino, stat.st_dev) == (current.st_ino,
+                                                                   current.st_dev):
+                if stat.st_size < self.file.tell():  # truncated: start over
+                    self.file.seek(0)
+                    self.partial = b""
+                return self.file.read(CHUNK)
+            tail = self.file.read(CHUNK)  # replaced or removed: the rest of the old file first
+            if len(tail) == CHUNK:
+                return tail
+            self.close()
+            tail += b"\n"  # the old file's last line ends with it
+        if stat is None:
+            return tail
+        try:
+            self.file = open(self.path, "rb")
+        except FileNotFoundError:
+            return tail
+        return tail + self.file.read(CHUNK)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
 
     def feed(self, data: bytes) -> None:
         lines = (self.partial + data).split(b"\n")
@@ -53,6 +73,9 @@ class LogWatch:
         self.feed(await asyncio.to_thread(self._read_new))
 
     async def run(self, interval: float = 0.5) -> None:
-        while True:
-            await self.poll()
-            await asyncio.sleep(interval)
+        try:
+            while True:
+                await self.poll()
+                await asyncio.sleep(interval)
+        finally:
+            self.close()

@@ -69,6 +69,14 @@ def delete_bodies(identity: Identity, batch: list[FinishedRequest], fmt: str
     return bodies
 
 
+def addresses_for(path: str, addrs: tuple[str, ...]) -> list[str]:
+    """The addresses to try for ``path``, in order; delete_requests skips ``NO_DELETE_ADDR``."""
+    bases = [addr.rstrip("/") for addr in addrs]
+    if path == "/delete_requests/":
+        bases = [base for base in bases if base != NO_DELETE_ADDR]
+    return bases
+
+
 class Reporter:
     def __init__(self, addrs: tuple[str, ...], identity: Identity, ledger: Ledger,
                  state: WorkerState, session: aiohttp.ClientSession, *, interval: float = 1.0,
@@ -93,9 +101,7 @@ class Reporter:
 
     async def post(self, path: str, body: dict) -> bool:
         """POST to the first address that takes it (each tried a few times)."""
-        for addr in self.addrs:
-            if path == "/delete_requests/" and addr.rstrip("/") == NO_DELETE_ADDR:
-                continue
+        for addr in addresses_for(path, self.addrs):
             for attempt in range(self.attempts):
                 try:
                     async with self.session.post(addr + path, json=body,
@@ -136,8 +142,13 @@ class Reporter:
             batch = self.ledger.take_finished(DELETE_BATCH)
             bodies = delete_bodies(self.identity, batch, self.delete_format)
             for i, (body, _) in enumerate(bodies):
-                if not await self.post("/delete_requests/", body):
-                    self.ledger.put_back([r for _, records in bodies[i:] for r in records])
+                delivered = False
+                try:
+                    delivered = await self.post("/delete_requests/", body)
+                finally:  # failed, or cancelled mid-POST (shutdown): keep the records
+                    if not delivered:
+                        self.ledger.put_back([r for _, records in bodies[i:] for r in records])
+                if not delivered:
                     return False
         return True
 

@@ -1,0 +1,510 @@
+"""The reporter against the real autoscaler emulator on loopback: fields, resets, addresses,
+delete_requests formats, outages, loadtime and cadence."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+import pytest
+from Crypto.PublicKey import RSA
+
+from vespa.devtools.autoscaler import AutoscalerEmulator, WORKER_STATUS_FIELDS
+from vespa.ledger import FinishedRequest, Ledger, Outcome
+from vespa.lifecycle import Phase, WorkerState
+from vespa.reporter import (NO_DELETE_ADDR, Identity, Reporter, addresses_for, delete_bodies,
+                            status_body)
+
+from .conftest import free_port, wait_until
+
+WORKER_URL = "http://127.0.0.1:3999"
+IDENTITY = Identity(worker_id=17, mtoken="master-token", url=WORKER_URL)
+
+TYPES = {  # PROTOCOL.md's worker_status fields and their JSON types
+    "id": int, "mtoken": str, "version": str, "loadtime": (int, float), "cur_load": (int, float),
+    "new_load": (int, float), "rej_load": (int, float), "max_perf": (int, float),
+    "cur_perf": (int, float), "error_msg": str, "cur_capacity": (int, float),
+    "max_capacity": (int, float), "num_requests_working": int, "num_requests_recieved": int,
+    "additional_disk_usage": (int, float), "working_request_idxs": list, "url": str,
+}
+
+
+@pytest.fixture(scope="module")
+def private_key() -> RSA.RsaKey:
+    return RSA.generate(2048)
+
+
+@pytest.fixture
+async def make_emulator(private_key):
+    emulators = []
+
+    async def factory(**options) -> AutoscalerEmulator:
+        emulator = AutoscalerEmulator(private_key=private_key, **options)
+        await emulator.start()
+        emulators.append(emulator)
+        return emulator
+
+    yield factory
+    for emulator in emulators:
+        await emulator.stop()
+
+
+@pytest.fixture
+async def emulator(make_emulator):
+    return await make_emulator()
+
+
+@pytest.fixture
+async def session():
+    async with aiohttp.ClientSession() as http:
+        yield http
+
+
+@pytest.fixture
+def make_reporter(session):
+    def factory(*addrs: str, ledger: Ledger | None = None, state: WorkerState | None = None,
+                **options) -> Reporter:
+        options = {"interval": 0.02, "max_interval": 0.3, "attempts": 1, "timeout": 2.0,
+                   **options}
+        return Reporter(tuple(addrs), IDENTITY, ledger or Ledger(), state or ready_state(),
+                        session, **options)
+    return factory
+
+
+def ready_state(max_perf: float = 250.0) -> WorkerState:
+    state = WorkerState()
+    state.max_perf = max_perf
+    state.become_ready(time.monotonic())
+    return state
+
+
+def dead_address() -> str:
+    return f"http://127.0.0.1:{free_port()}"
+
+
+async def run_for(reporter: Reporter, predicate, timeout: float = 5.0) -> None:
+    task = asyncio.create_task(reporter.run())
+    try:
+        await wait_until(predicate, timeout)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+def serve(ledger: Ledger, idx: int, workload: float, outcome: Outcome = Outcome.SUCCESS,
+          status: int = 200) -> None:
+    entry = ledger.receive(workload, idx, now=1000.0 + idx)
+    ledger.start(entry, now=1000.5 + idx)
+    ledger.finish(entry, outcome, status, now=1001.0 + idx)
+
+
+# -- worker_status -----------------------------------------------------------------------------
+
+async def test_every_worker_status_field_present_and_typed(emulator, make_reporter):
+    ledger = Ledger()
+    serve(ledger, 1, 10.0)
+    queued = ledger.receive(4.0, 2, now=1.0)
+    running = ledger.receive(6.0, 3, now=1.0)
+    ledger.start(running, now=1.5)
+    ledger.reject(3.0, 4, 429, now=2.0)
+    reporter = make_reporter(emulator.url, ledger=ledger)
+    assert await reporter.report_status()
+    assert emulator.validation_errors == []
+    [report] = emulator.reports
+    assert set(report) == set(WORKER_STATUS_FIELDS) == set(TYPES)
+    for name, expected in TYPES.items():
+        assert isinstance(report[name], expected), name
+        assert not isinstance(report[name], bool), name
+    assert report["id"] == 17 and report["mtoken"] == "master-token"
+    assert report["url"] == WORKER_URL and report["version"].startswith("vespa-")
+    assert report["cur_load"] == 10.0
+    assert report["new_load"] == 20.0
+    assert report["rej_load"] == 3.0
+    assert report["cur_perf"] == 10.0
+    assert report["max_perf"] == 250.0
+    assert report["num_requests_working"] == 2
+    assert report["num_requests_recieved"] == 4  # the refused request was received too
+    assert report["working_request_idxs"] == [2, 3]
+    assert report["cur_capacity"] == 0 and report["max_capacity"] == 0
+    assert report["error_msg"] == ""
+    assert report["loadtime"] > 0
+    assert all(isinstance(i, int) for i in report["working_request_idxs"])
+    assert queued in ledger.in_flight
+
+
+async def test_loading_and_errored_workers_report_no_max_perf(emulator, make_reporter):
+    state = WorkerState()
+    state.max_perf = 99.0  # measured, but not ready yet
+    reporter = make_reporter(emulator.url, state=state)
+    assert await reporter.report_status()
+    assert emulator.reports[-1]["max_perf"] == 0 and emulator.reports[-1]["loadtime"] == 0
+    state.fail("backend not healthy after 1200s")
+    assert await reporter.report_status()
+    assert emulator.reports[-1]["error_msg"] == "backend not healthy after 1200s"
+    assert emulator.reports[-1]["max_perf"] == 0
+    assert state.phase is Phase.ERRORED
+    assert emulator.validation_errors == []
+
+
+def test_status_body_has_exactly_the_protocol_fields():
+    load, _ = Ledger().load_fields()
+    body = status_body(IDENTITY, ready_state(), load, 0.5)
+    assert set(body) == set(WORKER_STATUS_FIELDS)
+    assert body["additional_disk_usage"] == 0.5
+
+
+async def test_counters_reset_only_after_a_successful_send(emulator, make_reporter):
+    ledger = Ledger()
+    reporter = make_reporter(emulator.url, ledger=ledger)
+    emulator.fail_reports = True
+    serve(ledger, 1, 5.0)
+    ledger.reject(2.0, 2, 429, now=1.0)
+    assert not await reporter.report_status()
+    serve(ledger, 3, 7.0)
+    entry = ledger.receive(1.0, 4, now=1.0)
+    ledger.finish(entry, Outcome.CANCELLED, 499, now=2.0)
+    assert not await reporter.report_status(force=True)
+    assert emulator.reports == []  # the failing emulator recorded nothing
+    emulator.fail_reports = False
+    assert await reporter.report_status()
+    [report] = emulator.reports
+    assert report["cur_perf"] == 12.0  # both windows in one report
+    assert report["rej_load"] == 2.0
+    assert report["new_load"] == 12.0  # received 13, one cancelled
+    assert report["num_requests_recieved"] == 4  # the refused request was received too
+    assert reporter.failed == 2 and reporter.sent == 1
+    assert await reporter.report_status(force=True)
+    assert emulator.reports[-1]["cur_perf"] == 0 and emulator.reports[-1]["rej_load"] == 0
+    assert emulator.reports[-1]["num_requests_recieved"] == 0
+
+
+async def test_addresses_tried_in_order(make_emulator, make_reporter):
+    first, second = await make_emulator(), await make_emulator()
+    reporter = make_reporter(dead_address(), first.url, second.url, ledger=Ledger())
+    assert await reporter.report_status()
+    assert len(first.reports) == 1 and second.reports == []
+    first.fail_reports = True  # answers 500: the next address takes it
+    assert await reporter.report_status(force=True)
+    assert len(first.reports) == 1 and len(second.reports) == 1
+    second.fail_reports = True
+    assert not await reporter.report_status(force=True)
+
+
+async def test_each_address_retried_before_the_next(make_emulator, make_reporter):
+    first, second = await make_emulator(), await make_emulator()
+    first.fail_reports = True
+    reporter = make_reporter(first.url, second.url, attempts=2)
+    started = time.monotonic()
+    assert await reporter.report_status()
+    assert len(second.reports) == 1
+    assert time.monotonic() - started >= 0.2  # backed off between the two attempts
+
+
+async def test_trailing_slash_addresses_work(emulator, make_reporter):
+    reporter = make_reporter(emulator.url + "/")
+    serve(reporter.ledger, 1, 1.0)
+    assert await reporter.report_status()
+    assert await reporter.report_finished()
+    assert len(emulator.reports) == 1 and emulator.deleted_request_idxs() == [1]
+
+
+async def test_loadtime_sent_once_then_zero(emulator, make_reporter):
+    state = WorkerState(started_at=time.monotonic() - 12.0)
+    reporter = make_reporter(emulator.url, state=state)
+    assert await reporter.report_status()
+    assert emulator.reports[-1]["loadtime"] == 0  # still loading
+    state.max_perf = 50.0
+    state.become_ready(time.monotonic())
+    emulator.fail_reports = True
+    assert not await reporter.report_status()
+    assert state.loadtime_unsent is not None  # not sent yet: kept
+    emulator.fail_reports = False
+    assert await reporter.report_status()
+    assert emulator.reports[-1]["loadtime"] == pytest.approx(12.0, abs=1.0)
+    assert emulator.reports[-1]["max_perf"] == 50.0
+    assert await reporter.report_status(force=True)
+    assert emulator.reports[-1]["loadtime"] == 0
+    assert [r["loadtime"] > 0 for r in emulator.reports] == [False, True, False]
+
+
+# -- delete_requests ---------------------------------------------------------------------------
+
+async def test_delete_requests_2026_format(emulator, make_reporter):
+    ledger = Ledger()
+    serve(ledger, 1, 1.0)
+    serve(ledger, 2, 1.0, Outcome.CANCELLED, 499)
+    serve(ledger, 3, 1.0, Outcome.ERROR, 502)
+    ledger.reject(1.0, 4, 429, now=2000.0)
+    entry = ledger.receive(1.0, None, now=1.0)  # unsigned: no record
+    ledger.finish(entry, Outcome.SUCCESS, 200, now=2.0)
+    reporter = make_reporter(emulator.url, ledger=ledger)
+    assert await reporter.report_finished()
+    assert emulator.validation_errors == []
+    [body] = emulator.delete_bodies
+    assert set(body) == {"worker_id", "mtoken", "requests"}
+    assert body["worker_id"] == 17 and body["mtoken"] == "master-token"
+    records = {r["request_idx"]: r for r in body["requests"]}
+    assert sorted(records) == [1, 2, 3, 4]
+    assert records[1] == {"request_idx": 1, "success": True, "status": 200,
+                          "entered_queue_at": 1001.0, "work_started_at": 1001.5,
+                          "work_completed_at": 1002.0}
+    assert records[2]["success"] is True and records[2]["status"] == 499
+    assert records[3]["success"] is False and records[3]["status"] == 502
+    assert records[4] == {"request_idx": 4, "success": False, "status": 429,
+                          "entered_queue_at": 2000.0, "work_started_at": None,
+                          "work_completed_at": 2000.0}
+    assert not ledger.outbox
+    assert await reporter.report_finished()  # nothing left: nothing sent
+    assert len(emulator.delete_bodies) == 1
+
+
+async def test_delete_requests_legacy_format(emulator, make_reporter):
+    ledger = Ledger()
+    serve(ledger, 1, 1.0)
+    serve(ledger, 2, 1.0, Outcome.ERROR, 500)
+    serve(ledger, 3, 1.0, Outcome.CANCELLED, 499)
+    ledger.reject(1.0, 4, 429, now=1.0)
+    reporter = make_reporter(emulator.url, ledger=ledger, delete_format="legacy")
+    assert await reporter.report_finished()
+    assert emulator.validation_errors == []
+    assert emulator.delete_bodies == [
+        {"worker_id": 17, "mtoken": "master-token", "request_idxs": [1, 3], "success": True},
+        {"worker_id": 17, "mtoken": "master-token", "request_idxs": [2, 4], "success": False},
+    ]
+
+
+def test_legacy_bodies_skip_an_empty_half():
+    batch = [FinishedRequest(1, True, 200, 0.0, 0.0, 1.0)]
+    bodies = delete_bodies(IDENTITY, batch, "legacy")
+    assert [body for body, _ in bodies] == [
+        {"worker_id": 17, "mtoken": "master-token", "request_idxs": [1], "success": True}]
+    assert delete_bodies(IDENTITY, batch, "2026")[0][1] == batch
+
+
+def test_cloud_api_address_skipped_for_delete_requests_only():
+    addrs = (NO_DELETE_ADDR, "http://a:1/", NO_DELETE_ADDR + "/", "http://b:2")
+    assert addresses_for("/delete_requests/", addrs) == ["http://a:1", "http://b:2"]
+    assert addresses_for("/worker_status/", addrs) == [NO_DELETE_ADDR, "http://a:1",
+                                                       NO_DELETE_ADDR, "http://b:2"]
+    assert addresses_for("/delete_requests/", (NO_DELETE_ADDR,)) == []
+
+
+async def test_delete_requests_with_only_the_cloud_address_are_kept(make_reporter):
+    """No address takes delete_requests: nothing is contacted and the records stay queued."""
+    ledger = Ledger()
+    ledger.reject(1.0, 1, 429, now=1.0)
+    reporter = make_reporter(NO_DELETE_ADDR, ledger=ledger)
+    assert addresses_for("/delete_requests/", reporter.addrs) == []  # else: never contact it
+    assert not await reporter.report_finished()
+    assert [r.request_idx for r in ledger.outbox] == [1]
+
+
+async def test_failed_delete_requests_are_kept_in_order(emulator, make_reporter):
+    ledger = Ledger()
+    for idx in range(5):
+        ledger.reject(1.0, idx, 429, now=float(idx))
+    reporter = make_reporter(emulator.url, ledger=ledger)
+    emulator.fail_deletes = True
+    assert not await reporter.report_finished()
+    assert [r.request_idx for r in ledger.outbox] == [0, 1, 2, 3, 4]
+    emulator.fail_deletes = False
+    ledger.reject(1.0, 5, 429, now=5.0)
+    assert await reporter.report_finished()
+    assert emulator.deleted_request_idxs() == [0, 1, 2, 3, 4, 5]
+
+
+async def test_cancelled_delivery_puts_its_records_back(emulator, make_reporter):
+    """A reporter stopped mid-POST (shutdown) must not lose the batch it had taken."""
+    ledger = Ledger()
+    for idx in range(3):
+        ledger.reject(1.0, idx, 429, now=float(idx))
+    reporter = make_reporter(emulator.url, ledger=ledger)
+    emulator.delay = 0.5
+    task = asyncio.create_task(reporter.report_finished())
+    await asyncio.sleep(0.1)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert [r.request_idx for r in ledger.outbox] == [0, 1, 2]
+
+
+async def test_many_records_go_in_batches(emulator, make_reporter):
+    ledger = Ledger()
+    for idx in range(1200):
+        ledger.reject(1.0, idx, 429, now=float(idx))
+    reporter = make_reporter(emulator.url, ledger=ledger)
+    assert await reporter.report_finished()
+    assert emulator.deleted_request_idxs() == list(range(1200))
+    assert len(emulator.delete_bodies) == 3  # batches of 500
+    assert emulator.validation_errors == []
+
+
+# -- outages -----------------------------------------------------------------------------------
+
+class Truth:
+    """What really happened, to hold the reports against."""
+
+    def __init__(self):
+        self.served = 0.0
+        self.rejected = 0.0
+
+
+async def traffic(ledger: Ledger, truth: Truth, first_idx: int, count: int) -> None:
+    """Mixed finished requests: successes, errors, cancels, rejects before and after queueing."""
+    outcomes = [Outcome.SUCCESS, Outcome.ERROR, Outcome.CANCELLED, Outcome.REJECTED]
+    for n in range(count):
+        idx = first_idx + n
+        if n % 5 == 4:
+            ledger.reject(2.0, idx, 429, now=time.time())
+            truth.rejected += 2.0
+            continue
+        outcome, workload = outcomes[n % 4], float(n % 7 + 1)
+        entry = ledger.receive(workload, idx, now=time.time())
+        ledger.start(entry, now=time.time())
+        ledger.finish(entry, outcome, 200, now=time.time())
+        if outcome is Outcome.SUCCESS:
+            truth.served += workload
+        elif outcome is Outcome.REJECTED:
+            truth.rejected += workload
+        if n % 10 == 0:
+            await asyncio.sleep(0)
+
+
+def totals(reports: list[dict], name: str) -> float:
+    return sum(report[name] for report in reports)
+
+
+@pytest.mark.parametrize("delete_format", ["2026", "legacy"])
+async def test_autoscaler_failing_then_back_loses_and_doubles_nothing(
+        emulator, make_reporter, delete_format):
+    ledger, truth = Ledger(), Truth()
+    reporter = make_reporter(emulator.url, ledger=ledger, delete_format=delete_format)
+    task = asyncio.create_task(reporter.run())
+    try:
+        await traffic(ledger, truth, 0, 100)
+        await wait_until(lambda: len(emulator.deleted) == 100)
+        emulator.fail_reports = emulator.fail_deletes = True
+        await traffic(ledger, truth, 100, 150)
+        await asyncio.sleep(0.2)  # several failed rounds
+        assert len(emulator.deleted) == 100
+        assert reporter.failed > 0
+        emulator.fail_reports = emulator.fail_deletes = False
+        await traffic(ledger, truth, 250, 50)
+        await wait_until(lambda: len(emulator.deleted) == 300 and not ledger.outbox)
+        await wait_until(lambda: totals(emulator.reports, "cur_perf") == truth.served
+                         and totals(emulator.reports, "rej_load") == truth.rejected)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert sorted(emulator.deleted_request_idxs()) == list(range(300))  # each exactly once
+    assert totals(emulator.reports, "num_requests_recieved") == ledger.totals.received
+    assert ledger.totals.workload_served == truth.served
+    assert emulator.validation_errors == []
+
+
+async def test_autoscaler_down_then_back_on_the_same_port(make_emulator, make_reporter):
+    emulator = await make_emulator()
+    port = emulator.port
+    ledger, truth = Ledger(), Truth()
+    reporter = make_reporter(emulator.url, ledger=ledger)
+    task = asyncio.create_task(reporter.run())
+    try:
+        await traffic(ledger, truth, 0, 40)
+        await wait_until(lambda: len(emulator.deleted) == 40)
+        await emulator.stop()  # connection refused from now on
+        await traffic(ledger, truth, 40, 60)
+        await asyncio.sleep(0.2)
+        assert reporter.failed > 0
+        back = await make_emulator(port=port)
+        await wait_until(lambda: len(back.deleted) == 60 and not ledger.outbox)
+        both = lambda: emulator.reports + back.reports  # noqa: E731
+        await wait_until(lambda: totals(both(), "cur_perf") == truth.served
+                         and totals(both(), "rej_load") == truth.rejected)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    all_idxs = emulator.deleted_request_idxs() + back.deleted_request_idxs()
+    assert sorted(all_idxs) == list(range(100))  # each exactly once
+    assert back.validation_errors == [] and emulator.validation_errors == []
+
+
+async def test_slow_autoscaler_within_timeout_gets_everything_once(emulator, make_reporter):
+    ledger = Ledger()
+    reporter = make_reporter(emulator.url, ledger=ledger, timeout=2.0)
+    emulator.delay = 0.05
+    await traffic(ledger, Truth(), 0, 20)
+    assert await reporter.report_finished()
+    assert await reporter.report_status()
+    assert sorted(emulator.deleted_request_idxs()) == list(range(20))
+
+
+async def test_dropped_records_are_logged_and_reset(emulator, make_reporter, caplog):
+    ledger = Ledger(outbox_limit=2)
+    for idx in range(5):
+        ledger.reject(1.0, idx, 429, now=float(idx))
+    reporter = make_reporter(emulator.url, ledger=ledger)
+    with caplog.at_level("ERROR", logger="vespa.reporter"):
+        await run_for(reporter, lambda: ledger.dropped == 0 and len(emulator.deleted) == 2)
+    assert emulator.deleted_request_idxs() == [3, 4]
+    assert any("3 finished-request records were dropped" in r.getMessage()
+               for r in caplog.records)
+
+
+# -- cadence -----------------------------------------------------------------------------------
+
+async def test_unchanged_status_is_not_resent_every_tick(emulator, make_reporter):
+    reporter = make_reporter(emulator.url, state=WorkerState(), interval=0.02, max_interval=0.4)
+    task = asyncio.create_task(reporter.run())
+    try:
+        await wait_until(lambda: len(emulator.reports) == 1)
+        first = time.monotonic()
+        await asyncio.sleep(1.0)  # 50 ticks, nothing changes
+        count = len(emulator.reports)
+        assert 2 <= count <= 5, count  # the first, then about every max_interval
+        assert time.monotonic() - first >= 0.9
+        reporter.ledger.receive(3.0, 7, now=time.time())  # a change is sent at the next tick
+        await wait_until(lambda: emulator.reports[-1]["cur_load"] == 3.0, timeout=0.5)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_unchanged_status_is_sent_at_least_every_max_interval(emulator, make_reporter):
+    reporter = make_reporter(emulator.url, state=WorkerState(), interval=0.02, max_interval=0.2)
+    task = asyncio.create_task(reporter.run())
+    try:
+        await wait_until(lambda: len(emulator.reports) >= 5, timeout=3.0)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    first = emulator.reports[0]
+    assert all(r == {**first, "additional_disk_usage": r["additional_disk_usage"]}
+               for r in emulator.reports)
+
+
+async def test_wake_sends_at_once(emulator, make_reporter):
+    state = WorkerState()
+    reporter = make_reporter(emulator.url, state=state, interval=30.0, max_interval=60.0)
+    task = asyncio.create_task(reporter.run())
+    try:
+        await asyncio.sleep(0.05)
+        assert emulator.reports == []  # the first tick is 30 s away
+        state.max_perf = 10.0
+        state.become_ready(time.monotonic())
+        reporter.wake.set()  # what the lifecycle's on_ready does
+        await wait_until(lambda: len(emulator.reports) == 1, timeout=1.0)
+        assert emulator.reports[0]["max_perf"] == 10.0 and emulator.reports[0]["loadtime"] > 0
+        reporter.wake.set()  # forced, even though nothing changed
+        await wait_until(lambda: len(emulator.reports) == 2, timeout=1.0)
+        assert emulator.reports[1]["loadtime"] == 0
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_loading_worker_reports_while_loading(emulator, make_reporter):
+    state = WorkerState()
+    reporter = make_reporter(emulator.url, state=state, interval=0.02, max_interval=0.1)
+    await run_for(reporter, lambda: len(emulator.reports) >= 3, timeout=2.0)
+    assert all(r["max_perf"] == 0 and r["error_msg"] == "" for r in emulator.reports)
+    assert state.phase is Phase.LOADING
