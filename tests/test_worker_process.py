@@ -194,3 +194,21 @@ def test_https_without_certificate_stops_with_one_line(tmp_path):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "VESPA_SSL_CERT" in lines[0] and "no.crt" in lines[0]
+
+
+async def test_connections_that_send_nothing_are_closed_and_others_served(spawn, backend, session):
+    worker = spawn(backend_url(backend), VESPA_KEEPALIVE_TIMEOUT="1")
+    await worker.wait_ready(session)
+    idle = [await asyncio.open_connection("127.0.0.1", worker.port) for _ in range(200)]
+    idle[0][1].write(b"GET /echo HTTP/1.1\r\nHost: x\r\n")  # a request that never ends
+    async with session.post(f"{worker.url}/echo", data=b"{}") as response:
+        assert response.status == 200
+    closed = 0
+    for reader, writer in idle:
+        try:
+            if await asyncio.wait_for(reader.read(), 5) == b"":
+                closed += 1
+        except (asyncio.TimeoutError, ConnectionError):
+            pass
+        writer.close()
+    assert closed == len(idle)

@@ -59,6 +59,7 @@ class Settings:
     request_timeout: float = 600.0
     connect_timeout: float = 5.0
     drain_timeout: float = 30.0
+    keepalive_timeout: float = 75.0
     connection_limit: int = 256
     healthcheck_endpoint: str = "/health"
     healthcheck_interval: float = 10.0
@@ -287,6 +288,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         request_timeout=read.number("VESPA_REQUEST_TIMEOUT", d.request_timeout),
         connect_timeout=read.number("VESPA_CONNECT_TIMEOUT", d.connect_timeout),
         drain_timeout=read.number("VESPA_DRAIN_TIMEOUT", d.drain_timeout, allow_zero=True),
+        keepalive_timeout=read.number("VESPA_KEEPALIVE_TIMEOUT", d.keepalive_timeout),
         connection_limit=read.integer("VESPA_CONNECTION_LIMIT", d.connection_limit),
         healthcheck_endpoint=read.get("VESPA_HEALTHCHECK_ENDPOINT", _parse_path,
                                       "a path starting with /", d.healthcheck_endpoint),

@@ -34,9 +34,10 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     """Run the worker until ``stop`` is set, then drain and shut down."""
     context = ssl_context(settings)
     worker = Worker(settings)
+    # keepalive_timeout also closes connections that never send a whole request (slowloris)
     runner = web.AppRunner(worker.make_app(), handler_cancellation=True,
                            access_log=log if settings.log_level == "DEBUG" else None,
-                           shutdown_timeout=1.0)
+                           shutdown_timeout=1.0, keepalive_timeout=settings.keepalive_timeout)
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.worker_port, backlog=2048,
                        ssl_context=context)
