@@ -22,6 +22,7 @@ from vespa import auth
 from vespa.devtools.signing import DEFAULT_ENDPOINT, Signer
 
 JSON_FAULT = {"error": "emulated autoscaler fault"}
+ENDPOINT_LIST_PATH = "/api/v0/endptjobs/"
 
 
 # -- field checks (one predicate and its description per PROTOCOL.md field) -------------------
@@ -123,6 +124,9 @@ class AutoscalerEmulator:
         self.fail_reports = self.fail_deletes = self.fail_routes = self.fail_pubkey = False
         self.delay = 0.0
         self.runner: web.AppRunner | None = None
+        # The Vast API's endpoint list (account key -> endpoint key), for client tests.
+        self.account_key: str | None = None
+        self.endpoint_id = 1
 
     # -- serving -----------------------------------------------------------------------------
     @property
@@ -134,6 +138,7 @@ class AutoscalerEmulator:
         app.router.add_post("/route/", self.handle_route)
         app.router.add_post("/worker_status/", self.handle_worker_status)
         app.router.add_post("/delete_requests/", self.handle_delete_requests)
+        app.router.add_get(ENDPOINT_LIST_PATH, self.handle_endpoint_list)
         return app
 
     async def start(self) -> None:
@@ -269,6 +274,17 @@ class AutoscalerEmulator:
     def deleted_request_idxs(self) -> list[int]:
         return [record.get("request_idx") for record in self.deleted]
 
+    # -- the Vast API's endpoint list (what `vastai show endpoints` reads) ----------------------
+    async def handle_endpoint_list(self, request: web.Request) -> web.Response:
+        """``GET /api/v0/endptjobs/``: this endpoint and its key, for the account key only."""
+        if self.account_key is None or \
+                request.headers.get("Authorization") != f"Bearer {self.account_key}":
+            return web.json_response({"success": False, "error": "auth_error",
+                                      "msg": "invalid or missing account api key"}, status=401)
+        row = {"id": self.endpoint_id, "endpoint_name": self.endpoint,
+               "api_key": self.api_key or "", "endpoint_state": "active"}
+        return web.json_response({"success": True, "results": [row]})
+
     async def handle_status_page(self, request: web.Request) -> web.Response:
         return web.Response(text=self.status_page(), content_type="text/html")
 
@@ -316,12 +332,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scheme", choices=auth.SCHEMES, default="full")
     parser.add_argument("--endpoint", default=DEFAULT_ENDPOINT, help="endpoint name to serve")
     parser.add_argument("--api-key", default=None, help="require this Bearer key on /route/")
+    parser.add_argument("--account-key", default=None,
+                        help=f"serve the endpoint list at {ENDPOINT_LIST_PATH} to this key")
     parser.add_argument("--stale-after", type=float, default=30.0,
                         help="seconds without a report before a worker is no longer routed to")
     args = parser.parse_args(argv)
     emulator = AutoscalerEmulator(args.host, args.port, scheme=args.scheme,
                                   endpoint=args.endpoint, api_key=args.api_key,
                                   stale_after=args.stale_after)
+    emulator.account_key = args.account_key
     print(f"autoscaler emulator on http://{args.host}:{args.port} (endpoint {args.endpoint!r}, "
           f"{args.scheme} signatures); set REPORT_ADDR=http://{args.host}:{args.port}")
     web.run_app(emulator.app, host=args.host, port=args.port, print=None)
