@@ -126,6 +126,8 @@ class Lifecycle:
 
     async def start(self) -> None:
         await self.wait_for_backend()
+        if self.state.draining:  # shutting down before the backend came up: nothing to measure
+            return
         self.state.phase = Phase.BENCHMARKING
         throughput = await self.throughput()
         if throughput is not None:
