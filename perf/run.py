@@ -302,6 +302,18 @@ def find_wrk() -> str:
     raise HarnessError("wrk is not installed. Install it with:  apt-get install -y wrk")
 
 
+def cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU of a process and its children (nginx works in children), or None."""
+    if pid is None:
+        return None
+    try:
+        import psutil
+        process = psutil.Process(pid)
+        return sum(sum(p.cpu_times()[:2]) for p in [process, *process.children(recursive=True)])
+    except Exception:  # psutil missing or the process gone: the column stays empty
+        return None
+
+
 def run_wrk(wrk: str, script: Path, url: str, connections: int, duration: int) -> dict:
     """One wrk run (one thread); returns its summary plus rps, or raises HarnessError."""
     argv = [wrk, "-t1", f"-c{connections}", f"-d{duration}s", "--timeout", "5s",
@@ -359,8 +371,13 @@ def measure(wrk: str, scripts: dict[str, Path], targets: list[Target], scenarios
         order = targets if r % 2 == 0 else list(reversed(targets))
         for scenario in scenarios:
             for target in order:
+                cpu_before = cpu_seconds(target.pid)
                 result = run_wrk(wrk, scripts[scenario.key], target.base_url + scenario.path,
                                  scenario.connections, duration)
+                cpu_after = cpu_seconds(target.pid)
+                if cpu_before is not None and cpu_after is not None and result["requests"]:
+                    # CPU per request barely moves with the machine's noise, unlike req/s
+                    result["cpu_us_per_request"] = (cpu_after - cpu_before) / result["requests"] * 1e6
                 target.rounds.setdefault(scenario.key, []).append(result)
                 problem = check_run(result)
                 if problem:
@@ -386,7 +403,15 @@ def compare(direct: Target, proxy: Target, scenario: Scenario) -> dict:
         passed = value <= scenario.target
     return {"direct": d, "proxied": p, "value": value, "target": scenario.target,
             "pass": passed, "kind": "ratio" if scenario.metric == "rps" else "added_us",
-            "per_round": _per_round(direct, proxy, scenario)}
+            "per_round": _per_round(direct, proxy, scenario),
+            "cpu_us_per_request": {"direct": _cpu(direct, scenario), "proxy": _cpu(proxy, scenario)}}
+
+
+def _cpu(target: Target, scenario: Scenario) -> float | None:
+    """Median CPU µs per request of the target's own process(es) in this scenario."""
+    values = [run["cpu_us_per_request"] for run in target.rounds[scenario.key]
+              if "cpu_us_per_request" in run]
+    return statistics.median(values) if values else None
 
 
 def _per_round(direct: Target, proxy: Target, scenario: Scenario) -> list[float]:
@@ -415,11 +440,18 @@ def markdown_table(rows: list[dict], scenarios: list[Scenario]) -> str:
     header = ["proxy"]
     for s in scenarios:
         header += [f"{s.title} ({targets[s.key]})", raw_names[s.key]]
+    with_cpu = any(s.key == "json_c32" for s in scenarios)
+    if with_cpu:
+        header.append("CPU µs/request, JSON c=32: proxy (backend direct)")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [row["proxy"]]
         for s in scenarios:
             cells += list(format_cell(row["cells"][s.key]))
+        if with_cpu:
+            cpu = row["cells"]["json_c32"]["cpu_us_per_request"]
+            cells.append(f"{cpu['proxy']:.0f} ({cpu['direct']:.0f})"
+                         if cpu["proxy"] is not None and cpu["direct"] is not None else "n/a")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
