@@ -95,6 +95,17 @@ class Settings:
     backend_restarts: int = 0
     backend_env: dict = field(default_factory=dict)
     backend_command: tuple[str, ...] = ()
+    # operations
+    log_format: str = "text"
+    metrics_routes: tuple[str, ...] = ()
+    request_log_dir: str | None = None
+    request_log_max_body_bytes: int = 1 << 20
+    request_log_retention_hours: float = 24.0
+    request_log_cleanup_interval: float = 600.0
+    logs_token: str | None = None
+    admit_on_backend_queue: bool = False
+    backend_queue_limit: int = 32
+    insight_interval: float = 2.0
 
     @property
     def benchmark_cache(self) -> str:
@@ -328,4 +339,22 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
                                    "a regular expression", d.backend_log_error),
         benchmark_identity={name: read.env[name] for name in BENCHMARK_IDENTITY
                             if read.env.get(name)},
+        log_format=read.get("VESPA_LOG_FORMAT", _parse_choice(("text", "json")), "text or json",
+                            d.log_format),
+        metrics_routes=read.get("VESPA_METRICS_ROUTES", _parse_patterns,
+                                "comma-separated path patterns", d.metrics_routes),
+        request_log_dir=read.get("VESPA_REQUEST_LOG_DIR", str, "a directory",
+                                 d.request_log_dir),
+        request_log_max_body_bytes=read.integer("VESPA_REQUEST_LOG_MAX_BODY_BYTES",
+                                                d.request_log_max_body_bytes, minimum=0),
+        request_log_retention_hours=read.number("VESPA_REQUEST_LOG_RETENTION_HOURS",
+                                                d.request_log_retention_hours),
+        request_log_cleanup_interval=read.number("VESPA_REQUEST_LOG_CLEANUP_INTERVAL_SECONDS",
+                                                 d.request_log_cleanup_interval),
+        logs_token=read.get("VESPA_LOGS_TOKEN", str, "a token", d.logs_token),
+        admit_on_backend_queue=read.flag("VESPA_ADMIT_ON_BACKEND_QUEUE",
+                                         d.admit_on_backend_queue),
+        backend_queue_limit=read.integer("VESPA_BACKEND_QUEUE_LIMIT", d.backend_queue_limit,
+                                         minimum=0),
+        insight_interval=read.number("VESPA_INSIGHT_INTERVAL", d.insight_interval),
     )

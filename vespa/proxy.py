@@ -32,6 +32,27 @@ SMALL_BODY = 256 * 1024
 STREAM_CHUNK = 64 * 1024
 
 
+class Exchange:
+    """What one upstream exchange measured, for metrics and request records."""
+
+    __slots__ = ("sent_at", "head_at", "bytes_in", "bytes_out", "status", "headers", "body",
+                 "capture")
+
+    def __init__(self, capture: int = 0):
+        self.sent_at = self.head_at = 0.0
+        self.bytes_in = self.bytes_out = self.status = 0
+        self.headers: list[tuple[str, str]] | None = None
+        self.body: bytearray | None = None
+        self.capture = capture  # keep up to this many response-body bytes (0: none)
+
+    def keep(self, chunk: bytes) -> None:
+        if self.body is None:
+            self.body = bytearray()
+        room = self.capture + 1 - len(self.body)  # one byte more shows it was cut
+        if room > 0:
+            self.body += chunk[:room]
+
+
 class ProxyError(Exception):
     """The backend could not be reached or did not answer; nothing was sent to the client yet."""
 
@@ -154,9 +175,11 @@ class Upstream:
         if self.pool is not None:
             self.pool.close()
 
-    async def forward(self, request: web.Request, request_id: str,
-                      body: bytes | None = None, path_qs: str | None = None) -> web.StreamResponse:
+    async def forward(self, request: web.Request, request_id: str, body: bytes | None = None,
+                      path_qs: str | None = None, exchange: Exchange | None = None
+                      ) -> web.StreamResponse:
         """Send ``request`` (or ``body`` instead of its own) upstream and relay the answer."""
+        exchange = exchange if exchange is not None else Exchange()
         if body is None:
             body = await self._body(request)
         target = self.base_path + (path_qs if path_qs is not None else request.raw_path)
@@ -169,9 +192,13 @@ class Upstream:
         else:
             framing = b"Transfer-Encoding: chunked\r\n"
         head = request_head(request, target, self.host_header, request_id, framing)
-        conn, response = await self._exchange(request.method == "HEAD", head, body)
+        loop_time = asyncio.get_running_loop().time
+        exchange.sent_at = loop_time()
+        conn, response = await self._exchange(request.method == "HEAD", head, body, exchange)
+        exchange.head_at = loop_time()
+        exchange.status = response.status
         try:
-            return await self._relay(request, response, request_id)
+            return await self._relay(request, response, request_id, exchange)
         finally:
             self.pool.release(conn, reusable=True)
 
@@ -184,7 +211,7 @@ class Upstream:
             return await request.content.readexactly(length)
         return BoundedBody(request, self.max_body_bytes)
 
-    async def _exchange(self, head_only: bool, head: bytes, body
+    async def _exchange(self, head_only: bool, head: bytes, body, exchange: Exchange
                         ) -> tuple[BackendConnection, BackendResponse]:
         """Write the request and wait for the response head; retry once on a stale connection."""
         for attempt in (1, 2):
@@ -195,7 +222,7 @@ class Upstream:
                                       f"{exc or type(exc).__name__}") from None
             response = conn.start(head_only, self.read_timeout)
             try:
-                await self._send(conn, head, body)
+                exchange.bytes_in = await self._send(conn, head, body)
                 await response.head
                 return conn, response
             except BackendClosed as exc:
@@ -221,33 +248,45 @@ class Upstream:
         raise AssertionError("unreachable")
 
     @staticmethod
-    async def _send(conn: BackendConnection, head: bytes, body) -> None:
+    async def _send(conn: BackendConnection, head: bytes, body) -> int:
+        """Write the request; returns the body bytes sent."""
         transport = conn.transport
         if body is None:
             transport.write(head)
-        elif isinstance(body, bytes):
+            return 0
+        if isinstance(body, bytes):
             transport.write(head + body)
-        else:
-            transport.write(head)
-            chunked = body.length is None
-            async for chunk in body:
-                if conn.closed:
-                    raise BackendClosed("backend closed the connection during the upload")
-                transport.write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
-                await conn.drain()
-            if chunked:
-                transport.write(b"0\r\n\r\n")
+            return len(body)
+        transport.write(head)
+        chunked = body.length is None
+        sent = 0
+        async for chunk in body:
+            if conn.closed:
+                raise BackendClosed("backend closed the connection during the upload")
+            transport.write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
+            sent += len(chunk)
+            await conn.drain()
+        if chunked:
+            transport.write(b"0\r\n\r\n")
+        return sent
 
     async def _relay(self, request: web.Request, upstream: BackendResponse,
-                     request_id: str) -> web.StreamResponse:
+                     request_id: str, exchange: Exchange) -> web.StreamResponse:
         headers, length = response_headers(upstream.raw_headers)
         headers["X-Request-Id"] = request_id
+        if exchange.capture:
+            exchange.headers = list(headers.items())
+            if "json" not in headers.get("Content-Type", ""):
+                exchange.capture = 0  # only JSON bodies are recorded; audio and SSE are not
         reason = upstream.reason.decode("latin-1") or None
         if length is not None and length <= SMALL_BODY and not upstream.head_only:
             try:
                 payload = await upstream.read_all()
             except (ConnectionError, TimeoutError) as exc:
                 raise ProxyError(502, f"backend broke off its response: {exc}") from None
+            exchange.bytes_out = len(payload)
+            if exchange.capture:
+                exchange.keep(payload)
             return web.Response(status=upstream.status, reason=reason, headers=headers,
                                 body=payload)
         response = web.StreamResponse(status=upstream.status, reason=reason, headers=headers)
@@ -256,6 +295,9 @@ class Upstream:
         await response.prepare(request)
         try:
             while (chunk := await upstream.next_chunk()) is not None:
+                exchange.bytes_out += len(chunk)
+                if exchange.capture:
+                    exchange.keep(chunk)
                 await response.write(chunk)
         except (ConnectionError, TimeoutError) as exc:
             if isinstance(exc, (BackendClosed, BackendTimeout, MalformedResponse)):
