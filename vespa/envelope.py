@@ -87,6 +87,10 @@ def open_body(body: bytes, *, unsecured: bool) -> Envelope:
         return PASSTHROUGH
     try:
         document = json.loads(body)
+    except RecursionError:  # nested deeper than Python's recursion limit: refuse, do not crash
+        if unsecured:
+            return PASSTHROUGH
+        raise EnvelopeError(["body is JSON nested too deeply to be an envelope"]) from None
     except (ValueError, UnicodeDecodeError):
         if unsecured:  # "auth_data" was only text in a body that is no envelope
             return PASSTHROUGH
@@ -108,8 +112,11 @@ def open_body(body: bytes, *, unsecured: bool) -> Envelope:
         problems.append("payload is missing (it is the JSON body the backend receives)")
     if problems:
         raise EnvelopeError(problems)
-    payload = json.dumps(document["payload"], separators=(",", ":"),
-                         ensure_ascii=False).encode("utf-8")
+    try:
+        payload = json.dumps(document["payload"], separators=(",", ":"),
+                             ensure_ascii=False).encode("utf-8")
+    except RecursionError:
+        raise EnvelopeError(["payload is nested too deeply"]) from None
     return _signed(document["auth_data"], body=payload)
 
 

@@ -169,6 +169,7 @@ class AutoscalerEmulator:
     @web.middleware
     async def faults(self, request: web.Request, handler):
         if self.delay:
+            await request.read()  # take the body first: a sender that gives up still delivered it
             await asyncio.sleep(self.delay)
         failing = {"/pubkey/": self.fail_pubkey, "/route/": self.fail_routes,
                    "/worker_status/": self.fail_reports, "/delete_requests/": self.fail_deletes}
