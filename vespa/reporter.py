@@ -8,6 +8,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import aiohttp
 import psutil
@@ -81,8 +82,10 @@ class Reporter:
     def __init__(self, addrs: tuple[str, ...], identity: Identity, ledger: Ledger,
                  state: WorkerState, session: aiohttp.ClientSession, *, interval: float = 1.0,
                  max_interval: float = 10.0, delete_format: str = "2026",
-                 attempts: int = 3, timeout: float = 5.0):
+                 attempts: int = 3, timeout: float = 5.0,
+                 on_report: Callable[[str, bool], None] = lambda kind, ok: None):
         self.addrs = addrs
+        self.on_report = on_report  # (kind, delivered) after each report: metrics
         self.identity = identity
         self.ledger = ledger
         self.state = state
@@ -101,6 +104,11 @@ class Reporter:
 
     async def post(self, path: str, body: dict) -> bool:
         """POST to the first address that takes it (each tried a few times)."""
+        delivered = await self._post(path, body)
+        self.on_report(path.strip("/"), delivered)
+        return delivered
+
+    async def _post(self, path: str, body: dict) -> bool:
         for addr in addresses_for(path, self.addrs):
             for attempt in range(self.attempts):
                 try:
