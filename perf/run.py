@@ -2,6 +2,7 @@
 
     python perf/run.py                      # vespa vs. the backend called directly
     python perf/run.py --with-naive --with-nginx
+    python perf/run.py --with-records       # + vespa with request records on (VESPA_REQUEST_LOG_DIR)
     python perf/run.py --proxy-cmd "{python} perf/naive_proxy.py --port {port} --backend {backend}"
     python perf/run.py --profile            # + a py-spy profile of vespa under JSON c=32 load
 
@@ -211,12 +212,12 @@ def proxy_env(backend_url: str, port: int) -> dict[str, str]:
 
 
 def start_command_proxy(procs: Processes, name: str, template: str, ready_path: str,
-                        backend_url: str) -> Target:
+                        backend_url: str, **env: str) -> Target:
     """Start a proxy from a command template with {port}, {backend} and {python} placeholders."""
     port = free_port()
     argv = shlex.split(template.format(port=port, backend=backend_url,
                                        python=shlex.quote(sys.executable)))
-    proc = procs.start(name, argv, env=proxy_env(backend_url, port))
+    proc = procs.start(name, argv, env={**proxy_env(backend_url, port), **env})
     url = f"http://{LOOPBACK}:{port}"
     wait_ready(procs, proc, name, url + ready_path)
     return Target(name, url, proc.pid)
@@ -528,6 +529,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--proxy-ready-path", default=None,
                         help="path answering 200 when the proxy is ready "
                         "(/_vespa/readyz for vespa, /health through the proxy otherwise)")
+    parser.add_argument("--with-records", action="store_true",
+                        help="add a vespa row with request records on (VESPA_REQUEST_LOG_DIR)")
     parser.add_argument("--with-naive", action="store_true",
                         help="add perf/naive_proxy.py as a reference row")
     parser.add_argument("--with-nginx", action="store_true",
@@ -555,6 +558,10 @@ def start_proxies(procs: Processes, args: argparse.Namespace, backend_url: str,
     else:
         proxies = [start_command_proxy(procs, "vespa", "{python} -m vespa",
                                        args.proxy_ready_path or "/_vespa/readyz", backend_url)]
+    if args.with_records:
+        proxies.append(start_command_proxy(
+            procs, "vespa+records", "{python} -m vespa", "/_vespa/readyz", backend_url,
+            VESPA_REQUEST_LOG_DIR=str(tmp / "records")))
     if args.with_naive:
         proxies.append(start_command_proxy(
             procs, "naive", "{python} perf/naive_proxy.py --port {port} --backend {backend}",

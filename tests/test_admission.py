@@ -8,7 +8,7 @@ import math
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from vespa.admission import Admission, Rejection, Ticket, workload_of
+from vespa.admission import MAX_WORKLOAD, Admission, Rejection, Ticket, workload_of
 from vespa.gate import Gate, Overloaded
 
 from .conftest import wait_until
@@ -22,6 +22,24 @@ def test_workload_defaults_when_cost_missing_or_small():
     assert workload_of(float("inf"), 5.0) == 5.0
     assert workload_of(-3, 5.0) == 5.0
     assert workload_of(250, 5.0) == 250.0
+
+
+@pytest.mark.parametrize("cost", [1e9 + 1, 1e300, 1.7976931348623157e308, float(10 ** 30)])
+def test_absurd_costs_are_clamped(cost):
+    assert workload_of(cost, 5.0) == MAX_WORKLOAD
+
+
+def test_clamped_workloads_keep_admission_finite_and_reusable():
+    """Two of the largest signed costs at once: the admitted workload stays finite, the second
+    is turned away, and once the first finishes the worker admits again."""
+    admission = Admission(limit=None, max_wait_time=5.0, max_throughput=1000.0)
+    first = admission.admit(workload_of(1.7976931348623157e308, 1.0))
+    assert isinstance(first, Ticket)
+    assert isinstance(admission.admit(workload_of(1.7976931348623157e308, 1.0)), Rejection)
+    assert math.isfinite(admission.workload) and math.isfinite(admission.estimated_wait())
+    admission.finish(first)
+    assert admission.workload == 0.0
+    assert isinstance(admission.admit(workload_of(3, 1.0)), Ticket)
 
 
 def test_wait_rule_is_off_until_throughput_known():

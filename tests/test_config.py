@@ -39,6 +39,11 @@ def test_values_and_vast_port_name():
     assert load_settings({"VESPA_WORKER_PORT": "4000", "WORKER_PORT": "3005"}).worker_port == 4000
 
 
+def test_body_read_timeout_default_and_value():
+    assert load_settings({}).body_read_timeout == 30.0
+    assert load_settings({"VESPA_BODY_READ_TIMEOUT": "2.5"}).body_read_timeout == 2.5
+
+
 def test_parallel_off_means_one_at_a_time():
     assert load_settings({"VESPA_ALLOW_PARALLEL": "false",
                           "VESPA_MAX_CONCURRENCY": "8"}).concurrency_limit == 1
@@ -54,6 +59,8 @@ def test_parallel_off_means_one_at_a_time():
     ("VESPA_BACKEND_URL", "localhost:8000", "http:// or https:// URL"),
     ("VESPA_HEALTHCHECK_ENDPOINT", "health", "path starting with /"),
     ("VESPA_LOG_LEVEL", "LOUD", "one of DEBUG"),
+    ("VESPA_BODY_READ_TIMEOUT", "0", "a number > 0"),
+    ("VESPA_BODY_READ_TIMEOUT", "soon", "a number > 0"),
 ])
 def test_bad_values_name_the_variable_and_what_it_accepts(name, value, accepts):
     with pytest.raises(ConfigError) as caught:
@@ -92,3 +99,10 @@ def test_launched_backend_settings():
     assert load_settings({"VESPA_BACKEND": "vllm"}).benchmark == "benchmarks.openai_chat:benchmark"
     with pytest.raises(ConfigError, match="VESPA_BACKEND"):
         load_settings({"VESPA_BACKEND": "ollama"})
+
+
+def test_secrets_to_keep_out_of_logs_are_collected_from_their_variables():
+    settings = load_settings({"MASTER_TOKEN": "mt-123456", "HF_TOKEN": "hf_abc", "VLLM_API_KEY": " ",
+                              "VESPA_LOGS_TOKEN": "lt-1"})
+    assert set(settings.log_secrets) == {"mt-123456", "hf_abc", "lt-1"}
+    assert load_settings({}).log_secrets == ()

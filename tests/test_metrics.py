@@ -7,7 +7,7 @@ import random
 import string
 
 import pytest
-from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.parser import text_string_to_metric_families
 
 from vespa import metrics as metrics_module
@@ -17,7 +17,7 @@ from vespa.metrics import DEFAULT_ROUTES, LATENCY_BUCKETS, Metrics, route_templa
 def scrape(metrics: Metrics) -> dict[tuple[str, tuple], float]:
     """The exposition as {(sample name, sorted labels): value}."""
     body, content_type = metrics.exposition()
-    assert content_type == CONTENT_TYPE_LATEST
+    assert content_type == CONTENT_TYPE_PLAIN_0_0_4  # what Prometheus 2 and 3 both read
     samples = {}
     for family in text_string_to_metric_families(body.decode()):
         for sample in family.samples:
@@ -186,3 +186,13 @@ def test_each_metrics_has_its_own_registry():
     a.backend_restart()
     assert scrape(a)[("vespa_backend_restarts_total", ())] == 1
     assert scrape(b)[("vespa_backend_restarts_total", ())] == 0
+
+
+def test_openmetrics_when_the_scraper_asks_for_it():
+    metrics = Metrics()
+    metrics.backend_restart()
+    body, content_type = metrics.exposition(
+        "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5")
+    assert content_type.startswith("application/openmetrics-text; version=1.0.0")
+    assert body.endswith(b"# EOF\n")
+    assert b"vespa_backend_restarts_total 1.0" in body

@@ -6,11 +6,16 @@ import asyncio
 import gzip
 import hashlib
 import json
+import logging
 import time
 
 import aiohttp
 import pytest
+from aiohttp import web
 from multidict import CIMultiDict
+
+from vespa.app import Worker
+from vespa.config import load_settings
 
 from .conftest import free_port, wait_until
 
@@ -287,3 +292,116 @@ async def test_response_without_length_ends_when_backend_closes(make_worker):
         response = await client.get("/anything")
         assert response.status == 200
         assert await response.text() == "streamed until close"
+
+
+async def test_backend_status_below_100_is_502(make_worker):
+    server = await raw_backend(b"HTTP/1.1 099 Low\r\nContent-Length: 2\r\n\r\nok")
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        client, worker = await make_worker(backend_url=f"http://127.0.0.1:{port}")
+        response = await client.get("/anything")
+        assert response.status == 502
+        assert "status 099" in (await response.json())["error"]
+        assert worker.ledger.totals.outcomes["error"] == 1
+
+
+# -- request targets -----------------------------------------------------------------------------
+
+async def raw_call(port: int, data: bytes, timeout: float = 5.0) -> tuple[bytes, float]:
+    """Send raw bytes to the worker; returns all it answered until it closed, and how long that
+    took (``timeout``: it did not close)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    started = time.monotonic()
+    writer.write(data)
+    try:
+        answer = await asyncio.wait_for(reader.read(), timeout)
+    except asyncio.TimeoutError:
+        answer = b""
+    finally:
+        writer.close()
+    return answer, time.monotonic() - started
+
+
+async def test_absolute_form_target_is_forwarded_as_its_path_and_query(make_worker, backend):
+    client, _ = await make_worker()
+    answer, _ = await raw_call(client.port, b"GET http://evil.example/echo/x?a=1 HTTP/1.1\r\n"
+                                            b"Host: worker\r\nConnection: close\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    [seen] = backend.log.requests
+    assert seen["raw_path"] == "/echo/x?a=1"
+
+
+async def test_target_without_a_path_is_400(make_worker, backend):
+    client, _ = await make_worker()
+    answer, _ = await raw_call(client.port, b"GET ftp://evil.example/x HTTP/1.1\r\n"
+                                            b"Host: worker\r\nConnection: close\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
+    assert b'"error"' in answer and b"has no path" in answer
+    assert backend.log.requests == []
+
+
+@pytest.mark.parametrize("target", [b"/echo/../admin/reset", b"/echo/%2e%2e/admin/reset",
+                                    b"//admin/reset", b"/admin//reset", b"/./admin/reset",
+                                    b"/admin%2freset", b"http://x/admin/reset"])
+async def test_blocked_paths_are_403_however_spelled(make_worker, backend, target):
+    client, _ = await make_worker(VESPA_BLOCKED_PATHS="/admin/*")
+    answer, _ = await raw_call(client.port, b"GET " + target + b" HTTP/1.1\r\nHost: worker\r\n"
+                                            b"Connection: close\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 403"), answer[:200]
+    assert b"VESPA_BLOCKED_PATHS" in answer
+    assert backend.log.requests == []
+
+
+# -- stalled request bodies and clients that go away ----------------------------------------------
+
+@pytest.mark.parametrize("length", [100, 1_000_000], ids=["read-whole", "streamed-upstream"])
+async def test_stalled_request_body_is_408_and_the_connection_closes(make_worker, length):
+    client, worker = await make_worker(VESPA_BODY_READ_TIMEOUT="0.3")
+    head = b"POST /upload HTTP/1.1\r\nHost: w\r\nContent-Length: %d\r\n\r\n" % length
+    answer, took = await raw_call(client.port, head + b"x" * 10)
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:300]
+    assert b"VESPA_BODY_READ_TIMEOUT" in answer
+    assert took < 2, f"the worker kept the stalled connection open for {took:.1f}s"
+    if length > 100:  # admitted and streamed upstream: it counts as a failed request
+        await wait_until(lambda: worker.ledger.totals.outcomes["error"] == 1)
+    assert not worker.ledger.in_flight
+    assert (await client.post("/upload", data=b"y" * 100)).status == 200
+
+
+async def test_a_body_sent_in_slow_pieces_is_not_a_stall(make_worker):
+    client, _ = await make_worker(VESPA_BODY_READ_TIMEOUT="0.5")
+
+    async def pieces():
+        for _ in range(4):
+            await asyncio.sleep(0.25)  # 1 s in all, never 0.5 s without a byte
+            yield b"z" * 100
+
+    for path in ("/upload", "/echo"):  # streamed upstream / read whole first (chunked, small)
+        response = await client.post(path, data=pieces())
+        assert response.status == 200, await response.text()
+
+
+async def test_client_gone_mid_stream_is_a_cancellation_without_error_log(backend, caplog):
+    """Without handler cancellation the proxy itself finds the client gone: its next write to
+    the client fails. (With it, as in production, that still happens when the write comes
+    before aiohttp notices the lost connection.) Either way: cancelled, no error traceback."""
+    worker = Worker(load_settings({"VESPA_UNSECURED": "true",
+                                   "VESPA_BACKEND_URL": str(backend.make_url("")).rstrip("/")}))
+    runner = web.AppRunner(worker.make_app(), handler_cancellation=False)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            response = await session.get(f"http://127.0.0.1:{port}/slow-stream?name=s&n=100"
+                                         "&delay=0.02")
+            assert await response.content.readline() == b"data: 0\n"
+            response.close()
+            await wait_until(lambda: worker.ledger.totals.outcomes["cancelled"] == 1)
+            await asyncio.wait_for(backend.log.cancel_seen.wait(), 2)
+        await asyncio.sleep(0.1)
+    finally:
+        await runner.cleanup()
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [], [r.getMessage() for r in errors]
+    assert not worker.ledger.in_flight

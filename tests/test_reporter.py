@@ -314,8 +314,10 @@ async def test_failed_delete_requests_are_kept_in_order(emulator, make_reporter)
     assert emulator.deleted_request_idxs() == [0, 1, 2, 3, 4, 5]
 
 
-async def test_cancelled_delivery_puts_its_records_back(emulator, make_reporter):
-    """A reporter stopped mid-POST (shutdown) must not lose the batch it had taken."""
+async def test_cancelled_report_leaves_its_post_to_finish_and_reports_once(emulator,
+                                                                          make_reporter):
+    """Shutdown cancels the reporter mid-POST: the POST goes on (the autoscaler may already
+    have it), the final report waits for its answer, and each record is delivered once."""
     ledger = Ledger()
     for idx in range(3):
         ledger.reject(1.0, idx, 429, now=float(idx))
@@ -325,7 +327,76 @@ async def test_cancelled_delivery_puts_its_records_back(emulator, make_reporter)
     await asyncio.sleep(0.1)
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
+    assert not reporter.settled  # still on its way, not back in the outbox to be sent again
+    assert await reporter.report_finished()  # the final report
+    assert emulator.deleted_request_idxs() == [0, 1, 2]
+    assert reporter.settled and len(emulator.delete_bodies) == 1
+
+
+async def test_a_delivery_failing_after_its_caller_left_keeps_its_records(emulator,
+                                                                         make_reporter):
+    """A batch must not be lost either: a shielded POST that fails puts its records back."""
+    ledger = Ledger()
+    for idx in range(3):
+        ledger.reject(1.0, idx, 429, now=float(idx))
+    reporter = make_reporter(emulator.url, ledger=ledger)
+    emulator.delay, emulator.fail_deletes = 0.3, True
+    task = asyncio.create_task(reporter.report_finished())
+    await asyncio.sleep(0.1)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    await wait_until(lambda: reporter.delivery.done())
     assert [r.request_idx for r in ledger.outbox] == [0, 1, 2]
+    emulator.delay, emulator.fail_deletes = 0.0, False
+    assert await reporter.report_finished()
+    assert emulator.deleted_request_idxs() == [0, 1, 2]
+
+
+async def test_a_delete_answer_later_than_the_status_timeout_is_not_sent_again(emulator,
+                                                                              make_reporter):
+    """delete_requests waits longer for its answer than worker_status does: an autoscaler that
+    is slow but alive gets each record once."""
+    ledger = Ledger()
+    serve(ledger, 1, 1.0)
+    reporter = make_reporter(emulator.url, ledger=ledger, attempts=2, timeout=0.2,
+                             delete_timeout=3.0)
+    emulator.delay = 0.6
+    assert not await reporter.report_status()  # 0.6 s is past its 0.2 s timeout
+    assert await reporter.report_finished()
+    assert emulator.deleted_request_idxs() == [1]
+    assert len(emulator.delete_bodies) == 1
+
+
+class SlowDeletes(AutoscalerEmulator):
+    """Answers delete_requests after ``slow`` seconds; worker_status at once."""
+
+    slow = 1.0
+
+    async def handle_delete_requests(self, request):
+        await asyncio.sleep(self.slow)
+        return await super().handle_delete_requests(request)
+
+
+async def test_a_slow_delete_holds_up_no_status_report(private_key, make_reporter):
+    emulator = SlowDeletes(private_key=private_key)
+    await emulator.start()
+    try:
+        ledger = Ledger()
+        reporter = make_reporter(emulator.url, ledger=ledger, max_interval=0.05)
+        serve(ledger, 1, 1.0)
+        task = asyncio.create_task(reporter.run())
+        try:
+            await wait_until(lambda: reporter.delivery is not None)
+            reports_before = len(emulator.reports)
+            await asyncio.sleep(0.5)  # the delete is still unanswered
+            assert emulator.deleted_request_idxs() == []
+            assert len(emulator.reports) >= reports_before + 3
+            await wait_until(lambda: reporter.settled and emulator.deleted_request_idxs() == [1])
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    finally:
+        await emulator.stop()
 
 
 async def test_many_records_go_in_batches(emulator, make_reporter):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import subprocess
 import time
@@ -212,3 +213,46 @@ async def test_connections_that_send_nothing_are_closed_and_others_served(spawn,
             pass
         writer.close()
     assert closed == len(idle)
+
+
+async def test_json_logs_carry_the_request_id_and_never_the_tokens(spawn, backend, session):
+    master, logs_token = "mt-0123456789abcdef0123", "lt-abcdef0123456789"
+    # an autoscaler address that refuses connections: the reporter logs its failures
+    worker = spawn(backend_url(backend), VESPA_LOG_FORMAT="json", MASTER_TOKEN=master,
+                   VESPA_LOGS_TOKEN=logs_token, REPORT_ADDR=f"http://127.0.0.1:{free_port()}",
+                   VESPA_MAX_THROUGHPUT="10", VESPA_REPORT_INTERVAL="0.1")
+    await worker.wait_ready(session)
+    async with session.get(worker.url + "/crash", headers={"X-Request-Id": "json-rid-1"}) as r:
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await r.read()  # the backend died mid-stream: the worker logs a warning
+    worker.proc.send_signal(signal.SIGTERM)
+    worker.proc.wait(10)
+    output = worker.proc.stdout.read().decode()
+    lines = [json.loads(line) for line in output.splitlines()]  # every line is one JSON object
+    assert {"time", "level", "logger", "message"} <= set(lines[0])
+    crash = [line for line in lines if line.get("request_id") == "json-rid-1"]
+    assert crash and "mid-response" in crash[0]["message"], output
+    assert any("127.0.0.1" in line["message"] for line in lines)  # the reporter's complaints
+    assert master not in output and logs_token not in output
+
+
+async def test_a_launched_backend_printing_its_token_never_leaks_it_to_the_log(session, tmp_path):
+    hf_token = "hf_0123456789abcdefghijklmnop"
+    script = (f"import os, runpy, sys; print('loading with token', os.environ['HF_TOKEN'], "
+              f"flush=True); sys.argv = ['backend', '--port', sys.argv[1]]; "
+              f"runpy.run_path('perf/backend.py', run_name='__main__')")
+    worker = WorkerProcess("http://unused", VESPA_BACKEND="command",
+                           VESPA_BACKEND_COMMAND=f'{PYTHON} -c "{script}" {{port}}',
+                           VESPA_BACKEND_PORT=str(free_port()), VESPA_LOG_FORMAT="json",
+                           VESPA_CACHE_DIR=str(tmp_path), HF_TOKEN=hf_token)
+    try:
+        await worker.wait_ready(session)
+    finally:
+        worker.proc.send_signal(signal.SIGTERM)
+        worker.proc.wait(10)
+    output = worker.proc.stdout.read().decode()
+    worker.proc.stdout.close()
+    printed = [json.loads(line)["message"] for line in output.splitlines()
+               if "print(" not in line and "loading with token" in line]
+    assert printed == ["python: loading with token hf_0…"], output
+    assert hf_token not in output

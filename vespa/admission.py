@@ -31,11 +31,19 @@ class Rejection:
     message: str
 
 
+# The most workload one request counts for. The autoscaler signs whatever cost a client asked
+# /route/ for, 1e308 included; sums of such costs overflow to inf and then NaN, which would
+# poison the admitted workload and every report after it. A billion units (tokens, for an LLM)
+# is far beyond any real request and keeps every sum finite and exact enough.
+MAX_WORKLOAD = 1e9
+
+
 def workload_of(cost: float | None, default_cost: float) -> float:
-    """A request's workload: its cost, or the default when there is none or it is <= 1."""
+    """A request's workload: its cost, or the default when there is none or it is <= 1 (or not a
+    finite number); at most ``MAX_WORKLOAD``."""
     if cost is None or not (cost > 1.0) or math.isinf(cost):
         return default_cost
-    return float(cost)
+    return min(float(cost), MAX_WORKLOAD)
 
 
 class Admission:

@@ -12,6 +12,7 @@ import fnmatch
 import logging
 import re
 import time
+from dataclasses import replace
 
 import aiohttp
 from aiohttp import web
@@ -25,15 +26,24 @@ from .keyring import KeyRing
 from .ledger import Ledger, Outcome
 from .lifecycle import Lifecycle, Phase, StartupPlan, WorkerState
 from .logwatch import LogWatch
-from .observability import request_id
-from .proxy import SMALL_BODY, BodyTooLarge, ProxyError, Upstream, UpstreamBroken, read_body
+from .insight import BackendInsight
 from .launch import backend_process
+from .logging_setup import current_request_id
+from .metrics import DEFAULT_ROUTES, Metrics
+from .request_ids import request_id
+from .proxy import (SMALL_BODY, BodyStalled, BodyTooLarge, ProxyError, Upstream, UpstreamBroken,
+                    read_body)
+from .records import RequestRecorder, check_logs_token
 from .reporter import Identity, Reporter
+from .status import worker_status
 from .supervisor import Supervisor
+from .target import origin_form, path_of, spellings
+from .visit import CLIENT_CLOSED, Visit, record_entry
 
 log = logging.getLogger("vespa")
 RESERVED_PREFIX = "/_vespa/"
-CLIENT_CLOSED = 499  # nginx's code for "client closed the request", used in records only
+OWN_ROUTES = ("healthz", "readyz", "metrics", "status", "logs", "logs/{id}")
+REFUSAL_REASONS = {503: "draining", 403: "blocked", 400: "target"}  # metrics label of ``refusal()``'s answers
 
 
 def json_error(status: int, message: str, rid: str, headers: dict | None = None,
@@ -61,7 +71,8 @@ class Worker:
                                  connection_limit=settings.connection_limit,
                                  connect_timeout=settings.connect_timeout,
                                  request_timeout=settings.request_timeout,
-                                 max_body_bytes=settings.max_body_bytes)
+                                 max_body_bytes=settings.max_body_bytes,
+                                 body_read_timeout=settings.body_read_timeout)
         self.blocked = compile_patterns(settings.blocked_paths)
         self.replay = ReplayWindow(settings.replay_window)
         self.idle = asyncio.Event()
@@ -70,46 +81,87 @@ class Worker:
         self.keyring: KeyRing | None = None
         self.reporter: Reporter | None = None
         self.supervisor: Supervisor | None = None
+        self.insight: BackendInsight | None = None
+        self.metrics = Metrics(settings.metrics_routes or DEFAULT_ROUTES,
+                               in_flight=lambda: len(self.ledger.in_flight),
+                               queued=lambda: self.admission.queued,
+                               estimated_wait=lambda: self.admission.estimated_wait() or 0.0,
+                               throughput=lambda: self.admission.max_throughput or 0.0)
+        self.recorder: RequestRecorder | None = None
+        self.capture = settings.request_log_max_body_bytes
+        if settings.request_log_dir:
+            self.recorder = RequestRecorder(
+                settings.request_log_dir, max_body_bytes=settings.request_log_max_body_bytes,
+                retention_hours=settings.request_log_retention_hours,
+                cleanup_interval=settings.request_log_cleanup_interval,
+                max_per_second=settings.request_log_max_per_second or None)
 
     # -- the corridor --------------------------------------------------------------------------
     async def handle(self, request: web.Request) -> web.StreamResponse:
         rid = request_id(request.headers.get("X-Request-Id"))
+        current_request_id.set(rid)
+        recorder = self.recorder
+        visit = Visit(rid, recorder is not None and recorder.wanted(), self.capture)
+        try:
+            visit.response = await self.walk(request, visit)
+            return visit.response
+        finally:
+            self.account(request, visit)
+
+    async def walk(self, request: web.Request, visit: Visit) -> web.StreamResponse:
+        rid = visit.rid
         length = request.content_length
         if length is not None and length > self.settings.max_body_bytes:
-            return self.too_large(rid, f"request body of {length} bytes")
+            return self.refuse(visit, "body_size",
+                               self.too_large(rid, f"request body of {length} bytes"))
         try:
-            envelope = await self.open(request)
+            envelope = visit.envelope = await self.open(request)
         except EnvelopeError as exc:
-            return json_error(422, str(exc), rid, problems=exc.problems)
+            return self.refuse(visit, "envelope", json_error(422, str(exc), rid,
+                                                             problems=exc.problems))
         except BodyTooLarge:
-            return self.too_large(rid, "request body")
+            return self.refuse(visit, "body_size", self.too_large(rid, "request body"))
+        except BodyStalled as exc:  # the connection closes after this answer
+            return self.refuse(visit, "body_stalled", json_error(408, str(exc), rid))
         if envelope.auth_data is not None and not self.settings.unsecured:
             problem = await self.check_signature(envelope.auth_data)
             if problem is not None:
-                return json_error(problem[0], problem[1], rid)
+                return self.refuse(visit, "signature", json_error(problem[0], problem[1], rid))
         workload = workload_of(envelope.cost, self.settings.default_cost)
         refusal = self.refusal(request, rid)
         if refusal is not None:
             self.ledger.reject(workload, envelope.request_idx, refusal.status, time.time())
-            return refusal
-        return await self.serve_admitted(request, rid, envelope, workload)
+            reason = REFUSAL_REASONS.get(refusal.status, "other")
+            return self.refuse(visit, reason, refusal, Outcome.REJECTED)
+        return await self.serve_admitted(request, visit, envelope, workload)
 
-    async def serve_admitted(self, request: web.Request, rid: str, envelope: Envelope,
+    async def serve_admitted(self, request: web.Request, visit: Visit, envelope: Envelope,
                              workload: float) -> web.StreamResponse:
-        entry = self.ledger.receive(workload, envelope.request_idx, time.time())
+        rid = visit.rid
+        entry = self.ledger.receive(workload, envelope.request_idx, visit.received_at)
         self.idle.clear()
         outcome, status = Outcome.CANCELLED, CLIENT_CLOSED
         try:
+            if self.backend_queue_full():
+                outcome, status = Outcome.REJECTED, 429
+                self.metrics.rejected("backend_queue")
+                return json_error(429, "backend's own queue is full ("
+                                  f"{self.insight.waiting} waiting, limit "
+                                  f"{self.settings.backend_queue_limit}, "
+                                  "VESPA_BACKEND_QUEUE_LIMIT); retry in 1s", rid,
+                                  {"Retry-After": "1"})
             try:
                 ticket = await self.gate.enter(workload)
             except Overloaded as exc:
                 outcome, status = Outcome.REJECTED, 429
+                self.metrics.rejected(exc.rejection.reason)
                 return json_error(429, exc.rejection.message, rid,
                                   {"Retry-After": str(exc.rejection.retry_after)})
-            self.ledger.start(entry, time.time())
+            visit.started_at = now = time.time()
+            self.ledger.start(entry, now)
             try:
                 response = await self.upstream.forward(request, rid, envelope.body,
-                                                       envelope.path_qs)
+                                                       envelope.path_qs, visit.exchange)
                 outcome = Outcome.SUCCESS if response.status < 500 else Outcome.ERROR
                 status = response.status
                 return response
@@ -123,24 +175,61 @@ class Worker:
             finally:
                 self.gate.leave(ticket)
         finally:
+            visit.outcome, visit.status = outcome, status
             self.ledger.finish(entry, outcome, status, time.time())
             if not self.ledger.in_flight:
                 self.idle.set()
 
+    def backend_queue_full(self) -> bool:
+        """With VESPA_ADMIT_ON_BACKEND_QUEUE: vLLM's own waiting queue is past the limit."""
+        return (self.settings.admit_on_backend_queue and self.insight is not None
+                and self.insight.overloaded(self.settings.backend_queue_limit))
+
+    def refuse(self, visit: Visit, reason: str, response: web.Response,
+               outcome: Outcome | None = None) -> web.Response:
+        """A request answered before admission: counted under ``reason``."""
+        self.metrics.rejected(reason)
+        visit.status, visit.outcome = response.status, outcome
+        return response
+
+    def account(self, request: web.Request, visit: Visit) -> None:
+        """Metrics (and, when on, a request record) for one answered request."""
+        exchange = visit.exchange
+        upstream = ttfb = None
+        if exchange.sent_at:
+            upstream = time.perf_counter() - exchange.sent_at
+            if exchange.head_at:
+                ttfb = exchange.head_at - exchange.sent_at
+        self.metrics.request_done(request.method, request.path, visit.status, upstream, ttfb,
+                                  exchange.bytes_in, exchange.bytes_out)
+        if visit.record:
+            self.recorder.record(record_entry(request, visit, ttfb))
+
     async def open(self, request: web.Request) -> Envelope:
-        """The request's envelope; reads the body only when it may be one."""
+        """The request's envelope; reads the body only when it may be one. An absolute-form
+        target (``http://host/path``) is opened and forwarded as its path and query."""
+        raw = request.raw_path
+        target = origin_form(raw) or raw  # a target without a path: refusal() answers 400
+        envelope = await self.open_at(request, target)
+        if target != raw and envelope.path_qs is None:
+            envelope = replace(envelope, path_qs=target)
+        return envelope
+
+    async def open_at(self, request: web.Request, target: str) -> Envelope:
+        """The envelope of ``request`` as sent to the origin-form ``target``."""
         unsecured = self.settings.unsecured
         if request.method not in BODY_METHODS:
-            if unsecured and "serverless_" not in request.raw_path:
+            if unsecured and "serverless_" not in target:
                 return PASSTHROUGH
-            return open_envelope(request.method, request.raw_path, None, unsecured=unsecured)
+            return open_envelope(request.method, target, None, unsecured=unsecured)
         if not request.body_exists:
-            return open_envelope(request.method, request.raw_path, None, unsecured=unsecured)
+            return open_envelope(request.method, target, None, unsecured=unsecured)
         length = request.content_length
         if unsecured and (length is None or length > SMALL_BODY):
             return PASSTHROUGH  # a large or streamed body is never an envelope in dev mode
-        body = await read_body(request, self.settings.max_body_bytes)
-        envelope = open_envelope(request.method, request.raw_path, body, unsecured=unsecured)
+        body = await read_body(request, self.settings.max_body_bytes,
+                               self.settings.body_read_timeout)
+        envelope = open_envelope(request.method, target, body, unsecured=unsecured)
         return Envelope(None, body=body) if envelope is PASSTHROUGH else envelope
 
     async def check_signature(self, auth_data: dict) -> tuple[int, str] | None:
@@ -161,8 +250,12 @@ class Worker:
         if self.state.draining:
             return json_error(503, "worker is shutting down; send the request to another worker",
                               rid, {"Retry-After": "1"})
-        if self.blocked is not None and self.blocked.match(request.path):
-            return json_error(403, f"path {request.path} is blocked on this worker "
+        target = origin_form(request.raw_path)
+        if target is None:
+            return json_error(400, f"request target {request.raw_path[:200]!r} has no path: "
+                                   "send /path?query", rid)
+        if self.blocked is not None and any(map(self.blocked.match, spellings(target))):
+            return json_error(403, f"path {path_of(target)} is blocked on this worker "
                                    "(VESPA_BLOCKED_PATHS)", rid)
         return None
 
@@ -181,16 +274,70 @@ class Worker:
             body["error"] = self.state.error_msg
         return web.json_response(body, status=200 if ready else 503)
 
+    async def metrics_route(self, request: web.Request) -> web.Response:
+        body, content_type = self.metrics.exposition(request.headers.get("Accept"))
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+    async def status(self, request: web.Request) -> web.Response:
+        return web.json_response(worker_status(
+            state=self.state, admission=self.admission, ledger=self.ledger,
+            backend_url=self.settings.backend_url, backend=self.settings.backend,
+            reporter=self.reporter, supervisor=self.supervisor, insight=self.insight,
+            recorder=self.recorder))
+
+    def logs_refusal(self, request: web.Request) -> web.Response | None:
+        """Why a request-records route must not answer, or None when it may."""
+        rid = request_id(request.headers.get("X-Request-Id"))
+        if not self.settings.logs_token:
+            return json_error(403, "request records are not served: set VESPA_LOGS_TOKEN and "
+                                   "send it in the x-vespa-logs-token header", rid)
+        if not check_logs_token(self.settings.logs_token,
+                                request.headers.get("x-vespa-logs-token")):
+            return json_error(401, "missing or wrong x-vespa-logs-token header", rid)
+        if self.recorder is None:
+            return json_error(404, "request records are off: set VESPA_REQUEST_LOG_DIR", rid)
+        return None
+
+    async def logs(self, request: web.Request) -> web.Response:
+        refusal = self.logs_refusal(request)
+        if refusal is not None:
+            return refusal
+        raw_limit = request.query.get("limit", "50")
+        try:
+            limit = int(raw_limit)
+            if limit < 1:
+                raise ValueError
+        except ValueError:
+            return json_error(400, f"limit must be a whole number from 1 up, not {raw_limit!r}",
+                              request_id(request.headers.get("X-Request-Id")))
+        return web.json_response({"records": await self.recorder.list(limit)})
+
+    async def log_record(self, request: web.Request) -> web.Response:
+        refusal = self.logs_refusal(request)
+        if refusal is not None:
+            return refusal
+        wanted = request.match_info["id"]
+        record = await self.recorder.get(wanted)
+        if record is None:
+            return json_error(404, f"no request record with id {wanted!r} (records are kept "
+                                   f"{self.settings.request_log_retention_hours:g} h)",
+                              request_id(request.headers.get("X-Request-Id")))
+        return web.json_response(record)
+
     async def unknown_own_route(self, request: web.Request) -> web.Response:
+        routes = ", ".join(RESERVED_PREFIX + name for name in OWN_ROUTES)
         return json_error(404, f"no worker route {request.path}; the worker's own routes are "
-                               f"{RESERVED_PREFIX}healthz and {RESERVED_PREFIX}readyz",
-                          request_id(request.headers.get("X-Request-Id")))
+                               f"{routes}", request_id(request.headers.get("X-Request-Id")))
 
     # -- assembly and life ---------------------------------------------------------------------
     def make_app(self) -> web.Application:
         app = web.Application(client_max_size=self.settings.max_body_bytes)
         app.router.add_get(RESERVED_PREFIX + "healthz", self.healthz)
         app.router.add_get(RESERVED_PREFIX + "readyz", self.readyz)
+        app.router.add_get(RESERVED_PREFIX + "metrics", self.metrics_route)
+        app.router.add_get(RESERVED_PREFIX + "status", self.status)
+        app.router.add_get(RESERVED_PREFIX + "logs", self.logs)
+        app.router.add_get(RESERVED_PREFIX + "logs/{id}", self.log_record)
         app.router.add_route("*", RESERVED_PREFIX + "{rest:.*}", self.unknown_own_route)
         app.router.add_route("*", "/{path:.*}", self.handle)
         app.on_startup.append(self.on_startup)
@@ -204,6 +351,14 @@ class Worker:
         settings = self.settings
         await self.upstream.start()
         self.session = aiohttp.ClientSession()
+        if self.recorder is not None:
+            self.recorder.start()
+            log.info("request records: writing to %s (up to %g a second)",
+                     self.recorder.directory, settings.request_log_max_per_second)
+        if settings.backend == "vllm" or settings.admit_on_backend_queue:
+            self.insight = BackendInsight(settings.backend_url + "/metrics", self.session,
+                                          interval=settings.insight_interval)
+            self.spawn(self.insight.run(), "insight")
         if settings.report_addrs and not settings.unsecured:
             self.keyring = KeyRing(settings.report_addrs, self.session)
             self.spawn(self.keyring.run(), "pubkey")
@@ -215,7 +370,8 @@ class Worker:
             self.reporter = Reporter(settings.report_addrs, identity, self.ledger, self.state,
                                      self.session, interval=settings.report_interval,
                                      max_interval=settings.report_max_interval,
-                                     delete_format=settings.delete_requests_format)
+                                     delete_format=settings.delete_requests_format,
+                                     on_report=self.metrics.report)
             self.spawn(self.reporter.run(), "reporter")
         else:
             log.info("dev mode: no REPORT_ADDR, nothing is reported to an autoscaler")
@@ -233,7 +389,8 @@ class Worker:
             return
         self.supervisor = Supervisor(spec, self.settings.backend_log,
                                      restarts=self.settings.backend_restarts,
-                                     on_exit=self.state.fail)
+                                     on_exit=self.state.fail,
+                                     on_restart=self.metrics.backend_restart)
         self.spawn(self.supervisor.run(), "supervisor")
 
     def lifecycle(self) -> Lifecycle:
@@ -274,6 +431,8 @@ class Worker:
         await asyncio.gather(*self.background, return_exceptions=True)
         if self.reporter is not None:
             await self.final_report()
+        if self.recorder is not None:
+            await self.recorder.stop()
         await self.upstream.close()
         await self.session.close()
 

@@ -135,7 +135,9 @@ class BackendConnection(asyncio.Protocol):
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
             if self.response is not None:
-                self.response.fail(MalformedResponse(f"backend sent malformed HTTP: {exc}"))
+                cause = exc.__context__  # what one of our callbacks refused, if it was that
+                self.response.fail(cause if isinstance(cause, MalformedResponse) else
+                                   MalformedResponse(f"backend sent malformed HTTP: {exc}"))
             self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -171,6 +173,9 @@ class BackendConnection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         response = self.response
         status = self.parser.get_status_code()
+        if status < 100:  # llhttp takes any three digits; 000-099 is no HTTP status
+            raise MalformedResponse(f"backend sent malformed HTTP: status {status:03d} is not "
+                                    "an HTTP status code")
         if 100 <= status < 200:  # interim (e.g. 103 Early Hints): wait for the final response
             response.raw_headers.clear()
             response.interim = True

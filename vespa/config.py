@@ -43,6 +43,10 @@ class ConfigError(ValueError):
         self.name = name
 
 
+SECRET_VARIABLES = ("MASTER_TOKEN", "VESPA_LOGS_TOKEN", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN",
+                    "VLLM_API_KEY", "OPENAI_API_KEY")
+
+
 @dataclass(frozen=True)
 class Settings:
     backend_url: str = "http://localhost:8000"
@@ -57,6 +61,7 @@ class Settings:
     blocked_paths: tuple[str, ...] = ()
     max_body_bytes: int = 100 * 1024 * 1024
     request_timeout: float = 600.0
+    body_read_timeout: float = 30.0  # a client pausing longer mid-body gets a 408
     connect_timeout: float = 5.0
     drain_timeout: float = 30.0
     keepalive_timeout: float = 75.0
@@ -102,6 +107,10 @@ class Settings:
     request_log_max_body_bytes: int = 1 << 20
     request_log_retention_hours: float = 24.0
     request_log_cleanup_interval: float = 600.0
+    request_log_max_per_second: float = 200.0  # records past this rate are skipped; 0: no limit
+    # Values that must never reach a log line (masked to a short prefix): Vast's token, ours,
+    # and the usual credentials a backend is given in its environment.
+    log_secrets: tuple[str, ...] = ()
     logs_token: str | None = None
     admit_on_backend_queue: bool = False
     backend_queue_limit: int = 32
@@ -279,6 +288,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     return Settings(
         backend_url=backend_url,
         backend=backend,
+        log_secrets=tuple(value for name in SECRET_VARIABLES
+                          if (value := (read.raw(name) or (None, None))[1])),
         backend_port=backend_port,
         backend_command=backend_command,
         backend_restarts=read.integer("VESPA_BACKEND_RESTARTS", d.backend_restarts, minimum=0),
@@ -297,6 +308,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
                                "comma-separated path patterns", d.blocked_paths),
         max_body_bytes=read.integer("VESPA_MAX_BODY_BYTES", d.max_body_bytes),
         request_timeout=read.number("VESPA_REQUEST_TIMEOUT", d.request_timeout),
+        body_read_timeout=read.number("VESPA_BODY_READ_TIMEOUT", d.body_read_timeout),
         connect_timeout=read.number("VESPA_CONNECT_TIMEOUT", d.connect_timeout),
         drain_timeout=read.number("VESPA_DRAIN_TIMEOUT", d.drain_timeout, allow_zero=True),
         keepalive_timeout=read.number("VESPA_KEEPALIVE_TIMEOUT", d.keepalive_timeout),
@@ -351,6 +363,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
                                                 d.request_log_retention_hours),
         request_log_cleanup_interval=read.number("VESPA_REQUEST_LOG_CLEANUP_INTERVAL_SECONDS",
                                                  d.request_log_cleanup_interval),
+        request_log_max_per_second=read.number("VESPA_REQUEST_LOG_MAX_PER_SECOND",
+                                               d.request_log_max_per_second, allow_zero=True),
         logs_token=read.get("VESPA_LOGS_TOKEN", str, "a token", d.logs_token),
         admit_on_backend_queue=read.flag("VESPA_ADMIT_ON_BACKEND_QUEUE",
                                          d.admit_on_backend_queue),

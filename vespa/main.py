@@ -12,7 +12,7 @@ from aiohttp import web
 
 from .app import Worker
 from .config import ConfigError, Settings, load_settings
-from .observability import setup_logging
+from .logging_setup import setup_logging
 
 log = logging.getLogger("vespa")
 
@@ -75,5 +75,6 @@ def main() -> None:
     except ConfigError as exc:
         print(f"vespa: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings.log_format,
+                  secrets=settings.log_secrets)
     run(settings)

@@ -15,9 +15,10 @@ import re
 from bisect import bisect_left
 from typing import Callable, Iterable, Sequence
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                     HistogramMetricFamily)
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.utils import floatToGoString
 
 log = logging.getLogger("vespa.metrics")
@@ -42,7 +43,7 @@ OTHER_ROUTE = "other"
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 OTHER_METHOD = "OTHER"
 REJECT_REASONS = ("overload", "queue_timeout", "backend_queue", "signature", "body_size",
-                  "blocked", "draining", "envelope")
+                  "body_stalled", "blocked", "draining", "envelope", "target")
 REPORT_KINDS = ("worker_status", "delete_requests")
 # Upstream latency spans a 1 ms health check to a minutes-long generation.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -165,9 +166,11 @@ class Metrics:
         return route
 
     # -- scraping ------------------------------------------------------------------------------
-    def exposition(self) -> tuple[bytes, str]:
-        """The Prometheus text body and its content type."""
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+    def exposition(self, accept: str | None = None) -> tuple[bytes, str]:
+        """The body and its content type in the format the scraper's Accept header asks for
+        (Prometheus text 0.0.4 when it names none, OpenMetrics when it asks)."""
+        encoder, content_type = choose_encoder(accept or "")
+        return encoder(self.registry), content_type
 
 
 def read_gauge(name: str, source: Gauge | None) -> float | None:

@@ -3,13 +3,15 @@
 Hop-by-hop headers are stripped both ways (RFC 9110 §7.6.1 and those named in ``Connection``);
 bodies are relayed raw (no re-encoding, no decompression); streams are relayed chunk by chunk
 with backpressure. Failures before the response starts raise ``ProxyError`` (the caller answers
-502/504/413); a backend that breaks after the response started makes us cut the client's
-connection, never fake a clean end. Connections come from ``BackendPool`` (keep-alive).
+502/504/413/408); a backend that breaks after the response started makes us cut the client's
+connection, never fake a clean end; a client that goes away is a cancellation. Request bodies
+are read with an idle timeout (``BodyStalled``). Connections come from ``BackendPool``.
 """
 
 from __future__ import annotations
 
 import asyncio
+from time import perf_counter
 
 from aiohttp import web
 from multidict import CIMultiDict
@@ -33,7 +35,8 @@ STREAM_CHUNK = 64 * 1024
 
 
 class Exchange:
-    """What one upstream exchange measured, for metrics and request records."""
+    """What one upstream exchange measured, for metrics and request records (times are
+    ``time.perf_counter()`` readings: the loop's clock may tick in whole milliseconds)."""
 
     __slots__ = ("sent_at", "head_at", "bytes_in", "bytes_out", "status", "headers", "body",
                  "capture")
@@ -54,7 +57,9 @@ class Exchange:
 
 
 class ProxyError(Exception):
-    """The backend could not be reached or did not answer; nothing was sent to the client yet."""
+    """The exchange failed before anything was sent to the client: the backend could not be
+    reached or did not answer (502/504), or the client's body was too large (413) or stalled
+    (408)."""
 
     def __init__(self, status: int, message: str):
         super().__init__(message)
@@ -74,30 +79,59 @@ class UpstreamBroken(Exception):
         self.response = response
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
-    """The whole request body, refused past ``limit`` bytes even without a Content-Length."""
-    if request.content_length is not None:
-        return await request.content.readexactly(request.content_length)
+class BodyStalled(Exception):
+    """The client sent nothing of its request body for longer than the body read timeout."""
+
+    def __init__(self, timeout: float):
+        super().__init__(f"the request body stalled: nothing arrived for {timeout:g}s "
+                         "(VESPA_BODY_READ_TIMEOUT); send the whole body without pausing")
+        self.timeout = timeout
+
+
+async def read_chunk(request: web.Request, size: int, timeout: float) -> bytes:
+    """Up to ``size`` more bytes of the request body, b"" at its end. When none arrive for
+    ``timeout`` seconds the connection is given up (closed after the answer, the rest of the
+    body ignored, no lingering read) and ``BodyStalled`` is raised."""
+    try:
+        async with asyncio.timeout(timeout):
+            return await request.content.read(size)
+    except TimeoutError:
+        request.protocol.close()  # no keep-alive after this answer; later bytes are dropped
+        request.content.feed_eof()  # nothing left to linger for before closing
+        raise BodyStalled(timeout) from None
+
+
+async def read_body(request: web.Request, limit: int, idle_timeout: float) -> bytes:
+    """The whole request body, refused past ``limit`` bytes even without a Content-Length;
+    ``BodyStalled`` when the client pauses for ``idle_timeout`` seconds before its end."""
+    content, length = request.content, request.content_length
+    if length is not None and content.is_eof():  # it all arrived already: no timer needed
+        return await content.readexactly(length)
     parts, size = [], 0
-    async for chunk in request.content.iter_chunked(STREAM_CHUNK):
+    while chunk := await read_chunk(request, STREAM_CHUNK, idle_timeout):
         size += len(chunk)
         if size > limit:
             raise BodyTooLarge()
         parts.append(chunk)
-    return b"".join(parts)
+    body = b"".join(parts)
+    if length is not None and size < length:
+        raise asyncio.IncompleteReadError(body, length)
+    return body
 
 
 class BoundedBody:
-    """A request body streamed upstream chunk by chunk, stopped once it passes ``limit``."""
+    """A request body streamed upstream chunk by chunk, stopped once it passes ``limit`` or
+    stalls for ``idle_timeout`` seconds."""
 
-    def __init__(self, request: web.Request, limit: int):
+    def __init__(self, request: web.Request, limit: int, idle_timeout: float):
         self.request = request
         self.limit = limit
+        self.idle_timeout = idle_timeout
         self.length = request.content_length
 
     async def __aiter__(self):
         sent = 0
-        async for chunk in self.request.content.iter_chunked(STREAM_CHUNK):
+        while chunk := await read_chunk(self.request, STREAM_CHUNK, self.idle_timeout):
             sent += len(chunk)
             if sent > self.limit:
                 raise BodyTooLarge()
@@ -153,7 +187,8 @@ class Upstream:
     """The backend, reached through a pool of keep-alive connections."""
 
     def __init__(self, base_url: str, *, connection_limit: int, connect_timeout: float,
-                 request_timeout: float, max_body_bytes: int):
+                 request_timeout: float, max_body_bytes: int,
+                 body_read_timeout: float = 30.0):
         url = URL(base_url)
         self.base_url = base_url.rstrip("/")
         self.base_path = url.raw_path.rstrip("/")
@@ -165,6 +200,7 @@ class Upstream:
         self.connect_timeout = connect_timeout
         self.read_timeout = request_timeout
         self.max_body_bytes = max_body_bytes
+        self.body_read_timeout = body_read_timeout
         self.pool: BackendPool | None = None
 
     async def start(self) -> None:
@@ -181,7 +217,10 @@ class Upstream:
         """Send ``request`` (or ``body`` instead of its own) upstream and relay the answer."""
         exchange = exchange if exchange is not None else Exchange()
         if body is None:
-            body = await self._body(request)
+            try:
+                body = await self._body(request)
+            except BodyStalled as exc:
+                raise ProxyError(408, str(exc)) from None
         target = self.base_path + (path_qs if path_qs is not None else request.raw_path)
         if isinstance(body, bytes):
             framing = b"Content-Length: %d\r\n" % len(body)
@@ -192,10 +231,9 @@ class Upstream:
         else:
             framing = b"Transfer-Encoding: chunked\r\n"
         head = request_head(request, target, self.host_header, request_id, framing)
-        loop_time = asyncio.get_running_loop().time
-        exchange.sent_at = loop_time()
+        exchange.sent_at = perf_counter()
         conn, response = await self._exchange(request.method == "HEAD", head, body, exchange)
-        exchange.head_at = loop_time()
+        exchange.head_at = perf_counter()
         exchange.status = response.status
         try:
             return await self._relay(request, response, request_id, exchange)
@@ -208,8 +246,8 @@ class Upstream:
             return None
         length = request.content_length
         if length is not None and length <= SMALL_BODY:
-            return await request.content.readexactly(length)
-        return BoundedBody(request, self.max_body_bytes)
+            return await read_body(request, self.max_body_bytes, self.body_read_timeout)
+        return BoundedBody(request, self.max_body_bytes, self.body_read_timeout)
 
     async def _exchange(self, head_only: bool, head: bytes, body, exchange: Exchange
                         ) -> tuple[BackendConnection, BackendResponse]:
@@ -231,6 +269,9 @@ class Upstream:
                     continue  # the backend closed an idle keep-alive connection: try a new one
                 raise ProxyError(502, f"backend at {self.base_url} closed the connection "
                                       f"without answering: {exc}") from None
+            except BodyStalled as exc:  # the backend got part of a body: cut it off
+                self.pool.release(conn, reusable=False)
+                raise ProxyError(408, str(exc)) from None
             except BodyTooLarge:
                 self.pool.release(conn, reusable=False)
                 raise ProxyError(413, f"request body exceeds the {self.max_body_bytes}-byte "
@@ -292,18 +333,21 @@ class Upstream:
         response = web.StreamResponse(status=upstream.status, reason=reason, headers=headers)
         if length is not None:
             response.content_length = length
-        await response.prepare(request)
         try:
+            await response.prepare(request)
             while (chunk := await upstream.next_chunk()) is not None:
                 exchange.bytes_out += len(chunk)
                 if exchange.capture:
                     exchange.keep(chunk)
                 await response.write(chunk)
-        except (ConnectionError, TimeoutError) as exc:
-            if isinstance(exc, (BackendClosed, BackendTimeout, MalformedResponse)):
-                if request.transport is not None:
-                    request.transport.abort()  # a cut: the client cannot mistake it for the end
-                raise UpstreamBroken(f"backend failed mid-response: {exc}", response) from None
-            raise  # the client went away while we wrote to it
-        await response.write_eof()
+            await response.write_eof()
+        except (BackendClosed, BackendTimeout, MalformedResponse) as exc:
+            if request.transport is not None:
+                request.transport.abort()  # a cut: the client cannot mistake it for the end
+            raise UpstreamBroken(f"backend failed mid-response: {exc}", response) from None
+        except ConnectionError:
+            # The client went away while we wrote to it (ClientConnectionResetError). That is a
+            # cancellation, the same as aiohttp cancelling the handler of a lost connection:
+            # the request ends as cancelled, and aiohttp logs no error traceback for it.
+            raise asyncio.CancelledError() from None
         return response

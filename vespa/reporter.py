@@ -1,6 +1,7 @@
 """Reports to the autoscaler: ``worker_status`` (load, capacity, errors) and ``delete_requests``
 (finished requests), to each REPORT_ADDR in order, with retries; ledger counters are reset only
-by a report that reached the autoscaler, finished records are re-queued when delivery fails."""
+by a report that reached the autoscaler, finished records are re-queued when delivery fails.
+Finished records travel in their own task, so a slow delete_requests never holds up status."""
 
 from __future__ import annotations
 
@@ -20,6 +21,13 @@ from .lifecycle import WorkerState
 log = logging.getLogger("vespa.reporter")
 NO_DELETE_ADDR = "https://cloud.vast.ai/api/v0"  # takes worker_status, not delete_requests
 DELETE_BATCH = 500
+# How long a delete_requests answer may take. Each finished request must be reported exactly
+# once, and a POST whose answer is late may well have been received: re-sending it reports its
+# requests twice. So connecting gets the usual short timeout (nothing was sent yet: a retry is
+# safe), while the answer gets this long one, for an autoscaler that is slow but alive. Only
+# past it is the batch sent again: a duplicate is the lesser harm, a lost record would leave the
+# autoscaler counting that request as in flight for good.
+DELETE_TIMEOUT = 30.0
 
 
 @dataclass
@@ -82,7 +90,7 @@ class Reporter:
     def __init__(self, addrs: tuple[str, ...], identity: Identity, ledger: Ledger,
                  state: WorkerState, session: aiohttp.ClientSession, *, interval: float = 1.0,
                  max_interval: float = 10.0, delete_format: str = "2026",
-                 attempts: int = 3, timeout: float = 5.0,
+                 attempts: int = 3, timeout: float = 5.0, delete_timeout: float = DELETE_TIMEOUT,
                  on_report: Callable[[str, bool], None] = lambda kind, ok: None):
         self.addrs = addrs
         self.on_report = on_report  # (kind, delivered) after each report: metrics
@@ -95,6 +103,9 @@ class Reporter:
         self.delete_format = delete_format
         self.attempts = attempts
         self.timeout = aiohttp.ClientTimeout(total=timeout)
+        self.delete_timeout = aiohttp.ClientTimeout(total=max(timeout, delete_timeout),
+                                                    sock_connect=timeout)
+        self.delivery: asyncio.Task | None = None  # finished records on their way
         self.wake = asyncio.Event()
         self.last_sent: dict | None = None
         self.last_sent_at = float("-inf")
@@ -109,11 +120,12 @@ class Reporter:
         return delivered
 
     async def _post(self, path: str, body: dict) -> bool:
+        timeout = self.delete_timeout if path == "/delete_requests/" else self.timeout
         for addr in addresses_for(path, self.addrs):
             for attempt in range(self.attempts):
                 try:
                     async with self.session.post(addr + path, json=body,
-                                                 timeout=self.timeout) as response:
+                                                 timeout=timeout) as response:
                         await response.read()
                         if 200 <= response.status < 300:
                             return True
@@ -144,8 +156,33 @@ class Reporter:
         self.last_sent, self.last_sent_at = body, time.monotonic()
         return True
 
+    @property
+    def settled(self) -> bool:
+        """Every finished record delivered: none waits in the outbox, none is on its way."""
+        return not self.ledger.outbox and (self.delivery is None or self.delivery.done())
+
+    def deliver(self) -> asyncio.Task | None:
+        """The delivery of finished records on its way, else a new one if records wait."""
+        if self.delivery is not None and not self.delivery.done():
+            return self.delivery
+        self.delivery = None
+        if self.ledger.outbox:
+            self.delivery = asyncio.create_task(self._deliver(), name="delete_requests")
+        return self.delivery
+
     async def report_finished(self) -> bool:
-        """Deliver finished-request records; undelivered ones go back to the front of the outbox."""
+        """Deliver every finished-request record; False when a delivery failed (its records are
+        back at the front of the outbox).
+
+        A delivery is shielded: cancelling this (shutdown) leaves a POST on its way to finish, so
+        that the final report waits for its answer instead of sending its records again."""
+        while (delivery := self.deliver()) is not None:
+            if not await asyncio.shield(delivery):
+                return False
+        return True
+
+    async def _deliver(self) -> bool:
+        """POST the outbox in batches; undelivered records go back to its front."""
         while self.ledger.outbox:
             batch = self.ledger.take_finished(DELETE_BATCH)
             bodies = delete_bodies(self.identity, batch, self.delete_format)
@@ -153,7 +190,9 @@ class Reporter:
                 delivered = False
                 try:
                     delivered = await self.post("/delete_requests/", body)
-                finally:  # failed, or cancelled mid-POST (shutdown): keep the records
+                except Exception:  # a reporting bug must not lose records
+                    log.exception("delete_requests failed")
+                finally:  # failed, or the loop stops mid-POST: keep the records
                     if not delivered:
                         self.ledger.put_back([r for _, records in bodies[i:] for r in records])
                 if not delivered:
@@ -170,7 +209,7 @@ class Reporter:
             self.wake.clear()
             try:
                 await self.report_status(force=forced)
-                await self.report_finished()
+                self.deliver()  # in the background: a slow answer holds up no status report
             except Exception:  # a reporting bug must not stop reporting
                 log.exception("report failed")
             if self.ledger.dropped:

@@ -102,9 +102,11 @@ class Stack:
     async def settle(self, timeout: float = 20) -> None:
         ledger = self.worker.ledger
         await wait_until(lambda: not ledger.in_flight, timeout=timeout)
-        await wait_until(lambda: not ledger.outbox, timeout=timeout)
-        if self.worker.reporter is not None:
-            await self.worker.reporter.report_status(force=True)
+        reporter = self.worker.reporter  # settled: no record in the outbox or on its way
+        await wait_until(lambda: reporter.settled if reporter else not ledger.outbox,
+                         timeout=timeout)
+        if reporter is not None:
+            await reporter.report_status(force=True)
 
     async def check_serving(self, must: set[int] | None = None) -> None:
         signer = self.emulator.signer if self.emulator is not None else None

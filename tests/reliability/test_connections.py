@@ -146,12 +146,12 @@ async def test_slowloris_1000_connections_sending_nothing(worker_process, emulat
                                   "unsecured streamed upload"])
 async def test_stalled_request_body_does_not_hold_a_connection_forever(astack, measure, case):
     """Headers complete, part of the body, then silence: the header timeout no longer applies.
-    The worker must give up on it within its timeouts (keep-alive 0.5 s, request 1 s here), and
-    meanwhile keep serving others (one request at a time: VESPA_MAX_CONCURRENCY=1)."""
+    The worker must give up on it within its timeouts (keep-alive 0.5 s, request 1 s, body read
+    1 s here), and meanwhile keep serving others (one at a time: VESPA_MAX_CONCURRENCY=1)."""
     signed = case == "signed envelope"
     stack = await astack(signed=signed, VESPA_KEEPALIVE_TIMEOUT="0.5",
-                         VESPA_REQUEST_TIMEOUT="1", VESPA_MAX_CONCURRENCY="1",
-                         VESPA_MAX_WAIT_TIME="2")
+                         VESPA_REQUEST_TIMEOUT="1", VESPA_BODY_READ_TIMEOUT="1",
+                         VESPA_MAX_CONCURRENCY="1", VESPA_MAX_WAIT_TIME="2")
     body = envelope(stack.emulator.signer.auth_data(stack.url, cost=2) if signed else {})
     length = 1_000_000 if case == "unsecured streamed upload" else len(body)
     stalled = (b"POST /upload HTTP/1.1\r\nHost: w\r\nContent-Type: application/json\r\n"
@@ -161,10 +161,14 @@ async def test_stalled_request_body_does_not_hold_a_connection_forever(astack, m
     await asyncio.sleep(0.5)
     other = await signed_call(stack.session, stack.url, stack.emulator.signer, "POST", "/echo",
                               2) if signed else (None, *(await stack.request("GET", "/echo")))
-    await stall
+    responses, _ = await stall
     held = time.monotonic() - started
-    measure(inputs=1, held_seconds=round(held, 1), other_request=other[1])
+    answer = responses[0] if responses else None
+    measure(inputs=1, held_seconds=round(held, 1), other_request=other[1],
+            stalled_answer=answer.status if answer else "none")
     problems = []
+    if answer is None or answer.status != 408 or b'"error"' not in answer.body:
+        problems.append(f"the stalled client got {answer!r:.200} instead of a 408 JSON error")
     if other[1] != 200:
         problems.append(f"another client got {other[1]} {other[2][:120]!r} meanwhile")
     if held >= 4:
@@ -172,6 +176,7 @@ async def test_stalled_request_body_does_not_hold_a_connection_forever(astack, m
                         f"read timeout; the in-flight ledger has "
                         f"{len(stack.worker.ledger.in_flight)} request(s))")
     assert not problems, "; ".join(problems)
+    await stack.settle()
 
 
 @pytest.mark.time_limit(90)

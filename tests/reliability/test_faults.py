@@ -37,7 +37,7 @@ async def settle(f: Fleet, timeout: float = 30) -> None:
     """Nothing in flight, every finished record delivered, a last status report sent."""
     ledger = f.worker.ledger
     await wait_until(lambda: not ledger.in_flight, timeout=timeout)
-    await wait_until(lambda: not ledger.outbox, timeout=timeout)
+    await wait_until(lambda: f.worker.reporter.settled, timeout=timeout)
     await f.worker.reporter.report_status(force=True)
 
 

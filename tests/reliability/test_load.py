@@ -262,6 +262,10 @@ async def test_20000_mixed_requests_at_200_connections(worker_process, backend_p
     numbers["served"] = sum(s.status == 200 for s in load)
     measure(**numbers)
     assert not unexpected, f"{len(unexpected)} unexpected answers, e.g. {unexpected[:10]}"
+    text = worker.log_text()
+    assert numbers["worker_error_tracebacks"] == 0, (
+        "aiohttp logged an error traceback (a handler raised): "
+        + text[text.index("Error handling request"):][:3000])
     for kind in ("served", "overloaded", "cancelled", "blocked", "refused", "malformed",
                  "backend error"):
         assert kind == "served" or expected[kind] > 0, f"the mix produced no '{kind}' answers"
@@ -320,5 +324,7 @@ async def test_soak(worker_process, backend_process, emulator, session, measure)
             expected=dict(expected_total), expected_total=sum(expected_total.values()),
             unexpected=unexpected_total, rss_before_mb=rss_marks[0] / MB,
             rss_after_mb=rss_marks[-1] / MB, rss_peak_mb=rss.peak / MB, reported=reported,
-            lost=0, doubled=0, rounds=rounds)
+            lost=0, doubled=0, rounds=rounds,
+            worker_error_tracebacks=worker.log_text().count("Error handling request"))
     assert growth < RSS_GROWTH_LIMIT_MB, f"RSS grew {growth:.1f} MB over {rounds} rounds"
+    assert "Error handling request" not in worker.log_text(), "aiohttp logged an error traceback"

@@ -53,7 +53,8 @@ async def worker(tmp_path_factory, emulator, session):
     # VESPA_CACHE_DIR is private (the benchmark really runs), so the model is named explicitly.
     # --enable-log-requests makes vLLM log "Aborted request": a second witness of the abort.
     proc = WorkerProcess(tmp_path_factory.mktemp("worker-vllm"), "vllm", emulator.url,
-                         VLLM_ARGS="--enable-log-requests", **env)
+                         VLLM_ARGS="--enable-log-requests", VESPA_INSIGHT_INTERVAL="0.3",
+                         **env)
     proc.backend_python = spec.argv[0]
     try:
         print(f"worker ready after {await proc.wait_ready(session, READY_TIMEOUT):.1f} s")
@@ -173,6 +174,41 @@ async def test_client_disconnect_makes_vllm_abort(worker, emulator, session):
     assert (record["success"], record["status"]) == (True, 499)
     await wait_for(lambda: emulator.reports[-1]["working_request_idxs"] == []
                    and emulator.reports[-1]["cur_load"] == 0, 10, "no load left in flight")
+
+
+async def test_status_shows_vllms_own_queue_while_it_generates(worker, emulator, session):
+    async def status() -> dict:
+        async with session.get(f"{worker.url}/_vespa/status") as response:
+            assert response.status == 200
+            return await response.json()
+
+    payload = chat("Count to a thousand.", max_tokens=400, ignore_eos=True, stream=True)
+    response = await session.post(f"{worker.url}/v1/chat/completions",
+                                  json=worker.envelope(emulator, payload, cost=400))
+    assert response.status == 200
+    try:
+        await response.content.readline()  # generating now
+        deadline = time.monotonic() + 10
+        while (busy := await status())["backend"]["queue"]["num_requests_running"] != 1:
+            assert time.monotonic() < deadline, busy
+            await asyncio.sleep(0.1)
+    finally:
+        response.close()
+    assert busy["state"] == "ready" and busy["ready"] is True
+    assert busy["in_flight"]["requests"] == 1 and busy["in_flight"]["workload"] == 400
+    queue = busy["backend"]["queue"]
+    assert queue["num_requests_waiting"] == 0 and queue["error"] is None
+    assert 0 < queue["kv_cache_usage"] <= 1
+    assert busy["backend"]["kind"] == "vllm" and busy["backend"]["restarts"] == 0
+    [entry] = benchmark_cache(worker)
+    assert busy["throughput"] == pytest.approx(entry["throughput"])
+    assert busy["last_report"]["body"]["max_perf"] == pytest.approx(entry["throughput"])
+    assert "mtoken" not in busy["last_report"]["body"]
+    deadline = time.monotonic() + 15
+    while (idle := await status())["backend"]["queue"]["num_requests_running"] != 0:
+        assert time.monotonic() < deadline, idle
+        await asyncio.sleep(0.2)
+    assert idle["in_flight"]["requests"] == 0
 
 
 async def test_each_finished_request_is_deleted_exactly_once(worker, emulator, session):

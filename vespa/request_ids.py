@@ -1,9 +1,8 @@
-"""Request ids and logging set-up."""
+"""Request ids: the client's own when sane, else a new process-unique one."""
 
 from __future__ import annotations
 
 import itertools
-import logging
 import os
 
 _PREFIX = os.urandom(4).hex()
@@ -16,10 +15,3 @@ def request_id(client_value: str | None) -> str:
     if client_value and len(client_value) <= _MAX_CLIENT_ID and client_value.isprintable():
         return client_value
     return f"{_PREFIX}-{next(_COUNTER):x}"
-
-
-def setup_logging(level: str) -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # aiohttp's access log would cost as much as the proxying itself; off unless debugging.
-    logging.getLogger("aiohttp.access").setLevel(
-        logging.INFO if level == "DEBUG" else logging.WARNING)

@@ -1,0 +1,76 @@
+"""One request's walk through the worker: what metrics and request records need of it.
+
+A ``Visit`` is filled in along the corridor (envelope, admission, upstream exchange) and read
+once when the request is answered; ``record_entry`` turns it into a request record's raw entry.
+"""
+
+from __future__ import annotations
+
+import time
+
+from aiohttp import web
+
+from .envelope import PASSTHROUGH, Envelope
+from .ledger import Outcome
+from .proxy import Exchange
+from .records import REDACTED
+
+CLIENT_CLOSED = 499  # nginx's code for "client closed the request"
+
+
+class Visit:
+    __slots__ = ("rid", "record", "received_at", "started_at", "envelope", "exchange",
+                 "status", "outcome", "response")
+
+    def __init__(self, rid: str, record: bool, capture: int):
+        self.rid = rid
+        self.record = record  # a request record is wanted
+        self.received_at = time.time()
+        self.started_at: float | None = None
+        self.envelope: Envelope = PASSTHROUGH
+        self.exchange = Exchange(capture if record else 0)
+        self.status = CLIENT_CLOSED  # until something is answered
+        self.outcome: Outcome | None = None  # None: refused before admission
+        self.response: web.StreamResponse | None = None
+
+
+def header(pairs, name: str) -> str | None:
+    """The first value of header ``name`` in (name, value) pairs of str or bytes."""
+    wanted = name.lower()
+    for key, value in pairs or ():
+        if isinstance(key, bytes):
+            key, value = key.decode("latin-1"), value.decode("latin-1")
+        if key.lower() == wanted:
+            return value
+    return None
+
+
+def record_entry(request: web.Request, visit: Visit, ttfb: float | None) -> dict:
+    """The raw entry ``RequestRecorder.record`` takes, for an answered request."""
+    exchange, envelope, response = visit.exchange, visit.envelope, visit.response
+    path_qs = envelope.path_qs or request.raw_path
+    path, _, query = path_qs.partition("?")
+    if exchange.headers is not None:  # relayed from the backend
+        response_headers = exchange.headers
+        response_body = bytes(exchange.body) if exchange.body is not None else None
+    elif isinstance(response, web.Response):  # answered by the worker itself
+        response_headers = list(response.headers.items())
+        body = response.body
+        response_body = body if isinstance(body, bytes) else None
+    else:
+        response_headers, response_body = [], None
+    entry = {
+        "id": visit.rid, "method": request.method, "path": path, "query": query,
+        "client": request.remote, "status": visit.status,
+        "outcome": visit.outcome.value if visit.outcome is not None else "refused",
+        "received_at": visit.received_at, "started_at": visit.started_at,
+        "finished_at": time.time(), "ttfb_seconds": ttfb,
+        "request_headers": request.raw_headers,
+        "request_body": envelope.body, "request_content_type": request.headers.get("Content-Type"),
+        "response_headers": response_headers, "response_body": response_body,
+        "response_content_type": header(response_headers, "Content-Type"),
+        "bytes": {"in": exchange.bytes_in, "out": exchange.bytes_out},
+    }
+    if envelope.auth_data is not None:
+        entry["auth_data"] = {**envelope.auth_data, "signature": REDACTED}
+    return entry
