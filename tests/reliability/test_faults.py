@@ -12,12 +12,10 @@ import asyncio
 import os
 import time
 from collections import Counter
-from pathlib import Path
 
 import aiohttp
 import pytest
 
-import vespa.config
 from vespa.devtools.autoscaler import AutoscalerEmulator
 
 from ..conftest import wait_until
@@ -472,13 +470,6 @@ async def test_benchmark_cache_on_an_unwritable_disk(signed, backend, measure, t
     measure(served=len(served))
 
 
-def request_records_integrated() -> bool:
-    return "VESPA_REQUEST_LOG_DIR" in Path(vespa.config.__file__).read_text()
-
-
-@pytest.mark.skipif(not request_records_integrated(),
-                    reason="request records are not integrated yet: VESPA_REQUEST_LOG_DIR is not "
-                           "a setting in vespa/config.py")
 async def test_request_records_on_an_unwritable_disk(signed, backend, measure, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("a regular file where a directory should be: every write fails")
@@ -492,8 +483,9 @@ async def test_request_records_on_an_unwritable_disk(signed, backend, measure, t
     await settle(f)
     check_reported_once(f.emulator, must)
     assert blocker.read_text().startswith("a regular file")
-    from vespa.records import RequestRecorder
-    recorders = [v for v in vars(f.worker).values() if isinstance(v, RequestRecorder)]
-    if recorders:  # wired into the worker: its writes were tried, failed, and were counted
-        await wait_until(lambda: recorders[0].failures > 0, timeout=10)
-    measure(served=len(served), recorder_wired=bool(recorders))
+    # every write was tried, failed, and was counted; the worker said so once in its status
+    await wait_until(lambda: f.worker.recorder.failures > 0, timeout=10)
+    async with f.session.get(f.url + "/_vespa/status") as response:
+        records = (await response.json())["request_records"]
+    assert records["written"] == 0 and records["failed"] == f.worker.recorder.failures
+    measure(served=len(served), record_write_failures=records["failed"])
