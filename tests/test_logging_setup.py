@@ -8,6 +8,8 @@ import json
 import logging
 
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from vespa.logging_setup import current_request_id, mask, setup_logging
 
@@ -150,3 +152,26 @@ def test_bad_format_is_refused_and_changes_nothing(capture):
     with pytest.raises(ValueError, match="log format"):
         setup_logging("INFO", "yaml", [])
     assert logging.getLogger().handlers == before
+
+
+async def test_malformed_requests_are_one_line_each_minute_not_tracebacks(capture):
+    written = capture("text")
+    async def ok(request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/", ok)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        for target in [b"*"] * 30 + [b"/a b c"] * 20:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert (await reader.read(100)).startswith(b"HTTP/1.0 400")
+            writer.close()
+    finally:
+        await server.close()
+    text = written()
+    assert "Traceback" not in text
+    refused = [line for line in text.splitlines() if "malformed request" in line]
+    assert len(refused) == 1 and "WARNING" in refused[0] and "127.0.0.1" in refused[0], text
