@@ -21,6 +21,32 @@ def autoscaler_key() -> RSA.RsaKey:
     return RSA.generate(2048)
 
 
+@pytest.fixture(scope="session")
+def private_key() -> RSA.RsaKey:
+    return autoscaler_key()
+
+
+@pytest.fixture
+async def make_emulator(private_key):
+    """``await make_emulator(**options)``: a started emulator, stopped at the end."""
+    emulators = []
+
+    async def factory(**options) -> AutoscalerEmulator:
+        emulator = AutoscalerEmulator(private_key=private_key, **options)
+        await emulator.start()
+        emulators.append(emulator)
+        return emulator
+
+    yield factory
+    for emulator in emulators:
+        await emulator.stop()
+
+
+@pytest.fixture
+async def emulator(make_emulator):
+    return await make_emulator()
+
+
 class Fleet:
     """One emulator, one backend, one worker on loopback."""
 

@@ -7,40 +7,15 @@ import time
 
 import aiohttp
 import pytest
-from Crypto.PublicKey import RSA
 
 from vespa import auth
-from vespa.devtools.autoscaler import AutoscalerEmulator, WORKER_STATUS_FIELDS
+from vespa.devtools.autoscaler import WORKER_STATUS_FIELDS
 from vespa.devtools.signing import Signer
 
 from .conftest import PYTHON, free_port, worker_env
+from .fleet import emulator, make_emulator, private_key  # noqa: F401  (fixtures)
 
 WORKER_URL = "http://127.0.0.1:3999"
-
-
-@pytest.fixture(scope="module")
-def private_key() -> RSA.RsaKey:
-    return RSA.generate(2048)
-
-
-@pytest.fixture
-async def make_emulator(private_key):
-    emulators = []
-
-    async def factory(**options) -> AutoscalerEmulator:
-        emulator = AutoscalerEmulator(private_key=private_key, **options)
-        await emulator.start()
-        emulators.append(emulator)
-        return emulator
-
-    yield factory
-    for emulator in emulators:
-        await emulator.stop()
-
-
-@pytest.fixture
-async def emulator(make_emulator):
-    return await make_emulator()
 
 
 @pytest.fixture

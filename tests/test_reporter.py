@@ -8,7 +8,6 @@ import time
 
 import aiohttp
 import pytest
-from Crypto.PublicKey import RSA
 
 from vespa.devtools.autoscaler import AutoscalerEmulator, WORKER_STATUS_FIELDS
 from vespa.ledger import FinishedRequest, Ledger, Outcome
@@ -17,6 +16,7 @@ from vespa.reporter import (NO_DELETE_ADDR, Identity, Reporter, addresses_for, d
                             status_body)
 
 from .conftest import free_port, wait_until
+from .fleet import emulator, make_emulator, private_key  # noqa: F401  (fixtures)
 
 WORKER_URL = "http://127.0.0.1:3999"
 IDENTITY = Identity(worker_id=17, mtoken="master-token", url=WORKER_URL)
@@ -28,31 +28,6 @@ TYPES = {  # PROTOCOL.md's worker_status fields and their JSON types
     "max_capacity": (int, float), "num_requests_working": int, "num_requests_recieved": int,
     "additional_disk_usage": (int, float), "working_request_idxs": list, "url": str,
 }
-
-
-@pytest.fixture(scope="module")
-def private_key() -> RSA.RsaKey:
-    return RSA.generate(2048)
-
-
-@pytest.fixture
-async def make_emulator(private_key):
-    emulators = []
-
-    async def factory(**options) -> AutoscalerEmulator:
-        emulator = AutoscalerEmulator(private_key=private_key, **options)
-        await emulator.start()
-        emulators.append(emulator)
-        return emulator
-
-    yield factory
-    for emulator in emulators:
-        await emulator.stop()
-
-
-@pytest.fixture
-async def emulator(make_emulator):
-    return await make_emulator()
 
 
 @pytest.fixture
