@@ -15,6 +15,7 @@ from vespa.app import Worker
 from vespa.config import load_settings
 
 from .backend import make_backend
+from .serving import WorkerTestServer
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -45,7 +46,7 @@ async def make_worker(backend):
                   "VESPA_BACKEND_URL": backend_url or str(backend.make_url("")).rstrip("/"),
                   **env}
         worker = Worker(load_settings(values))
-        client = TestClient(TestServer(worker.make_app(), host="127.0.0.1"))
+        client = TestClient(WorkerTestServer(worker, host="127.0.0.1"))
         await client.start_server()
         clients.append(client)
         return client, worker

@@ -14,6 +14,7 @@ from vespa.config import load_settings
 from vespa.devtools.autoscaler import AutoscalerEmulator
 
 from .conftest import free_port, wait_until
+from .serving import WorkerTestServer
 
 
 @functools.lru_cache(maxsize=1)
@@ -88,7 +89,7 @@ async def fleet(backend):
             "VESPA_PUBLIC_URL": f"http://127.0.0.1:{port}", "VESPA_MAX_THROUGHPUT": "1000",
             "VESPA_REPORT_INTERVAL": "0.05", "VESPA_HEALTHCHECK_INTERVAL": "0.2", **env})
         worker = Worker(settings)
-        server = TestServer(worker.make_app(), host="127.0.0.1", port=port)
+        server = WorkerTestServer(worker, host="127.0.0.1", port=port)
         await server.start_server()
         fleet = Fleet(emulator, backend, worker, server, aiohttp.ClientSession())
         fleets.append(fleet)

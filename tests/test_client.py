@@ -23,6 +23,7 @@ from vespa.config import load_settings
 from vespa.devtools.autoscaler import AutoscalerEmulator
 
 from .conftest import PYTHON, REPO, free_port, wait_until, worker_env
+from .serving import WorkerTestServer
 from .fleet import autoscaler_key
 from .openai_backend import make_openai_backend, wav
 
@@ -60,7 +61,7 @@ class Stack:
         scheme = "https" if ssl_context else "http"
         worker = Worker(load_settings(self.worker_env(
             backend, container_id, f"{scheme}://127.0.0.1:{port}", **env)))
-        server = TestServer(worker.make_app(), host="127.0.0.1", port=port)
+        server = WorkerTestServer(worker, host="127.0.0.1", port=port)
         await server.start_server(ssl=ssl_context)
         self.servers.append(server)
         return worker

@@ -387,7 +387,7 @@ async def test_client_gone_mid_stream_is_a_cancellation_without_error_log(backen
     before aiohttp notices the lost connection.) Either way: cancelled, no error traceback."""
     worker = Worker(load_settings({"VESPA_UNSECURED": "true",
                                    "VESPA_BACKEND_URL": str(backend.make_url("")).rstrip("/")}))
-    runner = web.AppRunner(worker.make_app(), handler_cancellation=False)
+    runner = worker.runner(handler_cancellation=False)
     await runner.setup()
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()

@@ -15,7 +15,8 @@ import time
 from dataclasses import replace
 
 import aiohttp
-from aiohttp import web
+from aiohttp import hdrs, web
+from aiohttp.http import HttpVersion11
 
 from .admission import Admission, workload_of
 from .auth import ReplayWindow, verify
@@ -43,6 +44,7 @@ from .visit import CLIENT_CLOSED, Visit, record_entry
 log = logging.getLogger("vespa")
 RESERVED_PREFIX = "/_vespa/"
 OWN_ROUTES = ("healthz", "readyz", "metrics", "status", "logs", "logs/{id}")
+RECORD_PREFIX = RESERVED_PREFIX + "logs/"  # + a request id: one request record
 REFUSAL_REASONS = {503: "draining", 403: "blocked", 400: "target"}  # metrics label of ``refusal()``'s answers
 
 
@@ -95,6 +97,10 @@ class Worker:
                 retention_hours=settings.request_log_retention_hours,
                 cleanup_interval=settings.request_log_cleanup_interval,
                 max_per_second=settings.request_log_max_per_second or None)
+        # the worker's own GET routes; any other path under the prefix answers a JSON 404
+        self.own_routes = {RESERVED_PREFIX + name: route for name, route in (
+            ("healthz", self.healthz), ("readyz", self.readyz), ("metrics", self.metrics_route),
+            ("status", self.status), ("logs", self.logs))}
 
     # -- the corridor --------------------------------------------------------------------------
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -312,11 +318,10 @@ class Worker:
                               request_id(request.headers.get("X-Request-Id")))
         return web.json_response({"records": await self.recorder.list(limit)})
 
-    async def log_record(self, request: web.Request) -> web.Response:
+    async def log_record(self, request: web.Request, wanted: str) -> web.Response:
         refusal = self.logs_refusal(request)
         if refusal is not None:
             return refusal
-        wanted = request.match_info["id"]
         record = await self.recorder.get(wanted)
         if record is None:
             return json_error(404, f"no request record with id {wanted!r} (records are kept "
@@ -329,25 +334,52 @@ class Worker:
         return json_error(404, f"no worker route {request.path}; the worker's own routes are "
                                f"{routes}", request_id(request.headers.get("X-Request-Id")))
 
+    # -- dispatch: the worker's routes without aiohttp's Application, router or middleware -----
+    async def dispatch(self, request: web.BaseRequest) -> web.StreamResponse:
+        """The request handler of the low-level server: own routes under /_vespa/, else proxy.
+
+        Matches like the router it replaces would: on ``rel_url.path_safe``, GET (and HEAD) for
+        the worker's routes, a JSON 404 for any other /_vespa/ path, aiohttp's 404 for a path
+        that no route pattern matches; ``Expect`` is answered as aiohttp's default does.
+        """
+        if hdrs.EXPECT in request.headers:
+            await self.expect(request)
+        path = request.rel_url.path_safe
+        if "\n" in path or not path.startswith("/"):
+            raise web.HTTPNotFound()  # what the "/{path:.*}" route did not match
+        if path.startswith(RESERVED_PREFIX):
+            if request.method in ("GET", "HEAD"):
+                route = self.own_routes.get(path)
+                if route is not None:
+                    return await route(request)
+                if path.startswith(RECORD_PREFIX) and len(path) > len(RECORD_PREFIX):
+                    return await self.log_record(request, path[len(RECORD_PREFIX):])
+            return await self.unknown_own_route(request)
+        return await self.handle(request)
+
+    @staticmethod
+    async def expect(request: web.BaseRequest) -> None:
+        """aiohttp's default Expect handling: 100 Continue, or 417 for anything else."""
+        expect = request.headers.get(hdrs.EXPECT, "")
+        if not expect:
+            return
+        if request.version == HttpVersion11:
+            if expect.lower() == "100-continue":
+                await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                request.writer.output_size = 0  # the main response has not started yet
+            else:
+                raise web.HTTPExpectationFailed(text="Unknown Expect: %s" % expect)
+        await request.writer.drain()
+
     # -- assembly and life ---------------------------------------------------------------------
-    def make_app(self) -> web.Application:
-        app = web.Application(client_max_size=self.settings.max_body_bytes)
-        app.router.add_get(RESERVED_PREFIX + "healthz", self.healthz)
-        app.router.add_get(RESERVED_PREFIX + "readyz", self.readyz)
-        app.router.add_get(RESERVED_PREFIX + "metrics", self.metrics_route)
-        app.router.add_get(RESERVED_PREFIX + "status", self.status)
-        app.router.add_get(RESERVED_PREFIX + "logs", self.logs)
-        app.router.add_get(RESERVED_PREFIX + "logs/{id}", self.log_record)
-        app.router.add_route("*", RESERVED_PREFIX + "{rest:.*}", self.unknown_own_route)
-        app.router.add_route("*", "/{path:.*}", self.handle)
-        app.on_startup.append(self.on_startup)
-        app.on_cleanup.append(self.on_cleanup)
-        return app
+    def runner(self, **kwargs) -> "WorkerRunner":
+        """The runner that serves this worker (kwargs: aiohttp's server and runner options)."""
+        return WorkerRunner(self, **kwargs)
 
     def spawn(self, coroutine, name: str) -> None:
         self.background.append(asyncio.create_task(coroutine, name=name))
 
-    async def on_startup(self, app: web.Application) -> None:
+    async def on_startup(self, app: web.Application | None = None) -> None:
         settings = self.settings
         await self.upstream.start()
         self.session = aiohttp.ClientSession()
@@ -423,7 +455,7 @@ class Worker:
                          key_ready=self.keyring.ready if self.keyring else None,
                          on_throughput=set_throughput, on_change=wake_reporter)
 
-    async def on_cleanup(self, app: web.Application) -> None:
+    async def on_cleanup(self, app: web.Application | None = None) -> None:
         if self.supervisor is not None:
             await self.supervisor.stop()
         for task in self.background:
@@ -458,3 +490,26 @@ class Worker:
                 log.warning("drain timeout: %d request(s) still in flight are cut",
                             len(self.ledger.in_flight))
 
+
+
+class WorkerRunner(web.BaseRunner):
+    """Serves a ``Worker`` on aiohttp's low-level ``web.Server``.
+
+    The per-request path skips the Application's router, match info, middleware walk and
+    ``web.Request`` construction (a plain ``BaseRequest`` does); ``Worker.dispatch`` routes.
+    The worker's start-up and clean-up run where an AppRunner would run the app's signals.
+    """
+
+    def __init__(self, worker: Worker, *, handle_signals: bool = False, **kwargs):
+        super().__init__(handle_signals=handle_signals, **kwargs)
+        self.worker = worker
+
+    async def _make_server(self) -> web.Server:
+        await self.worker.on_startup()
+        return web.Server(self.worker.dispatch, **self._kwargs)
+
+    async def shutdown(self) -> None:
+        pass
+
+    async def _cleanup_server(self) -> None:
+        await self.worker.on_cleanup()

@@ -16,6 +16,7 @@ from vespa.config import load_settings
 from vespa.devtools.autoscaler import AutoscalerEmulator
 
 from ..conftest import free_port
+from ..serving import WorkerTestServer
 from ..fleet import Fleet, autoscaler_key
 from .harness import MASTER_TOKEN, BackendProcess, WorkerProcess
 from .stack import BackgroundLoop, Stack
@@ -132,7 +133,7 @@ async def signed():
             "VESPA_MAX_THROUGHPUT": "1000", "VESPA_REPORT_INTERVAL": "0.05",
             "VESPA_HEALTHCHECK_INTERVAL": "0.2", **env})
         worker = Worker(settings)
-        server = TestServer(worker.make_app(), host="127.0.0.1", port=port)
+        server = WorkerTestServer(worker, host="127.0.0.1", port=port)
         await server.start_server(keepalive_timeout=settings.keepalive_timeout)
         fleet = Fleet(emulator, None, worker, server, aiohttp.ClientSession())
         fleets.append(fleet)

@@ -15,6 +15,7 @@ from vespa.devtools.autoscaler import AutoscalerEmulator
 
 from ..backend import make_backend
 from ..conftest import free_port, wait_until
+from ..serving import WorkerTestServer
 from ..fleet import autoscaler_key
 from .harness import MASTER_TOKEN, assert_serving
 from .rawhttp import RecordingBackend
@@ -77,7 +78,7 @@ class Stack:
         values.update(env)
         settings = load_settings(values)
         self.worker = Worker(settings)
-        self.server = TestServer(self.worker.make_app(), host="127.0.0.1", port=self.port)
+        self.server = WorkerTestServer(self.worker, host="127.0.0.1", port=self.port)
         await self.server.start_server(keepalive_timeout=settings.keepalive_timeout)
         self.session = aiohttp.ClientSession()
         await wait_until(lambda: self.worker.state.ready, timeout=20)
