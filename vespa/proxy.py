@@ -11,9 +11,13 @@ are read with an idle timeout (``BodyStalled``). Connections come from ``Backend
 from __future__ import annotations
 
 import asyncio
+import re
 from time import perf_counter
 
 from aiohttp import web
+from aiohttp.helpers import must_be_empty_body, rfc822_formatted_time
+from aiohttp.http import SERVER_SOFTWARE, HttpVersion11
+from aiohttp.web_response import REASON_PHRASES
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -28,6 +32,12 @@ HOP_BY_HOP = frozenset({
 _REQUEST_DROP = HOP_BY_HOP | {b"host", b"content-length", b"expect", b"x-forwarded-for",
                               b"x-forwarded-proto", b"x-request-id"}
 _RESPONSE_DROP = HOP_BY_HOP | {b"content-length"}
+# A response written whole: ours replace the backend's X-Request-Id and Content-Length.
+_DIRECT_DROP = _RESPONSE_DROP | {b"x-request-id"}
+_DIRECT_SEEN = {b"content-type": 1, b"date": 2, b"server": 4}
+_SERVER = SERVER_SOFTWARE.encode()
+# what aiohttp refuses in a header it writes (a 500 instead): left to its path to refuse
+_FORBIDDEN_HEADER_BYTES = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 # Bodies up to this size are read whole: one write each way instead of a stream.
 SMALL_BODY = 256 * 1024
@@ -166,6 +176,39 @@ def request_head(request: web.Request, target: str, host: bytes, request_id: str
               b"\r\nX-Forwarded-Proto: ", request.scheme.encode(),
               b"\r\nX-Request-Id: ", request_id.encode(), b"\r\n", framing, b"\r\n")
     return b"".join(lines)
+
+
+class SentResponse:
+    """A small response already written to the client in one piece (head and body).
+
+    It stands where aiohttp expects a ``StreamResponse`` once the handler returns: ``prepare``
+    and ``write_eof`` have nothing left to do. The bytes are what aiohttp would have written for
+    the same ``web.Response`` (status line, the backend's headers minus hop-by-hop, our
+    X-Request-Id and Content-Length, Content-Type/Date/Server defaults), only built from the
+    backend's raw header bytes without a header multidict round trip.
+    """
+
+    __slots__ = ("status", "reason", "raw_headers", "body_length")
+    keep_alive = True  # only keep-alive HTTP/1.1 requests are answered this way
+    prepared = True
+
+    def __init__(self, status: int, reason: str, raw_headers: list[tuple[bytes, bytes]],
+                 body_length: int):
+        self.status = status
+        self.reason = reason
+        self.raw_headers = raw_headers  # as sent to the client, ours included
+        self.body_length = body_length
+
+    @property
+    def headers(self) -> CIMultiDict:
+        return CIMultiDict((n.decode("latin-1"), v.decode("latin-1"))
+                           for n, v in self.raw_headers)
+
+    async def prepare(self, request: web.BaseRequest) -> None:
+        return None
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        return None
 
 
 def response_headers(raw_headers: list[tuple[bytes, bytes]]) -> tuple[CIMultiDict, int | None]:
@@ -311,8 +354,94 @@ class Upstream:
             transport.write(b"0\r\n\r\n")
         return sent
 
+    @staticmethod
+    def _whole_head(request: web.BaseRequest, upstream: BackendResponse
+                    ) -> tuple[list[tuple[bytes, bytes]], int] | None:
+        """The backend's headers to relay and the flags of those seen, when the response can be
+        written straight to the client in one piece; None sends it aiohttp's way.
+
+        Only the plain case: a keep-alive HTTP/1.1 request, a response with a Content-Length
+        within SMALL_BODY and a body that may be sent, no header that aiohttp would refuse.
+        """
+        if (upstream.head_only or request.version != HttpVersion11 or not request.keep_alive
+                or must_be_empty_body(request.method, upstream.status)):
+            return None
+        raw = upstream.raw_headers
+        tokens = _connection_tokens(raw)
+        drop = _DIRECT_DROP | tokens if tokens else _DIRECT_DROP
+        kept = []
+        seen = 0
+        length = None
+        for pair in raw:
+            lowered = pair[0].lower()
+            if lowered in drop:
+                if lowered == b"content-length":
+                    length = int(pair[1])
+                continue
+            seen |= _DIRECT_SEEN.get(lowered, 0)
+            kept.append(pair)
+        if length is None or length > SMALL_BODY:
+            return None
+        if _FORBIDDEN_HEADER_BYTES.search(b"".join([v for _, v in kept]) + upstream.reason):
+            return None
+        return kept, seen
+
+    @staticmethod
+    def _write_whole(request: web.BaseRequest, upstream: BackendResponse, request_id: str,
+                     kept: list[tuple[bytes, bytes]], seen: int, payload: bytes,
+                     exchange: Exchange) -> SentResponse:
+        """Write status line, headers and body to the client's transport in one write.
+
+        A client already gone gets nothing (aiohttp would drop the write the same way, its
+        connection ends either way).
+        """
+        status = upstream.status
+        size = len(payload)
+        kept.append((b"X-Request-Id", request_id.encode()))
+        kept.append((b"Content-Length", b"%d" % size))
+        if size and not seen & 1:
+            kept.append((b"Content-Type", b"application/octet-stream"))
+        if not seen & 2:
+            kept.append((b"Date", rfc822_formatted_time().encode()))
+        if not seen & 4:
+            kept.append((b"Server", _SERVER))
+        reason = upstream.reason or REASON_PHRASES.get(status, "").encode()
+        lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
+        for name, value in kept:
+            lines += (name, b": ", value, b"\r\n")
+        lines += (b"\r\n", payload)
+        data = b"".join(lines)
+        transport = request.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
+        request.writer.output_size += len(data)  # a response went out: no error page after it
+        exchange.bytes_out = size
+        if exchange.capture:
+            exchange.headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in kept]
+            content_type = next((v for n, v in exchange.headers if n.lower() == "content-type"),
+                                "")
+            if "json" not in content_type:
+                exchange.capture = 0  # only JSON bodies are recorded; audio and SSE are not
+            else:
+                exchange.keep(payload)
+        return SentResponse(status, reason.decode("latin-1"), kept, size)
+
     async def _relay(self, request: web.Request, upstream: BackendResponse,
                      request_id: str, exchange: Exchange) -> web.StreamResponse:
+        whole = self._whole_head(request, upstream)
+        if whole is not None:
+            try:
+                payload = await upstream.read_all()
+            except (ConnectionError, TimeoutError) as exc:
+                raise ProxyError(502, f"backend broke off its response: {exc}") from None
+            sent = self._write_whole(request, upstream, request_id, *whole, payload, exchange)
+            transport = request.transport
+            if transport is not None and transport.get_write_buffer_size():
+                try:
+                    await request.writer.drain()  # a slow client: wait as write_eof does
+                except ConnectionError:
+                    raise asyncio.CancelledError() from None  # it left: see below
+            return sent
         headers, length = response_headers(upstream.raw_headers)
         headers["X-Request-Id"] = request_id
         if exchange.capture:
