@@ -157,7 +157,9 @@ class Worker:
                                   "VESPA_BACKEND_QUEUE_LIMIT); retry in 1s", rid,
                                   {"Retry-After": "1"})
             try:
-                ticket = await self.gate.enter(workload)
+                ticket = self.gate.admit(workload)
+                if not ticket.started:
+                    await self.gate.wait(ticket)
             except Overloaded as exc:
                 outcome, status = Outcome.REJECTED, 429
                 self.metrics.rejected(exc.rejection.reason)

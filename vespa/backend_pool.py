@@ -99,6 +99,17 @@ class BackendResponse:
         self.conn.resume_reading()
         return data
 
+    def take_all(self) -> bytes | None:
+        """The whole body when it has all arrived (taken out), else None."""
+        if not self.done or self.error is not None:
+            return None
+        chunks = self.chunks
+        data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self.buffered = 0
+        self.conn.resume_reading()
+        return data
+
     async def read_all(self) -> bytes:
         parts = []
         while (chunk := await self.next_chunk()) is not None:
@@ -218,12 +229,17 @@ class BackendConnection(asyncio.Protocol):
     def start(self, head_only: bool, read_timeout: float) -> BackendResponse:
         self.response = BackendResponse(self, head_only)
         self.last_active = self.loop.time()
-        self.timer = self.loop.call_later(read_timeout, self.check_timeout, read_timeout)
+        # One timer outlives the requests of a keep-alive connection: one that is still pending
+        # from an earlier request fires early, finds the connection active and re-arms for the
+        # rest of the timeout (no timer made and cancelled per request).
+        if self.timer is None:
+            self.timer = self.loop.call_later(read_timeout, self.check_timeout, read_timeout)
         return self.response
 
     def check_timeout(self, read_timeout: float) -> None:
         idle = self.loop.time() - self.last_active
         if self.response is None or self.response.done:
+            self.timer = None
             return
         if idle < read_timeout and not self.reading_paused:
             self.timer = self.loop.call_later(read_timeout - idle, self.check_timeout,
@@ -249,6 +265,49 @@ class BackendConnection(asyncio.Protocol):
             self.transport.close()
 
 
+class Slots:
+    """A counting semaphore, FIFO, with a synchronous fast path (``take``).
+
+    asyncio.Semaphore has none: its ``acquire`` is a coroutine even when a slot is free.
+    """
+
+    def __init__(self, limit: int):
+        self.free = limit
+        self.waiters: deque[asyncio.Future[None]] = deque()
+
+    def take(self) -> bool:
+        """Take a slot if one is free and nobody waits for one; False otherwise."""
+        if self.free > 0 and not self.waiters:
+            self.free -= 1
+            return True
+        return False
+
+    async def acquire(self) -> None:
+        if self.take():
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self.waiters.append(waiter)
+        try:
+            await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                self.release()  # handed a slot but cancelled before taking it: pass it on
+            else:
+                try:
+                    self.waiters.remove(waiter)
+                except ValueError:
+                    pass
+            raise
+
+    def release(self) -> None:
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # the slot goes straight to the first in line
+                return
+        self.free += 1
+
+
 class BackendPool:
     """Keep-alive connections to one backend; at most ``limit`` requests in flight upstream."""
 
@@ -259,7 +318,7 @@ class BackendPool:
         self.ssl = ssl_module.create_default_context() if use_ssl else None
         self.connect_timeout = connect_timeout
         self.idle_timeout = idle_timeout
-        self.slots = asyncio.Semaphore(limit)
+        self.slots = Slots(limit)
         self.idle: list[BackendConnection] = []
         self.open: set[BackendConnection] = set()
         self.loop = asyncio.get_running_loop()
@@ -272,7 +331,16 @@ class BackendPool:
             self.slots.release()
             raise
 
-    async def _connection(self) -> BackendConnection:
+    def acquire_idle(self) -> BackendConnection | None:
+        """A slot and an idle keep-alive connection without waiting, or None (then ``acquire``)."""
+        if not self.idle or not self.slots.take():
+            return None
+        conn = self._idle_connection()
+        if conn is None:
+            self.slots.release()
+        return conn
+
+    def _idle_connection(self) -> BackendConnection | None:
         now = self.loop.time()
         while self.idle:
             conn = self.idle.pop()
@@ -283,6 +351,12 @@ class BackendPool:
                 continue
             conn.reused = True
             return conn
+        return None
+
+    async def _connection(self) -> BackendConnection:
+        conn = self._idle_connection()
+        if conn is not None:
+            return conn
         _, conn = await asyncio.wait_for(
             self.loop.create_connection(lambda: BackendConnection(self), self.host, self.port,
                                         ssl=self.ssl),
@@ -292,14 +366,14 @@ class BackendPool:
 
     def release(self, conn: BackendConnection, reusable: bool) -> None:
         """Give the connection back: into the idle pool when its response was read to the end."""
-        conn.cancel_timer()
         response, conn.response = conn.response, None
         if reusable and not conn.closed and response is not None and response.done \
                 and response.error is None and response.keep_alive \
                 and not response.head_only:
             conn.last_active = self.loop.time()
-            self.idle.append(conn)
+            self.idle.append(conn)  # its read timer, if pending, lapses or serves the next one
         else:
+            conn.cancel_timer()
             conn.close()
         self.slots.release()
 

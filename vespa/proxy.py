@@ -115,8 +115,8 @@ async def read_body(request: web.Request, limit: int, idle_timeout: float) -> by
     """The whole request body, refused past ``limit`` bytes even without a Content-Length;
     ``BodyStalled`` when the client pauses for ``idle_timeout`` seconds before its end."""
     content, length = request.content, request.content_length
-    if length is not None and content.is_eof():  # it all arrived already: no timer needed
-        return await content.readexactly(length)
+    if length is not None and content.is_eof() and content.total_bytes == length:
+        return content.read_nowait()  # all of it arrived with the head: no timer, no await
     parts, size = [], 0
     while chunk := await read_chunk(request, STREAM_CHUNK, idle_timeout):
         size += len(chunk)
@@ -296,14 +296,23 @@ class Upstream:
                         ) -> tuple[BackendConnection, BackendResponse]:
         """Write the request and wait for the response head; retry once on a stale connection."""
         for attempt in (1, 2):
-            try:
-                conn = await self.pool.acquire()
-            except (OSError, asyncio.TimeoutError) as exc:
-                raise ProxyError(502, f"backend unreachable at {self.base_url}: "
-                                      f"{exc or type(exc).__name__}") from None
+            conn = self.pool.acquire_idle()
+            if conn is None:
+                try:
+                    conn = await self.pool.acquire()
+                except (OSError, asyncio.TimeoutError) as exc:
+                    raise ProxyError(502, f"backend unreachable at {self.base_url}: "
+                                          f"{exc or type(exc).__name__}") from None
             response = conn.start(head_only, self.read_timeout)
             try:
-                exchange.bytes_in = await self._send(conn, head, body)
+                if body is None:
+                    conn.transport.write(head)
+                    exchange.bytes_in = 0
+                elif isinstance(body, bytes):
+                    conn.transport.write(head + body)
+                    exchange.bytes_in = len(body)
+                else:
+                    exchange.bytes_in = await self._send(conn, head, body)
                 await response.head
                 return conn, response
             except BackendClosed as exc:
@@ -430,10 +439,12 @@ class Upstream:
                      request_id: str, exchange: Exchange) -> web.StreamResponse:
         whole = self._whole_head(request, upstream)
         if whole is not None:
-            try:
-                payload = await upstream.read_all()
-            except (ConnectionError, TimeoutError) as exc:
-                raise ProxyError(502, f"backend broke off its response: {exc}") from None
+            payload = upstream.take_all()
+            if payload is None:  # the body is still on its way
+                try:
+                    payload = await upstream.read_all()
+                except (ConnectionError, TimeoutError) as exc:
+                    raise ProxyError(502, f"backend broke off its response: {exc}") from None
             sent = self._write_whole(request, upstream, request_id, *whole, payload, exchange)
             transport = request.transport
             if transport is not None and transport.get_write_buffer_size():
