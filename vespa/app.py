@@ -1,8 +1,10 @@
-"""Wiring: the request corridor, the worker's own routes under /_vespa/, start-up, drain, main().
+"""Wiring: the request corridor, the worker's own routes under /_vespa/, start-up, drain.
 
-A request walks: size check -> envelope -> signature -> refusals (draining, blocked path) ->
-admission -> ledger -> proxy. Every request that was admitted or rejected ends in the ledger
-exactly once; a request whose signature fails is not load and never enters it.
+A request walks: dispatch -> size check -> envelope -> signature -> refusals (draining, request
+target, blocked path) -> admission (incl. vLLM's own queue when asked) -> ledger -> proxy, and
+is accounted once at the end (metrics, request record). Every request that was admitted or
+rejected ends in the ledger exactly once; a request whose signature fails is not load and never
+enters it. The worker is served on aiohttp's low-level ``Server`` (``WorkerRunner``).
 """
 
 from __future__ import annotations
@@ -26,16 +28,16 @@ from .gate import Gate, Overloaded
 from .keyring import KeyRing
 from .ledger import Ledger, Outcome
 from .lifecycle import Lifecycle, Phase, StartupPlan, WorkerState
-from .logwatch import LogWatch
 from .insight import BackendInsight
 from .launch import backend_process
 from .logging_setup import current_request_id
+from .logwatch import LogWatch
 from .metrics import DEFAULT_ROUTES, Metrics
-from .request_ids import request_id
 from .proxy import (SMALL_BODY, BodyStalled, BodyTooLarge, ProxyError, Upstream, UpstreamBroken,
                     read_body)
 from .records import RequestRecorder, check_logs_token
 from .reporter import Identity, Reporter
+from .request_ids import request_id
 from .status import worker_status
 from .supervisor import Supervisor
 from .target import origin_form, path_of, spellings
@@ -45,7 +47,8 @@ log = logging.getLogger("vespa")
 RESERVED_PREFIX = "/_vespa/"
 OWN_ROUTES = ("healthz", "readyz", "metrics", "status", "logs", "logs/{id}")
 RECORD_PREFIX = RESERVED_PREFIX + "logs/"  # + a request id: one request record
-REFUSAL_REASONS = {503: "draining", 403: "blocked", 400: "target"}  # metrics label of ``refusal()``'s answers
+# the metrics label of each answer ``refusal()`` gives
+REFUSAL_REASONS = {503: "draining", 403: "blocked", 400: "target"}
 
 
 def json_error(status: int, message: str, rid: str, headers: dict | None = None,
