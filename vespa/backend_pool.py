@@ -92,17 +92,16 @@ class BackendResponse:
             self.waiter = self.conn.loop.create_future()
             await self.waiter
             self.waiter = None
-        chunks = self.chunks
-        data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
-        chunks.clear()
-        self.buffered = 0
-        self.conn.resume_reading()
-        return data
+        return self._take()
 
     def take_all(self) -> bytes | None:
         """The whole body when it has all arrived (taken out), else None."""
         if not self.done or self.error is not None:
             return None
+        return self._take()
+
+    def _take(self) -> bytes:
+        """What is buffered, taken out; reading resumes."""
         chunks = self.chunks
         data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
         chunks.clear()
