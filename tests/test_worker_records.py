@@ -175,3 +175,16 @@ async def test_signed_requests_are_recorded_with_the_signature_redacted(fleet, t
     assert record["extra"]["auth_data"]["signature"] == "[redacted]"
     assert record["extra"]["auth_data"]["request_idx"] == auth_data["request_idx"]
     assert auth_data["signature"] not in json.dumps(record)
+
+
+async def test_a_zero_body_cap_keeps_headers_and_metadata_only(recording):
+    client, worker = await recording(VESPA_REQUEST_LOG_MAX_BODY_BYTES="0")
+    assert (await client.post("/echo/z", json={"a": 1},
+                              headers={"X-Request-Id": "zero"})).status == 200
+    await written(worker, 1)
+    _, record = await fetch(client, "/_vespa/logs/zero")
+    headers = {name.lower(): value for name, value in record["response"]["headers"]}
+    assert headers["x-backend"] == "echo" and headers["x-request-id"] == "zero"
+    for side in ("request", "response"):
+        body = record[side]["body"]
+        assert "json" not in body and not body.get("text"), body

@@ -51,12 +51,13 @@ class Exchange:
     __slots__ = ("sent_at", "head_at", "bytes_in", "bytes_out", "status", "headers", "body",
                  "capture")
 
-    def __init__(self, capture: int = 0):
+    def __init__(self, capture: int | None = None):
         self.sent_at = self.head_at = 0.0
         self.bytes_in = self.bytes_out = self.status = 0
         self.headers: list[tuple[str, str]] | None = None
         self.body: bytearray | None = None
-        self.capture = capture  # keep up to this many response-body bytes (0: none)
+        # recorded: keep the response headers and up to this many body bytes; None: not recorded
+        self.capture = capture
 
     def keep(self, chunk: bytes) -> None:
         if self.body is None:
@@ -425,13 +426,13 @@ class Upstream:
             transport.write(data)
         request.writer.output_size += len(data)  # a response went out: no error page after it
         exchange.bytes_out = size
-        if exchange.capture:
+        if exchange.capture is not None:  # recorded
             exchange.headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in kept]
             content_type = next((v for n, v in exchange.headers if n.lower() == "content-type"),
                                 "")
             if "json" not in content_type:
                 exchange.capture = 0  # only JSON bodies are recorded; audio and SSE are not
-            else:
+            elif exchange.capture:
                 exchange.keep(payload)
         return SentResponse(status, reason.decode("latin-1"), kept, size)
 
@@ -455,7 +456,7 @@ class Upstream:
             return sent
         headers, length = response_headers(upstream.raw_headers)
         headers["X-Request-Id"] = request_id
-        if exchange.capture:
+        if exchange.capture is not None:  # recorded
             exchange.headers = list(headers.items())
             if "json" not in headers.get("Content-Type", ""):
                 exchange.capture = 0  # only JSON bodies are recorded; audio and SSE are not

@@ -28,7 +28,7 @@ class Visit:
         self.received_at = time.time()
         self.started_at: float | None = None
         self.envelope: Envelope = PASSTHROUGH
-        self.exchange = Exchange(capture if record else 0)
+        self.exchange = Exchange(capture if record else None)
         self.status = CLIENT_CLOSED  # until something is answered
         self.outcome: Outcome | None = None  # None: refused before admission
         self.response: web.StreamResponse | None = None
