@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import re
+import socket
 import gzip
 import hashlib
 import json
@@ -399,3 +401,103 @@ async def test_client_gone_mid_stream_is_a_cancellation_without_error_log(backen
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert errors == [], [r.getMessage() for r in errors]
     assert not worker.ledger.in_flight
+
+
+async def test_a_client_that_does_not_read_a_small_answer_holds_no_slot(make_worker):
+    """A whole small answer is handed to the client's socket; waiting for a client that does not
+    read it happens after the request is finished, so the slot and the ledger are free."""
+    client, worker = await make_worker(VESPA_MAX_CONCURRENCY="1", VESPA_MAX_WAIT_TIME="2")
+    for site in client.server.runner.sites:  # accepted sockets inherit a tiny send buffer
+        for sock in site._server.sockets:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF,
+                                                         4096)
+    writer.write(b"GET /big?bytes=250000&length=1 HTTP/1.1\r\nHost: x\r\n\r\n")
+    await wait_until(lambda: worker.ledger.totals.outcomes["success"] == 1)
+    assert not worker.ledger.in_flight and worker.admission.running == 0
+    response = await client.get("/echo/next")  # not stuck behind the reader that never reads
+    assert response.status == 200
+    writer.close()
+
+
+@pytest.mark.parametrize("method,sent_times,status", [("GET", 2, 200), ("POST", 1, 502)])
+async def test_a_closed_keep_alive_connection_replays_only_idempotent_requests(
+        make_worker, method, sent_times, status):
+    """The backend reads the second request on a kept-alive connection, then drops it without
+    an answer: a GET is sent again on a new connection, a POST (which the backend may have
+    started on) never is."""
+    seen: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except asyncio.IncompleteReadError:
+                break
+            length = re.search(rb"(?i)content-length: (\d+)", head)
+            if length:
+                await reader.readexactly(int(length.group(1)))
+            seen.append(head.split(b" ", 2)[1])
+            if seen[-1] == b"/second" and seen.count(b"/second") == 1:
+                break  # drop the connection without answering
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        client, worker = await make_worker(backend_url=f"http://127.0.0.1:{port}")
+        assert (await client.get("/first")).status == 200
+        response = await client.request(method, "/second", data=b"{}")
+        assert response.status == status
+        assert seen.count(b"/second") == sent_times
+
+
+async def test_a_reason_phrase_split_across_reads_is_relayed_whole(make_worker):
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 404 Not Fo")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(b"und Here\r\nContent-Length: 2\r\n\r\nno")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        client, _ = await make_worker(backend_url=f"http://127.0.0.1:{port}")
+        response = await client.get("/x")
+        assert (response.status, response.reason) == (404, "Not Found Here")
+
+
+@pytest.mark.parametrize("length,first_answer", [(10, b"HTTP/1.1 100 Continue"),
+                                                 (2000, b"HTTP/1.1 413")])
+async def test_expect_100_continue_is_answered_after_the_size_check(make_worker, length,
+                                                                    first_answer):
+    client, _ = await make_worker(VESPA_MAX_BODY_BYTES="1000")
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(b"POST /echo HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                 b"Content-Length: %d\r\n\r\n" % length)
+    assert (await reader.readuntil(b"\r\n")).startswith(first_answer)
+    if length == 10:  # the client sends its body only now, and gets the real answer
+        assert await reader.readexactly(2) == b"\r\n"  # the end of the interim answer
+        writer.write(b"x" * 10)
+        assert (await reader.readuntil(b"\r\n")).startswith(b"HTTP/1.1 200")
+    writer.close()
+
+
+async def test_a_slow_upload_longer_than_the_request_timeout_is_not_cut(make_worker):
+    """The request timeout counts the backend's silence from the end of the upload."""
+    client, _ = await make_worker(VESPA_REQUEST_TIMEOUT="0.5")
+
+    async def pieces():
+        for _ in range(6):
+            yield b"x" * 1000
+            await asyncio.sleep(0.2)
+
+    response = await client.post("/upload", data=pieces())
+    assert response.status == 200, await response.text()
+    assert (await response.json())["size"] == 6000

@@ -104,6 +104,8 @@ def test_logs_token_check():
     assert check_logs_token(None, "anything") is False
     assert check_logs_token("", "") is False
     assert check_logs_token("s3cret-token", "ünïcode") is False
+    assert check_logs_token("s3cret-token", b"\xff\xfe".decode("utf-8", "surrogateescape")) \
+        is False  # a header that is not UTF-8: refused, not a crash
 
 
 def entry(rid: str, received: float, **extra) -> dict:

@@ -188,3 +188,20 @@ async def test_a_zero_body_cap_keeps_headers_and_metadata_only(recording):
     for side in ("request", "response"):
         body = record[side]["body"]
         assert "json" not in body and not body.get("text"), body
+
+
+async def test_a_signature_in_the_query_is_redacted_even_when_the_request_is_refused(fleet,
+                                                                                    tmp_path):
+    f = await fleet("full", VESPA_REQUEST_LOG_DIR=str(tmp_path), VESPA_LOGS_TOKEN=TOKEN)
+    await ready(f)
+    query = ("serverless_cost=abc&serverless_signature=SIGNATURE-BYTES&serverless_reqnum=1"
+             "&keep=1")
+    async with f.session.get(f"{f.url}/echo/q?{query}",
+                             headers={"X-Request-Id": "sig"}) as response:
+        assert response.status == 422  # the cost is not a number
+    await wait_until(lambda: f.worker.recorder.written >= 1)
+    async with f.session.get(f.url + "/_vespa/logs/sig",
+                             headers={"x-vespa-logs-token": TOKEN}) as response:
+        record = await response.json()
+    assert "SIGNATURE-BYTES" not in json.dumps(record)
+    assert "serverless_signature=[redacted]" in record["query"] and "keep=1" in record["query"]

@@ -119,10 +119,9 @@ class Worker:
 
     async def walk(self, request: web.Request, visit: Visit) -> web.StreamResponse:
         rid = visit.rid
-        length = request.content_length
-        if length is not None and length > self.settings.max_body_bytes:
-            return self.refuse(visit, "body_size",
-                               self.too_large(rid, f"request body of {length} bytes"))
+        if self.too_long(request):
+            return self.refuse(visit, "body_size", self.too_large(
+                rid, f"request body of {request.content_length} bytes"))
         try:
             envelope = visit.envelope = await self.open(request)
         except EnvelopeError as exc:
@@ -270,6 +269,11 @@ class Worker:
                                    "(VESPA_BLOCKED_PATHS)", rid)
         return None
 
+    def too_long(self, request: web.BaseRequest) -> bool:
+        """The request says its body is larger than the limit."""
+        length = request.content_length
+        return length is not None and length > self.settings.max_body_bytes
+
     def too_large(self, rid: str, what: str) -> web.Response:
         return json_error(413, f"{what} exceeds the {self.settings.max_body_bytes}-byte limit "
                                "(VESPA_MAX_BODY_BYTES)", rid)
@@ -347,8 +351,8 @@ class Worker:
         the worker's routes, a JSON 404 for any other /_vespa/ path, aiohttp's 404 for a path
         that no route pattern matches; ``Expect`` is answered as aiohttp's default does.
         """
-        if hdrs.EXPECT in request.headers:
-            await self.expect(request)
+        if hdrs.EXPECT in request.headers and not self.too_long(request):
+            await self.expect(request)  # (a body known to be too large gets 413, not 100)
         path = request.rel_url.path_safe
         if "\n" in path or not path.startswith("/"):
             raise web.HTTPNotFound()  # what the "/{path:.*}" route did not match

@@ -175,7 +175,7 @@ class BackendConnection(asyncio.Protocol):
 
     # -- llhttp callbacks ----------------------------------------------------------------------
     def on_status(self, status: bytes) -> None:
-        self.response.reason = status
+        self.response.reason += status  # llhttp hands the reason over in pieces across reads
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.response.raw_headers.append((name, value))
@@ -188,6 +188,7 @@ class BackendConnection(asyncio.Protocol):
                                     "an HTTP status code")
         if 100 <= status < 200:  # interim (e.g. 103 Early Hints): wait for the final response
             response.raw_headers.clear()
+            response.reason = b""
             response.interim = True
             return
         response.status = status

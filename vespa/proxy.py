@@ -39,6 +39,7 @@ _SERVER = SERVER_SOFTWARE.encode()
 # what aiohttp refuses in a header it writes (a 500 instead): left to its path to refuse
 _FORBIDDEN_HEADER_BYTES = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 # Bodies up to this size are read whole: one write each way instead of a stream.
 SMALL_BODY = 256 * 1024
 STREAM_CHUNK = 64 * 1024
@@ -183,18 +184,20 @@ class SentResponse:
     """A small response already written to the client in one piece (head and body).
 
     It stands where aiohttp expects a ``StreamResponse`` once the handler returns: ``prepare``
-    and ``write_eof`` have nothing left to do. The bytes are what aiohttp would have written for
+    has nothing left to do, ``write_eof`` waits for a slow client to take the bytes (after the
+    handler, so a client that reads slowly holds no admission or backend slot). The bytes are what aiohttp would have written for
     the same ``web.Response`` (status line, the backend's headers minus hop-by-hop, our
     X-Request-Id and Content-Length, Content-Type/Date/Server defaults), only built from the
     backend's raw header bytes without a header multidict round trip.
     """
 
-    __slots__ = ("status", "reason", "raw_headers", "body_length")
+    __slots__ = ("status", "reason", "raw_headers", "body_length", "writer")
     keep_alive = True  # only keep-alive HTTP/1.1 requests are answered this way
     prepared = True
 
     def __init__(self, status: int, reason: str, raw_headers: list[tuple[bytes, bytes]],
-                 body_length: int):
+                 body_length: int, writer):
+        self.writer = writer  # the client's aiohttp StreamWriter
         self.status = status
         self.reason = reason
         self.raw_headers = raw_headers  # as sent to the client, ours included
@@ -209,7 +212,11 @@ class SentResponse:
         return None
 
     async def write_eof(self, data: bytes = b"") -> None:
-        return None
+        """Wait while the client's transport holds too much, as aiohttp's own write_eof does
+        (a client gone raises ConnectionError: aiohttp counts that as a reset)."""
+        transport = self.writer.transport
+        if transport is not None and transport.get_write_buffer_size():
+            await self.writer.drain()
 
 
 def response_headers(raw_headers: list[tuple[bytes, bytes]]) -> tuple[CIMultiDict, int | None]:
@@ -276,7 +283,7 @@ class Upstream:
             framing = b"Transfer-Encoding: chunked\r\n"
         head = request_head(request, target, self.host_header, request_id, framing)
         exchange.sent_at = perf_counter()
-        conn, response = await self._exchange(request.method == "HEAD", head, body, exchange)
+        conn, response = await self._exchange(request.method, head, body, exchange)
         exchange.head_at = perf_counter()
         exchange.status = response.status
         try:
@@ -293,9 +300,13 @@ class Upstream:
             return await read_body(request, self.max_body_bytes, self.body_read_timeout)
         return BoundedBody(request, self.max_body_bytes, self.body_read_timeout)
 
-    async def _exchange(self, head_only: bool, head: bytes, body, exchange: Exchange
+    async def _exchange(self, method: str, head: bytes, body, exchange: Exchange
                         ) -> tuple[BackendConnection, BackendResponse]:
-        """Write the request and wait for the response head; retry once on a stale connection."""
+        """Write the request and wait for the response head; an idempotent request is sent
+        once more when a reused keep-alive connection turns out closed (RFC 9110 §9.2.2: a
+        POST the backend may have started on is never sent twice)."""
+        head_only = method == "HEAD"
+        replayable = method in IDEMPOTENT_METHODS and not isinstance(body, BoundedBody)
         for attempt in (1, 2):
             conn = self.pool.acquire_idle()
             if conn is None:
@@ -318,7 +329,7 @@ class Upstream:
                 return conn, response
             except BackendClosed as exc:
                 self.pool.release(conn, reusable=False)
-                if attempt == 1 and conn.reused and not isinstance(body, BoundedBody):
+                if attempt == 1 and conn.reused and replayable:
                     continue  # the backend closed an idle keep-alive connection: try a new one
                 raise ProxyError(502, f"backend at {self.base_url} closed the connection "
                                       f"without answering: {exc}") from None
@@ -359,6 +370,7 @@ class Upstream:
                 raise BackendClosed("backend closed the connection during the upload")
             transport.write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
             sent += len(chunk)
+            conn.last_active = conn.loop.time()  # silence is counted from the end of the upload
             await conn.drain()
         if chunked:
             transport.write(b"0\r\n\r\n")
@@ -434,7 +446,7 @@ class Upstream:
                 exchange.capture = 0  # only JSON bodies are recorded; audio and SSE are not
             elif exchange.capture:
                 exchange.keep(payload)
-        return SentResponse(status, reason.decode("latin-1"), kept, size)
+        return SentResponse(status, reason.decode("latin-1"), kept, size, request.writer)
 
     async def _relay(self, request: web.Request, upstream: BackendResponse,
                      request_id: str, exchange: Exchange) -> web.StreamResponse:
@@ -446,14 +458,7 @@ class Upstream:
                     payload = await upstream.read_all()
                 except (ConnectionError, TimeoutError) as exc:
                     raise ProxyError(502, f"backend broke off its response: {exc}") from None
-            sent = self._write_whole(request, upstream, request_id, *whole, payload, exchange)
-            transport = request.transport
-            if transport is not None and transport.get_write_buffer_size():
-                try:
-                    await request.writer.drain()  # a slow client: wait as write_eof does
-                except ConnectionError:
-                    raise asyncio.CancelledError() from None  # it left: see below
-            return sent
+            return self._write_whole(request, upstream, request_id, *whole, payload, exchange)
         headers, length = response_headers(upstream.raw_headers)
         headers["X-Request-Id"] = request_id
         if exchange.capture is not None:  # recorded

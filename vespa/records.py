@@ -92,7 +92,8 @@ def check_logs_token(expected: str | None, given: str | None) -> bool:
     """Constant-time token check; always False when no token is configured."""
     if not expected or given is None:
         return False
-    return hmac.compare_digest(expected.encode(), given.encode())
+    # surrogateescape: a header with bytes that are not UTF-8 arrives with lone surrogates
+    return hmac.compare_digest(expected.encode(), given.encode("utf-8", "surrogateescape"))
 
 
 def safe_id(request_id: str) -> str:

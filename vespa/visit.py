@@ -6,6 +6,7 @@ once when the request is answered; ``record_entry`` turns it into a request reco
 
 from __future__ import annotations
 
+import re
 import time
 
 from aiohttp import web
@@ -16,6 +17,8 @@ from .proxy import Exchange
 from .records import REDACTED
 
 CLIENT_CLOSED = 499  # nginx's code for "client closed the request"
+# a signature sent as a query parameter (GET auth), e.g. in a request refused before it was parsed
+QUERY_SIGNATURE = re.compile(r"(?i)((?:^|&)serverless_signature=)[^&]*")
 
 
 class Visit:
@@ -50,6 +53,7 @@ def record_entry(request: web.Request, visit: Visit, ttfb: float | None) -> dict
     exchange, envelope, response = visit.exchange, visit.envelope, visit.response
     path_qs = envelope.path_qs or request.raw_path
     path, _, query = path_qs.partition("?")
+    query = QUERY_SIGNATURE.sub(rf"\1{REDACTED}", query)
     if exchange.headers is not None:  # relayed from the backend
         response_headers = exchange.headers
         response_body = bytes(exchange.body) if exchange.body is not None else None
