@@ -501,3 +501,26 @@ async def test_a_slow_upload_longer_than_the_request_timeout_is_not_cut(make_wor
     response = await client.post("/upload", data=pieces())
     assert response.status == 200, await response.text()
     assert (await response.json())["size"] == 6000
+
+
+async def test_a_backend_that_answers_early_and_closes_during_an_upload_is_relayed(make_worker):
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 4\r\n"
+                     b"Connection: close\r\n\r\nnope")
+        await writer.drain()
+        writer.close()
+
+    async def pieces():
+        for _ in range(20):
+            yield b"x" * 1000
+            await asyncio.sleep(0.05)
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        client, worker = await make_worker(backend_url=f"http://127.0.0.1:{port}")
+        response = await client.post("/upload", data=pieces())
+        assert response.status == 413
+        assert await response.read() == b"nope"
+        assert worker.ledger.totals.outcomes["success"] == 1  # the backend's answer, relayed

@@ -328,6 +328,10 @@ class Upstream:
                 await response.head
                 return conn, response
             except BackendClosed as exc:
+                answered = response.head
+                if answered.done() and not answered.cancelled() \
+                        and answered.exception() is None:
+                    return conn, response  # it answered before taking the whole upload: relay
                 self.pool.release(conn, reusable=False)
                 if attempt == 1 and conn.reused and replayable:
                     continue  # the backend closed an idle keep-alive connection: try a new one
