@@ -252,53 +252,58 @@ async def test_upstream_connections_are_reused(make_worker, backend):
     assert len({r["peer_port"] for r in backend.log.requests}) <= 2
 
 
-async def raw_backend(reply: bytes):
-    """A loopback server that answers every request with the given raw bytes."""
-    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(reply)
-        await writer.drain()
-        writer.close()
+@pytest.fixture
+async def behind_raw(make_worker):
+    """``await behind_raw(backend, **env)``: (client, worker) in front of a raw loopback backend;
+    ``backend`` is the bytes it answers every request with, or its own stream handler."""
+    servers = []
 
-    return await asyncio.start_server(answer, "127.0.0.1", 0)
+    async def start(backend, **env: str):
+        async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(backend)
+            await writer.drain()
+            writer.close()
 
-
-async def test_interim_103_is_skipped_and_the_final_response_relayed(make_worker):
-    server = await raw_backend(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n"
-                               b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Final: 1\r\n\r\nfinal")
-    async with server:
+        server = await asyncio.start_server(answer if isinstance(backend, bytes) else backend,
+                                            "127.0.0.1", 0)
+        servers.append(server)
         port = server.sockets[0].getsockname()[1]
-        client, _ = await make_worker(backend_url=f"http://127.0.0.1:{port}")
-        response = await client.get("/anything")
-        assert response.status == 200
-        assert response.headers["X-Final"] == "1"
-        assert await response.text() == "final"
+        return await make_worker(backend_url=f"http://127.0.0.1:{port}", **env)
+
+    yield start
+    for server in servers:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_interim_103_is_skipped_and_the_final_response_relayed(behind_raw):
+    client, _ = await behind_raw(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n"
+                                 b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Final: 1\r\n\r\nfinal")
+    response = await client.get("/anything")
+    assert response.status == 200
+    assert response.headers["X-Final"] == "1"
+    assert await response.text() == "final"
 
 
 @pytest.mark.parametrize("answer,problem", [
     (b"HTTP/1.1 200 OK\r\nContent-Length: nope\r\n\r\nxx", "malformed"),
     (b"HTTP/1.1 099 Low\r\nContent-Length: 2\r\n\r\nok", "status 099"),  # no HTTP status
 ])
-async def test_malformed_backend_response_is_502(make_worker, answer, problem):
-    server = await raw_backend(answer)
-    async with server:
-        port = server.sockets[0].getsockname()[1]
-        client, worker = await make_worker(backend_url=f"http://127.0.0.1:{port}")
-        response = await client.get("/anything")
-        assert response.status == 502
-        assert problem in (await response.json())["error"]
-        assert worker.ledger.totals.outcomes["error"] == 1
+async def test_malformed_backend_response_is_502(behind_raw, answer, problem):
+    client, worker = await behind_raw(answer)
+    response = await client.get("/anything")
+    assert response.status == 502
+    assert problem in (await response.json())["error"]
+    assert worker.ledger.totals.outcomes["error"] == 1
 
 
-async def test_response_without_length_ends_when_backend_closes(make_worker):
-    server = await raw_backend(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\n"
-                               b"streamed until close")
-    async with server:
-        port = server.sockets[0].getsockname()[1]
-        client, _ = await make_worker(backend_url=f"http://127.0.0.1:{port}")
-        response = await client.get("/anything")
-        assert response.status == 200
-        assert await response.text() == "streamed until close"
+async def test_response_without_length_ends_when_backend_closes(behind_raw):
+    client, _ = await behind_raw(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\n"
+                                 b"streamed until close")
+    response = await client.get("/anything")
+    assert response.status == 200
+    assert await response.text() == "streamed until close"
 
 
 # -- request targets -----------------------------------------------------------------------------
@@ -423,7 +428,7 @@ async def test_a_client_that_does_not_read_a_small_answer_holds_no_slot(make_wor
 
 @pytest.mark.parametrize("method,sent_times,status", [("GET", 2, 200), ("POST", 1, 502)])
 async def test_a_closed_keep_alive_connection_replays_only_idempotent_requests(
-        make_worker, method, sent_times, status):
+        behind_raw, method, sent_times, status):
     """The backend reads the second request on a kept-alive connection, then drops it without
     an answer: a GET is sent again on a new connection, a POST (which the backend may have
     started on) never is."""
@@ -445,17 +450,14 @@ async def test_a_closed_keep_alive_connection_replays_only_idempotent_requests(
             await writer.drain()
         writer.close()
 
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    async with server:
-        port = server.sockets[0].getsockname()[1]
-        client, worker = await make_worker(backend_url=f"http://127.0.0.1:{port}")
-        assert (await client.get("/first")).status == 200
-        response = await client.request(method, "/second", data=b"{}")
-        assert response.status == status
-        assert seen.count(b"/second") == sent_times
+    client, worker = await behind_raw(serve)
+    assert (await client.get("/first")).status == 200
+    response = await client.request(method, "/second", data=b"{}")
+    assert response.status == status
+    assert seen.count(b"/second") == sent_times
 
 
-async def test_a_reason_phrase_split_across_reads_is_relayed_whole(make_worker):
+async def test_a_reason_phrase_split_across_reads_is_relayed_whole(behind_raw):
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
         writer.write(b"HTTP/1.1 404 Not Fo")
@@ -465,12 +467,9 @@ async def test_a_reason_phrase_split_across_reads_is_relayed_whole(make_worker):
         await writer.drain()
         writer.close()
 
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    async with server:
-        port = server.sockets[0].getsockname()[1]
-        client, _ = await make_worker(backend_url=f"http://127.0.0.1:{port}")
-        response = await client.get("/x")
-        assert (response.status, response.reason) == (404, "Not Found Here")
+    client, _ = await behind_raw(serve)
+    response = await client.get("/x")
+    assert (response.status, response.reason) == (404, "Not Found Here")
 
 
 @pytest.mark.parametrize("length,first_answer", [(10, b"HTTP/1.1 100 Continue"),
@@ -503,7 +502,8 @@ async def test_a_slow_upload_longer_than_the_request_timeout_is_not_cut(make_wor
     assert (await response.json())["size"] == 6000
 
 
-async def test_a_backend_that_answers_early_and_closes_during_an_upload_is_relayed(make_worker):
+async def test_a_backend_that_answers_early_and_closes_during_an_upload_is_relayed(
+        behind_raw):
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
         writer.write(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 4\r\n"
@@ -516,11 +516,8 @@ async def test_a_backend_that_answers_early_and_closes_during_an_upload_is_relay
             yield b"x" * 1000
             await asyncio.sleep(0.05)
 
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    async with server:
-        port = server.sockets[0].getsockname()[1]
-        client, worker = await make_worker(backend_url=f"http://127.0.0.1:{port}")
-        response = await client.post("/upload", data=pieces())
-        assert response.status == 413
-        assert await response.read() == b"nope"
-        assert worker.ledger.totals.outcomes["success"] == 1  # the backend's answer, relayed
+    client, worker = await behind_raw(serve)
+    response = await client.post("/upload", data=pieces())
+    assert response.status == 413
+    assert await response.read() == b"nope"
+    assert worker.ledger.totals.outcomes["success"] == 1  # the backend's answer, relayed
