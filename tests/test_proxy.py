@@ -504,19 +504,13 @@ async def test_a_slow_upload_longer_than_the_request_timeout_is_not_cut(make_wor
 
 async def test_a_backend_that_answers_early_and_closes_during_an_upload_is_relayed(
         behind_raw):
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 4\r\n"
-                     b"Connection: close\r\n\r\nnope")
-        await writer.drain()
-        writer.close()
-
     async def pieces():
         for _ in range(20):
             yield b"x" * 1000
             await asyncio.sleep(0.05)
 
-    client, worker = await behind_raw(serve)
+    client, worker = await behind_raw(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 4\r\n"
+                                      b"Connection: close\r\n\r\nnope")
     response = await client.post("/upload", data=pieces())
     assert response.status == 413
     assert await response.read() == b"nope"
