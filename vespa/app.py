@@ -45,7 +45,6 @@ from .visit import CLIENT_CLOSED, Visit, record_entry
 
 log = logging.getLogger("vespa")
 RESERVED_PREFIX = "/_vespa/"
-OWN_ROUTES = ("healthz", "readyz", "metrics", "status", "logs", "logs/{id}")
 RECORD_PREFIX = RESERVED_PREFIX + "logs/"  # + a request id: one request record
 # the metrics label of each answer ``refusal()`` gives
 REFUSAL_REASONS = {503: "draining", 403: "blocked", 400: "target"}
@@ -122,8 +121,9 @@ class Worker:
         if self.too_long(request):
             return self.refuse(visit, "body_size", self.too_large(
                 rid, f"request body of {request.content_length} bytes"))
+        target = origin_form(request.raw_path)  # None: no path to serve, refusal() says 400
         try:
-            envelope = visit.envelope = await self.open(request)
+            envelope = visit.envelope = await self.open(request, target)
         except EnvelopeError as exc:
             return self.refuse(visit, "envelope", json_error(422, str(exc), rid,
                                                              problems=exc.problems))
@@ -136,7 +136,7 @@ class Worker:
             if problem is not None:
                 return self.refuse(visit, "signature", json_error(problem[0], problem[1], rid))
         workload = workload_of(envelope.cost, self.settings.default_cost)
-        refusal = self.refusal(request, rid)
+        refusal = self.refusal(request, target, rid)
         if refusal is not None:
             self.ledger.reject(workload, envelope.request_idx, refusal.status, time.time())
             reason = REFUSAL_REASONS.get(refusal.status, "other")
@@ -159,9 +159,7 @@ class Worker:
                                   "VESPA_BACKEND_QUEUE_LIMIT); retry in 1s", rid,
                                   {"Retry-After": "1"})
             try:
-                ticket = self.gate.admit(workload)
-                if not ticket.started:
-                    await self.gate.wait(ticket)
+                ticket = await self.gate.enter(workload)
             except Overloaded as exc:
                 outcome, status = Outcome.REJECTED, 429
                 self.metrics.rejected(exc.rejection.reason)
@@ -215,11 +213,12 @@ class Worker:
         if visit.record:
             self.recorder.record(record_entry(request, visit, ttfb))
 
-    async def open(self, request: web.Request) -> Envelope:
+    async def open(self, request: web.Request, target: str | None) -> Envelope:
         """The request's envelope; reads the body only when it may be one. An absolute-form
-        target (``http://host/path``) is opened and forwarded as its path and query."""
+        target (``http://host/path``) is opened and forwarded as its path and query
+        (``target``, its ``origin_form``)."""
         raw = request.raw_path
-        target = origin_form(raw) or raw  # a target without a path: refusal() answers 400
+        target = target or raw  # a target without a path: refusal() answers 400
         envelope = await self.open_at(request, target)
         if target != raw and envelope.path_qs is None:
             envelope = replace(envelope, path_qs=target)
@@ -255,12 +254,13 @@ class Worker:
                              expected_url=expected_url, replay=self.replay)
         return None if verdict.ok else (401, verdict.reason)
 
-    def refusal(self, request: web.Request, rid: str) -> web.Response | None:
-        """The answer for a request refused before admission, or None to let it in."""
+    def refusal(self, request: web.Request, target: str | None, rid: str
+                ) -> web.Response | None:
+        """The answer for a request refused before admission, or None to let it in
+        (``target``: the request's ``origin_form``)."""
         if self.state.draining:
             return json_error(503, "worker is shutting down; send the request to another worker",
                               rid, {"Retry-After": "1"})
-        target = origin_form(request.raw_path)
         if target is None:
             return json_error(400, f"request target {request.raw_path[:200]!r} has no path: "
                                    "send /path?query", rid)
@@ -339,7 +339,7 @@ class Worker:
         return web.json_response(record)
 
     async def unknown_own_route(self, request: web.Request) -> web.Response:
-        routes = ", ".join(RESERVED_PREFIX + name for name in OWN_ROUTES)
+        routes = ", ".join([*self.own_routes, RECORD_PREFIX + "{id}"])
         return json_error(404, f"no worker route {request.path}; the worker's own routes are "
                                f"{routes}", request_id(request.headers.get("X-Request-Id")))
 
@@ -388,7 +388,7 @@ class Worker:
     def spawn(self, coroutine, name: str) -> None:
         self.background.append(asyncio.create_task(coroutine, name=name))
 
-    async def on_startup(self, app: web.Application | None = None) -> None:
+    async def on_startup(self) -> None:
         settings = self.settings
         await self.upstream.start()
         self.session = aiohttp.ClientSession()
@@ -464,7 +464,7 @@ class Worker:
                          key_ready=self.keyring.ready if self.keyring else None,
                          on_throughput=set_throughput, on_change=wake_reporter)
 
-    async def on_cleanup(self, app: web.Application | None = None) -> None:
+    async def on_cleanup(self) -> None:
         if self.supervisor is not None:
             await self.supervisor.stop()
         for task in self.background:

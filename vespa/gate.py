@@ -25,35 +25,24 @@ class Gate:
         self.turns: dict[Ticket, asyncio.Future[None]] = {}
 
     async def enter(self, workload: float) -> Ticket:
-        ticket = self.admit(workload)
-        if not ticket.started:
-            await self.wait(ticket)
-        return ticket
-
-    def admit(self, workload: float) -> Ticket:
-        """The ticket, started or in line (then ``wait`` for its turn); raises ``Overloaded``.
-
-        ``enter`` in two steps, so that a caller that is let in at once never suspends.
-        """
         decision = self.admission.admit(workload)
         if isinstance(decision, Rejection):
             raise Overloaded(decision)
-        return decision
-
-    async def wait(self, ticket: Ticket) -> None:
-        """Wait in line until ``ticket`` starts, at most the max wait time."""
+        if decision.started:
+            return decision
         turn = asyncio.get_running_loop().create_future()
-        self.turns[ticket] = turn
+        self.turns[decision] = turn
         try:
             await asyncio.wait_for(asyncio.shield(turn), self.admission.max_wait_time)
         except asyncio.TimeoutError:
-            self.leave(ticket)
+            self.leave(decision)
             raise Overloaded(self.admission.queue_timeout()) from None
         except BaseException:
-            self.leave(ticket)
+            self.leave(decision)
             raise
         finally:
-            self.turns.pop(ticket, None)
+            self.turns.pop(decision, None)
+        return decision
 
     def leave(self, ticket: Ticket) -> None:
         for started in self.admission.finish(ticket):

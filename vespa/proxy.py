@@ -60,6 +60,14 @@ class Exchange:
         # recorded: keep the response headers and up to this many body bytes; None: not recorded
         self.capture = capture
 
+    def note_head(self, headers: list[tuple[str, str]], content_type: str) -> None:
+        """The response headers as relayed, when recorded; only a JSON body is kept (audio and
+        SSE are not)."""
+        if self.capture is not None:
+            self.headers = headers
+            if "json" not in content_type:
+                self.capture = 0
+
     def keep(self, chunk: bytes) -> None:
         if self.body is None:
             self.body = bytearray()
@@ -317,14 +325,7 @@ class Upstream:
                                           f"{exc or type(exc).__name__}") from None
             response = conn.start(head_only, self.read_timeout)
             try:
-                if body is None:
-                    conn.transport.write(head)
-                    exchange.bytes_in = 0
-                elif isinstance(body, bytes):
-                    conn.transport.write(head + body)
-                    exchange.bytes_in = len(body)
-                else:
-                    exchange.bytes_in = await self._send(conn, head, body)
+                exchange.bytes_in = await self._send(conn, head, body)
                 await response.head
                 return conn, response
             except BackendClosed as exc:
@@ -443,38 +444,36 @@ class Upstream:
         request.writer.output_size += len(data)  # a response went out: no error page after it
         exchange.bytes_out = size
         if exchange.capture is not None:  # recorded
-            exchange.headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in kept]
-            content_type = next((v for n, v in exchange.headers if n.lower() == "content-type"),
-                                "")
-            if "json" not in content_type:
-                exchange.capture = 0  # only JSON bodies are recorded; audio and SSE are not
-            elif exchange.capture:
+            headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in kept]
+            exchange.note_head(headers, next(
+                (v for n, v in headers if n.lower() == "content-type"), ""))
+            if exchange.capture:
                 exchange.keep(payload)
         return SentResponse(status, reason.decode("latin-1"), kept, size, request.writer)
+
+    @staticmethod
+    async def _payload(upstream: BackendResponse) -> bytes:
+        """A small response's whole body (502 when the backend breaks it off)."""
+        payload = upstream.take_all()
+        if payload is not None:  # all of it has arrived
+            return payload
+        try:
+            return await upstream.read_all()
+        except (ConnectionError, TimeoutError) as exc:
+            raise ProxyError(502, f"backend broke off its response: {exc}") from None
 
     async def _relay(self, request: web.Request, upstream: BackendResponse,
                      request_id: str, exchange: Exchange) -> web.StreamResponse:
         whole = self._whole_head(request, upstream)
         if whole is not None:
-            payload = upstream.take_all()
-            if payload is None:  # the body is still on its way
-                try:
-                    payload = await upstream.read_all()
-                except (ConnectionError, TimeoutError) as exc:
-                    raise ProxyError(502, f"backend broke off its response: {exc}") from None
+            payload = await self._payload(upstream)
             return self._write_whole(request, upstream, request_id, *whole, payload, exchange)
         headers, length = response_headers(upstream.raw_headers)
         headers["X-Request-Id"] = request_id
-        if exchange.capture is not None:  # recorded
-            exchange.headers = list(headers.items())
-            if "json" not in headers.get("Content-Type", ""):
-                exchange.capture = 0  # only JSON bodies are recorded; audio and SSE are not
+        exchange.note_head(list(headers.items()), headers.get("Content-Type", ""))
         reason = upstream.reason.decode("latin-1") or None
         if length is not None and length <= SMALL_BODY and not upstream.head_only:
-            try:
-                payload = await upstream.read_all()
-            except (ConnectionError, TimeoutError) as exc:
-                raise ProxyError(502, f"backend broke off its response: {exc}") from None
+            payload = await self._payload(upstream)
             exchange.bytes_out = len(payload)
             if exchange.capture:
                 exchange.keep(payload)
