@@ -4,7 +4,7 @@ A request walks: dispatch -> size check -> envelope -> signature -> refusals (dr
 target, blocked path) -> admission (incl. vLLM's own queue when asked) -> ledger -> proxy, and
 is accounted once at the end (metrics, request record). Every request that was admitted or
 rejected ends in the ledger exactly once; a request whose signature fails is not load and never
-enters it. The worker is served on aiohttp's low-level ``Server`` (``WorkerRunner``).
+enters it. The worker is served by ``front.FrontServer`` on aiohttp's runner (``WorkerRunner``).
 """
 
 from __future__ import annotations
@@ -15,19 +15,21 @@ import logging
 import re
 import time
 from dataclasses import replace
+from urllib.parse import parse_qs
 
 import aiohttp
-from aiohttp import hdrs, web
-from aiohttp.http import HttpVersion11
+from aiohttp import web
 
 from .admission import Admission, workload_of
 from .auth import ReplayWindow, verify
 from .config import Settings
+from .answer import Answer, json_answer, json_error
 from .envelope import PASSTHROUGH, BODY_METHODS, Envelope, EnvelopeError, open_envelope
 from .gate import Gate, Overloaded
 from .keyring import KeyRing
 from .ledger import Ledger, Outcome
 from .lifecycle import Lifecycle, Phase, StartupPlan, WorkerState
+from .front import BodyError, FrontServer, Request
 from .insight import BackendInsight
 from .launch import backend_process
 from .logging_setup import current_request_id
@@ -48,13 +50,6 @@ RESERVED_PREFIX = "/_vespa/"
 RECORD_PREFIX = RESERVED_PREFIX + "logs/"  # + a request id: one request record
 # the metrics label of each answer ``refusal()`` gives
 REFUSAL_REASONS = {503: "draining", 403: "blocked", 400: "target"}
-
-
-def json_error(status: int, message: str, rid: str, headers: dict | None = None,
-               **extra) -> web.Response:
-    response = web.json_response({"error": message, **extra}, status=status, headers=headers)
-    response.headers["X-Request-Id"] = rid
-    return response
 
 
 def compile_patterns(patterns: tuple[str, ...]) -> re.Pattern | None:
@@ -105,23 +100,26 @@ class Worker:
             ("status", self.status), ("logs", self.logs))}
 
     # -- the corridor --------------------------------------------------------------------------
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        rid = request_id(request.headers.get("X-Request-Id"))
+    async def handle(self, request: Request, target: str | None) -> None:
+        """Serve one request for the backend (``target``: its ``origin_form``) and account
+        for it."""
+        rid = request_id(request.header(b"x-request-id"))
         current_request_id.set(rid)
         recorder = self.recorder
         visit = Visit(rid, recorder is not None and recorder.wanted(), self.capture)
         try:
-            visit.response = await self.walk(request, visit)
-            return visit.response
+            answer = visit.response = await self.walk(request, target, visit)
+            if answer is not None:
+                answer.send(request.reply)
         finally:
             self.account(request, visit)
 
-    async def walk(self, request: web.Request, visit: Visit) -> web.StreamResponse:
+    async def walk(self, request: Request, target: str | None, visit: Visit) -> Answer | None:
+        """The worker's own answer, or None when the backend's was relayed."""
         rid = visit.rid
         if self.too_long(request):
             return self.refuse(visit, "body_size", self.too_large(
                 rid, f"request body of {request.content_length} bytes"))
-        target = origin_form(request.raw_path)  # None: no path to serve, refusal() says 400
         try:
             envelope = visit.envelope = await self.open(request, target)
         except EnvelopeError as exc:
@@ -131,6 +129,9 @@ class Worker:
             return self.refuse(visit, "body_size", self.too_large(rid, "request body"))
         except BodyStalled as exc:  # the connection closes after this answer
             return self.refuse(visit, "body_stalled", json_error(408, str(exc), rid))
+        except BodyError as exc:  # malformed framing: the connection closes after this answer
+            return self.refuse(visit, "body_malformed",
+                               json_error(400, f"request body cannot be read: {exc}", rid))
         if envelope.auth_data is not None and not self.settings.unsecured:
             problem = await self.check_signature(envelope.auth_data)
             if problem is not None:
@@ -143,8 +144,8 @@ class Worker:
             return self.refuse(visit, reason, refusal, Outcome.REJECTED)
         return await self.serve_admitted(request, visit, envelope, workload)
 
-    async def serve_admitted(self, request: web.Request, visit: Visit, envelope: Envelope,
-                             workload: float) -> web.StreamResponse:
+    async def serve_admitted(self, request: Request, visit: Visit, envelope: Envelope,
+                             workload: float) -> Answer | None:
         rid = visit.rid
         entry = self.ledger.receive(workload, envelope.request_idx, visit.received_at)
         self.idle.clear()
@@ -168,18 +169,17 @@ class Worker:
             visit.started_at = now = time.time()
             self.ledger.start(entry, now)
             try:
-                response = await self.upstream.forward(request, rid, envelope.body,
-                                                       envelope.path_qs, visit.exchange)
-                outcome = Outcome.SUCCESS if response.status < 500 else Outcome.ERROR
-                status = response.status
-                return response
+                status = await self.upstream.forward(request, rid, envelope.body,
+                                                     envelope.path_qs, visit.exchange)
+                outcome = Outcome.SUCCESS if status < 500 else Outcome.ERROR
+                return None
             except ProxyError as exc:
                 outcome, status = Outcome.ERROR, exc.status
                 return json_error(exc.status, exc.message, rid)
             except UpstreamBroken as exc:
                 outcome, status = Outcome.ERROR, 502
                 log.warning("request %s: %s", rid, exc)
-                return exc.response
+                return None
             finally:
                 self.gate.leave(ticket)
         finally:
@@ -193,14 +193,14 @@ class Worker:
         return (self.settings.admit_on_backend_queue and self.insight is not None
                 and self.insight.overloaded(self.settings.backend_queue_limit))
 
-    def refuse(self, visit: Visit, reason: str, response: web.Response,
-               outcome: Outcome | None = None) -> web.Response:
+    def refuse(self, visit: Visit, reason: str, response: Answer,
+               outcome: Outcome | None = None) -> Answer:
         """A request answered before admission: counted under ``reason``."""
         self.metrics.rejected(reason)
         visit.status, visit.outcome = response.status, outcome
         return response
 
-    def account(self, request: web.Request, visit: Visit) -> None:
+    def account(self, request: Request, visit: Visit) -> None:
         """Metrics (and, when on, a request record) for one answered request."""
         exchange = visit.exchange
         upstream = ttfb = None
@@ -213,25 +213,25 @@ class Worker:
         if visit.record:
             self.recorder.record(record_entry(request, visit, ttfb))
 
-    async def open(self, request: web.Request, target: str | None) -> Envelope:
+    async def open(self, request: Request, target: str | None) -> Envelope:
         """The request's envelope; reads the body only when it may be one. An absolute-form
         target (``http://host/path``) is opened and forwarded as its path and query
         (``target``, its ``origin_form``)."""
-        raw = request.raw_path
+        raw = request.target
         target = target or raw  # a target without a path: refusal() answers 400
         envelope = await self.open_at(request, target)
         if target != raw and envelope.path_qs is None:
             envelope = replace(envelope, path_qs=target)
         return envelope
 
-    async def open_at(self, request: web.Request, target: str) -> Envelope:
+    async def open_at(self, request: Request, target: str) -> Envelope:
         """The envelope of ``request`` as sent to the origin-form ``target``."""
         unsecured = self.settings.unsecured
         if request.method not in BODY_METHODS:
             if unsecured and "serverless_" not in target:
                 return PASSTHROUGH
             return open_envelope(request.method, target, None, unsecured=unsecured)
-        if not request.body_exists:
+        if not request.has_body:
             return open_envelope(request.method, target, None, unsecured=unsecured)
         length = request.content_length
         if unsecured and (length is None or length > SMALL_BODY):
@@ -254,80 +254,79 @@ class Worker:
                              expected_url=expected_url, replay=self.replay)
         return None if verdict.ok else (401, verdict.reason)
 
-    def refusal(self, request: web.Request, target: str | None, rid: str
-                ) -> web.Response | None:
+    def refusal(self, request: Request, target: str | None, rid: str) -> Answer | None:
         """The answer for a request refused before admission, or None to let it in
         (``target``: the request's ``origin_form``)."""
         if self.state.draining:
             return json_error(503, "worker is shutting down; send the request to another worker",
                               rid, {"Retry-After": "1"})
         if target is None:
-            return json_error(400, f"request target {request.raw_path[:200]!r} has no path: "
+            return json_error(400, f"request target {request.target[:200]!r} has no path: "
                                    "send /path?query", rid)
         if self.blocked is not None and any(map(self.blocked.match, spellings(target))):
             return json_error(403, f"path {path_of(target)} is blocked on this worker "
                                    "(VESPA_BLOCKED_PATHS)", rid)
         return None
 
-    def too_long(self, request: web.BaseRequest) -> bool:
+    def too_long(self, request: Request) -> bool:
         """The request says its body is larger than the limit."""
         length = request.content_length
         return length is not None and length > self.settings.max_body_bytes
 
-    def too_large(self, rid: str, what: str) -> web.Response:
+    def too_large(self, rid: str, what: str) -> Answer:
         return json_error(413, f"{what} exceeds the {self.settings.max_body_bytes}-byte limit "
                                "(VESPA_MAX_BODY_BYTES)", rid)
 
     # -- the worker's own routes ---------------------------------------------------------------
-    async def healthz(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "alive", "phase": self.state.phase.value})
+    async def healthz(self, request: Request) -> Answer:
+        return json_answer(200, {"status": "alive", "phase": self.state.phase.value})
 
-    async def readyz(self, request: web.Request) -> web.Response:
+    async def readyz(self, request: Request) -> Answer:
         ready = self.state.ready
         body = {"ready": ready, "phase": self.state.phase.value}
         if self.state.error_msg:
             body["error"] = self.state.error_msg
-        return web.json_response(body, status=200 if ready else 503)
+        return json_answer(200 if ready else 503, body)
 
-    async def metrics_route(self, request: web.Request) -> web.Response:
-        body, content_type = self.metrics.exposition(request.headers.get("Accept"))
-        return web.Response(body=body, headers={"Content-Type": content_type})
+    async def metrics_route(self, request: Request) -> Answer:
+        body, content_type = self.metrics.exposition(request.header(b"accept"))
+        return Answer(200, [("Content-Type", content_type)], body)
 
-    async def status(self, request: web.Request) -> web.Response:
-        return web.json_response(worker_status(
+    async def status(self, request: Request) -> Answer:
+        return json_answer(200, worker_status(
             state=self.state, admission=self.admission, ledger=self.ledger,
             backend_url=self.settings.backend_url, backend=self.settings.backend,
             reporter=self.reporter, supervisor=self.supervisor, insight=self.insight,
             recorder=self.recorder))
 
-    def logs_refusal(self, request: web.Request) -> web.Response | None:
+    def logs_refusal(self, request: Request) -> Answer | None:
         """Why a request-records route must not answer, or None when it may."""
-        rid = request_id(request.headers.get("X-Request-Id"))
+        rid = request_id(request.header(b"x-request-id"))
         if not self.settings.logs_token:
             return json_error(403, "request records are not served: set VESPA_LOGS_TOKEN and "
                                    "send it in the x-vespa-logs-token header", rid)
         if not check_logs_token(self.settings.logs_token,
-                                request.headers.get("x-vespa-logs-token")):
+                                request.header(b"x-vespa-logs-token")):
             return json_error(401, "missing or wrong x-vespa-logs-token header", rid)
         if self.recorder is None:
             return json_error(404, "request records are off: set VESPA_REQUEST_LOG_DIR", rid)
         return None
 
-    async def logs(self, request: web.Request) -> web.Response:
+    async def logs(self, request: Request) -> Answer:
         refusal = self.logs_refusal(request)
         if refusal is not None:
             return refusal
-        raw_limit = request.query.get("limit", "50")
+        raw_limit = parse_qs(request.query_string).get("limit", ["50"])[0]
         try:
             limit = int(raw_limit)
             if limit < 1:
                 raise ValueError
         except ValueError:
             return json_error(400, f"limit must be a whole number from 1 up, not {raw_limit!r}",
-                              request_id(request.headers.get("X-Request-Id")))
-        return web.json_response({"records": await self.recorder.list(limit)})
+                              request_id(request.header(b"x-request-id")))
+        return json_answer(200, {"records": await self.recorder.list(limit)})
 
-    async def log_record(self, request: web.Request, wanted: str) -> web.Response:
+    async def log_record(self, request: Request, wanted: str) -> Answer:
         refusal = self.logs_refusal(request)
         if refusal is not None:
             return refusal
@@ -335,50 +334,33 @@ class Worker:
         if record is None:
             return json_error(404, f"no request record with id {wanted!r} (records are kept "
                                    f"{self.settings.request_log_retention_hours:g} h)",
-                              request_id(request.headers.get("X-Request-Id")))
-        return web.json_response(record)
+                              request_id(request.header(b"x-request-id")))
+        return json_answer(200, record)
 
-    async def unknown_own_route(self, request: web.Request) -> web.Response:
+    async def unknown_own_route(self, request: Request, path: str) -> Answer:
         routes = ", ".join([*self.own_routes, RECORD_PREFIX + "{id}"])
-        return json_error(404, f"no worker route {request.path}; the worker's own routes are "
-                               f"{routes}", request_id(request.headers.get("X-Request-Id")))
+        return json_error(404, f"no worker route {path}; the worker's own routes are "
+                               f"{routes}", request_id(request.header(b"x-request-id")))
 
-    # -- dispatch: the worker's routes without aiohttp's Application, router or middleware -----
-    async def dispatch(self, request: web.BaseRequest) -> web.StreamResponse:
-        """The request handler of the low-level server: own routes under /_vespa/, else proxy.
+    # -- dispatch ------------------------------------------------------------------------------
+    async def dispatch(self, request: Request) -> None:
+        """The front server's handler: the worker's own routes under /_vespa/ (GET and HEAD),
+        a JSON 404 for any other path under that prefix, everything else to the backend."""
+        target = origin_form(request.target)  # None: no path to serve, refusal() says 400
+        if target is not None and target.startswith(RESERVED_PREFIX):
+            answer = await self.own_route(request, path_of(target))
+            answer.send(request.reply)
+        else:
+            await self.handle(request, target)
 
-        Matches like the router it replaces would: on ``rel_url.path_safe``, GET (and HEAD) for
-        the worker's routes, a JSON 404 for any other /_vespa/ path, aiohttp's 404 for a path
-        that no route pattern matches; ``Expect`` is answered as aiohttp's default does.
-        """
-        if hdrs.EXPECT in request.headers and not self.too_long(request):
-            await self.expect(request)  # (a body known to be too large gets 413, not 100)
-        path = request.rel_url.path_safe
-        if "\n" in path or not path.startswith("/"):
-            raise web.HTTPNotFound()  # what the "/{path:.*}" route did not match
-        if path.startswith(RESERVED_PREFIX):
-            if request.method in ("GET", "HEAD"):
-                route = self.own_routes.get(path)
-                if route is not None:
-                    return await route(request)
-                if path.startswith(RECORD_PREFIX) and len(path) > len(RECORD_PREFIX):
-                    return await self.log_record(request, path[len(RECORD_PREFIX):])
-            return await self.unknown_own_route(request)
-        return await self.handle(request)
-
-    @staticmethod
-    async def expect(request: web.BaseRequest) -> None:
-        """aiohttp's default Expect handling: 100 Continue, or 417 for anything else."""
-        expect = request.headers.get(hdrs.EXPECT, "")
-        if not expect:
-            return
-        if request.version == HttpVersion11:
-            if expect.lower() == "100-continue":
-                await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-                request.writer.output_size = 0  # the main response has not started yet
-            else:
-                raise web.HTTPExpectationFailed(text="Unknown Expect: %s" % expect)
-        await request.writer.drain()
+    async def own_route(self, request: Request, path: str) -> Answer:
+        if request.method in ("GET", "HEAD"):
+            route = self.own_routes.get(path)
+            if route is not None:
+                return await route(request)
+            if path.startswith(RECORD_PREFIX) and len(path) > len(RECORD_PREFIX):
+                return await self.log_record(request, path[len(RECORD_PREFIX):])
+        return await self.unknown_own_route(request, path)
 
     # -- assembly and life ---------------------------------------------------------------------
     def runner(self, **kwargs) -> "WorkerRunner":
@@ -502,20 +484,20 @@ class Worker:
 
 
 class WorkerRunner(web.BaseRunner):
-    """Serves a ``Worker`` on aiohttp's low-level ``web.Server``.
-
-    The per-request path skips the Application's router, match info, middleware walk and
-    ``web.Request`` construction (a plain ``BaseRequest`` does); ``Worker.dispatch`` routes.
-    The worker's start-up and clean-up run where an AppRunner would run the app's signals.
+    """Serves a ``Worker`` with ``front.FrontServer`` on aiohttp's runner and sites (listening
+    sockets, TLS). The worker's start-up and clean-up run where an AppRunner would run the
+    app's signals. Of aiohttp's server options only ``keepalive_timeout`` applies; a client that
+    goes away always cancels its request.
     """
 
     def __init__(self, worker: Worker, *, handle_signals: bool = False, **kwargs):
         super().__init__(handle_signals=handle_signals, **kwargs)
         self.worker = worker
 
-    async def _make_server(self) -> web.Server:
+    async def _make_server(self) -> FrontServer:
         await self.worker.on_startup()
-        return web.Server(self.worker.dispatch, **self._kwargs)
+        return FrontServer(self.worker.dispatch,
+                           keepalive_timeout=self._kwargs.get("keepalive_timeout", 75.0))
 
     async def shutdown(self) -> None:
         pass

@@ -43,7 +43,8 @@ OTHER_ROUTE = "other"
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 OTHER_METHOD = "OTHER"
 REJECT_REASONS = ("overload", "queue_timeout", "backend_queue", "signature", "body_size",
-                  "body_stalled", "blocked", "draining", "envelope", "target")
+                  "body_stalled", "body_malformed", "blocked", "draining", "envelope",
+                  "target")
 REPORT_KINDS = ("worker_status", "delete_requests")
 # Upstream latency spans a 1 ms health check to a minutes-long generation.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,

@@ -11,18 +11,13 @@ are read with an idle timeout (``BodyStalled``). Connections come from ``Backend
 from __future__ import annotations
 
 import asyncio
-import re
 from time import perf_counter
 
-from aiohttp import web
-from aiohttp.helpers import must_be_empty_body, rfc822_formatted_time
-from aiohttp.http import SERVER_SOFTWARE, HttpVersion11
-from aiohttp.web_response import REASON_PHRASES
-from multidict import CIMultiDict
 from yarl import URL
 
 from .backend_pool import (BackendClosed, BackendConnection, BackendPool, BackendResponse,
                            BackendTimeout, MalformedResponse)
+from .front import BodyError, Reply, Request, http_date
 
 HOP_BY_HOP = frozenset({
     b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization",
@@ -31,13 +26,8 @@ HOP_BY_HOP = frozenset({
 # Replaced by the proxy for the upstream request.
 _REQUEST_DROP = HOP_BY_HOP | {b"host", b"content-length", b"expect", b"x-forwarded-for",
                               b"x-forwarded-proto", b"x-request-id"}
-_RESPONSE_DROP = HOP_BY_HOP | {b"content-length"}
-# A response written whole: ours replace the backend's X-Request-Id and Content-Length.
-_DIRECT_DROP = _RESPONSE_DROP | {b"x-request-id"}
-_DIRECT_SEEN = {b"content-type": 1, b"date": 2, b"server": 4}
-_SERVER = SERVER_SOFTWARE.encode()
-# what aiohttp refuses in a header it writes (a 500 instead): left to its path to refuse
-_FORBIDDEN_HEADER_BYTES = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+# Ours replace the backend's X-Request-Id and framing.
+_RELAYED_DROP = HOP_BY_HOP | {b"content-length", b"x-request-id"}
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 # Bodies up to this size are read whole: one write each way instead of a stream.
@@ -94,10 +84,6 @@ class BodyTooLarge(Exception):
 class UpstreamBroken(Exception):
     """The backend failed after the response had started; the client's connection was cut."""
 
-    def __init__(self, message: str, response: web.StreamResponse):
-        super().__init__(message)
-        self.response = response
-
 
 class BodyStalled(Exception):
     """The client sent nothing of its request body for longer than the body read timeout."""
@@ -108,42 +94,38 @@ class BodyStalled(Exception):
         self.timeout = timeout
 
 
-async def read_chunk(request: web.Request, size: int, timeout: float) -> bytes:
-    """Up to ``size`` more bytes of the request body, b"" at its end. When none arrive for
-    ``timeout`` seconds the connection is given up (closed after the answer, the rest of the
-    body ignored, no lingering read) and ``BodyStalled`` is raised."""
+async def read_chunk(request: Request, timeout: float) -> bytes:
+    """More bytes of the request body (whatever has arrived), b"" at its end. When none arrive
+    for ``timeout`` seconds the connection is given up (closed after the answer, the rest of
+    the body ignored) and ``BodyStalled`` is raised."""
     try:
         async with asyncio.timeout(timeout):
-            return await request.content.read(size)
+            return await request.body.read()
     except TimeoutError:
-        request.protocol.close()  # no keep-alive after this answer; later bytes are dropped
-        request.content.feed_eof()  # nothing left to linger for before closing
+        request.give_up()
         raise BodyStalled(timeout) from None
 
 
-async def read_body(request: web.Request, limit: int, idle_timeout: float) -> bytes:
+async def read_body(request: Request, limit: int, idle_timeout: float) -> bytes:
     """The whole request body, refused past ``limit`` bytes even without a Content-Length;
     ``BodyStalled`` when the client pauses for ``idle_timeout`` seconds before its end."""
-    content, length = request.content, request.content_length
-    if length is not None and content.is_eof() and content.total_bytes == length:
-        return content.read_nowait()  # all of it arrived with the head: no timer, no await
+    body = request.body
+    if body.complete and body.error is None and not body.expects_continue:
+        return body.take()  # all of it arrived with the head: no timer, no await
     parts, size = [], 0
-    while chunk := await read_chunk(request, STREAM_CHUNK, idle_timeout):
+    while chunk := await read_chunk(request, idle_timeout):
         size += len(chunk)
         if size > limit:
             raise BodyTooLarge()
         parts.append(chunk)
-    body = b"".join(parts)
-    if length is not None and size < length:
-        raise asyncio.IncompleteReadError(body, length)
-    return body
+    return b"".join(parts)
 
 
 class BoundedBody:
     """A request body streamed upstream chunk by chunk, stopped once it passes ``limit`` or
     stalls for ``idle_timeout`` seconds."""
 
-    def __init__(self, request: web.Request, limit: int, idle_timeout: float):
+    def __init__(self, request: Request, limit: int, idle_timeout: float):
         self.request = request
         self.limit = limit
         self.idle_timeout = idle_timeout
@@ -151,7 +133,7 @@ class BoundedBody:
 
     async def __aiter__(self):
         sent = 0
-        while chunk := await read_chunk(self.request, STREAM_CHUNK, self.idle_timeout):
+        while chunk := await read_chunk(self.request, self.idle_timeout):
             sent += len(chunk)
             if sent > self.limit:
                 raise BodyTooLarge()
@@ -166,7 +148,7 @@ def _connection_tokens(raw_headers) -> frozenset[bytes]:
     return frozenset(tokens)
 
 
-def request_head(request: web.Request, target: str, host: bytes, request_id: str,
+def request_head(request: Request, target: str, host: bytes, request_id: str,
                  framing: bytes) -> bytes:
     """The upstream request line and headers: the client's minus hop-by-hop, plus ours."""
     raw = request.raw_headers
@@ -181,65 +163,35 @@ def request_head(request: web.Request, target: str, host: bytes, request_id: str
                 forwarded_for = value
             continue
         lines += (name, b": ", value, b"\r\n")
-    peer = (request.remote or "").encode()
+    peer = request.conn.peer.encode()
     lines += (b"X-Forwarded-For: ", forwarded_for + b", " + peer if forwarded_for else peer,
-              b"\r\nX-Forwarded-Proto: ", request.scheme.encode(),
+              b"\r\nX-Forwarded-Proto: ", request.conn.scheme.encode(),
               b"\r\nX-Request-Id: ", request_id.encode(), b"\r\n", framing, b"\r\n")
     return b"".join(lines)
 
 
-class SentResponse:
-    """A small response already written to the client in one piece (head and body).
-
-    It stands where aiohttp expects a ``StreamResponse`` once the handler returns: ``prepare``
-    has nothing left to do, ``write_eof`` waits for a slow client to take the bytes (after the
-    handler, so a client that reads slowly holds no admission or backend slot). The bytes are what aiohttp would have written for
-    the same ``web.Response`` (status line, the backend's headers minus hop-by-hop, our
-    X-Request-Id and Content-Length, Content-Type/Date/Server defaults), only built from the
-    backend's raw header bytes without a header multidict round trip.
-    """
-
-    __slots__ = ("status", "reason", "raw_headers", "body_length", "writer")
-    keep_alive = True  # only keep-alive HTTP/1.1 requests are answered this way
-    prepared = True
-
-    def __init__(self, status: int, reason: str, raw_headers: list[tuple[bytes, bytes]],
-                 body_length: int, writer):
-        self.writer = writer  # the client's aiohttp StreamWriter
-        self.status = status
-        self.reason = reason
-        self.raw_headers = raw_headers  # as sent to the client, ours included
-        self.body_length = body_length
-
-    @property
-    def headers(self) -> CIMultiDict:
-        return CIMultiDict((n.decode("latin-1"), v.decode("latin-1"))
-                           for n, v in self.raw_headers)
-
-    async def prepare(self, request: web.BaseRequest) -> None:
-        return None
-
-    async def write_eof(self, data: bytes = b"") -> None:
-        """Wait while the client's transport holds too much, as aiohttp's own write_eof does
-        (a client gone raises ConnectionError: aiohttp counts that as a reset)."""
-        transport = self.writer.transport
-        if transport is not None and transport.get_write_buffer_size():
-            await self.writer.drain()
-
-
-def response_headers(raw_headers: list[tuple[bytes, bytes]]) -> tuple[CIMultiDict, int | None]:
-    """The backend's headers minus hop-by-hop, and its Content-Length if it sent one."""
-    drop = _RESPONSE_DROP | _connection_tokens(raw_headers)
-    headers: CIMultiDict = CIMultiDict()
+def relayed_headers(raw_headers: list[tuple[bytes, bytes]]
+                    ) -> tuple[list[tuple[bytes, bytes]], int | None, bool]:
+    """The backend's headers minus hop-by-hop ones (and its X-Request-Id, replaced by ours),
+    its Content-Length if it sent one, and whether it sent a Date."""
+    kept = []
     length = None
-    for name, value in raw_headers:
-        lowered = name.lower()
-        if lowered in drop:
+    has_date = False
+    tokens = None
+    for pair in raw_headers:
+        lowered = pair[0].lower()
+        if lowered in _RELAYED_DROP:
             if lowered == b"content-length":
-                length = int(value)
+                length = int(pair[1])  # llhttp has checked it
+            elif lowered == b"connection":
+                tokens = (tokens or set()) | {t.strip().lower() for t in pair[1].split(b",")}
             continue
-        headers.add(name.decode("latin-1"), value.decode("latin-1"))
-    return headers, length
+        if lowered == b"date":
+            has_date = True
+        kept.append(pair)
+    if tokens:
+        kept = [pair for pair in kept if pair[0].lower() not in tokens]
+    return kept, length, has_date
 
 
 class Upstream:
@@ -270,17 +222,17 @@ class Upstream:
         if self.pool is not None:
             self.pool.close()
 
-    async def forward(self, request: web.Request, request_id: str, body: bytes | None = None,
-                      path_qs: str | None = None, exchange: Exchange | None = None
-                      ) -> web.StreamResponse:
-        """Send ``request`` (or ``body`` instead of its own) upstream and relay the answer."""
+    async def forward(self, request: Request, request_id: str, body: bytes | None = None,
+                      path_qs: str | None = None, exchange: Exchange | None = None) -> int:
+        """Send ``request`` (or ``body`` instead of its own) upstream and relay the answer;
+        returns the backend's status."""
         exchange = exchange if exchange is not None else Exchange()
         if body is None:
             try:
                 body = await self._body(request)
             except BodyStalled as exc:
                 raise ProxyError(408, str(exc)) from None
-        target = self.base_path + (path_qs if path_qs is not None else request.raw_path)
+        target = self.base_path + (path_qs if path_qs is not None else request.target)
         if isinstance(body, bytes):
             framing = b"Content-Length: %d\r\n" % len(body)
         elif body is None:
@@ -295,17 +247,21 @@ class Upstream:
         exchange.head_at = perf_counter()
         exchange.status = response.status
         try:
-            return await self._relay(request, response, request_id, exchange)
+            await self._relay(request.reply, response, request_id, exchange)
+            return response.status
         finally:
             self.pool.release(conn, reusable=True)
 
-    async def _body(self, request: web.Request):
+    async def _body(self, request: Request):
         """The request body: bytes when small, else a bounded stream."""
-        if not request.body_exists:
+        if not request.has_body:
             return None
         length = request.content_length
         if length is not None and length <= SMALL_BODY:
-            return await read_body(request, self.max_body_bytes, self.body_read_timeout)
+            try:
+                return await read_body(request, self.max_body_bytes, self.body_read_timeout)
+            except BodyError as exc:
+                raise ProxyError(400, f"request body cannot be read: {exc}") from None
         return BoundedBody(request, self.max_body_bytes, self.body_read_timeout)
 
     async def _exchange(self, method: str, head: bytes, body, exchange: Exchange
@@ -341,6 +297,9 @@ class Upstream:
             except BodyStalled as exc:  # the backend got part of a body: cut it off
                 self.pool.release(conn, reusable=False)
                 raise ProxyError(408, str(exc)) from None
+            except BodyError as exc:  # the client's framing broke mid-upload
+                self.pool.release(conn, reusable=False)
+                raise ProxyError(400, f"request body cannot be read: {exc}") from None
             except BodyTooLarge:
                 self.pool.release(conn, reusable=False)
                 raise ProxyError(413, f"request body exceeds the {self.max_body_bytes}-byte "
@@ -382,76 +341,6 @@ class Upstream:
         return sent
 
     @staticmethod
-    def _whole_head(request: web.BaseRequest, upstream: BackendResponse
-                    ) -> tuple[list[tuple[bytes, bytes]], int] | None:
-        """The backend's headers to relay and the flags of those seen, when the response can be
-        written straight to the client in one piece; None sends it aiohttp's way.
-
-        Only the plain case: a keep-alive HTTP/1.1 request, a response with a Content-Length
-        within SMALL_BODY and a body that may be sent, no header that aiohttp would refuse.
-        """
-        if (upstream.head_only or request.version != HttpVersion11 or not request.keep_alive
-                or must_be_empty_body(request.method, upstream.status)):
-            return None
-        raw = upstream.raw_headers
-        tokens = _connection_tokens(raw)
-        drop = _DIRECT_DROP | tokens if tokens else _DIRECT_DROP
-        kept = []
-        seen = 0
-        length = None
-        for pair in raw:
-            lowered = pair[0].lower()
-            if lowered in drop:
-                if lowered == b"content-length":
-                    length = int(pair[1])
-                continue
-            seen |= _DIRECT_SEEN.get(lowered, 0)
-            kept.append(pair)
-        if length is None or length > SMALL_BODY:
-            return None
-        if _FORBIDDEN_HEADER_BYTES.search(b"".join([v for _, v in kept]) + upstream.reason):
-            return None
-        return kept, seen
-
-    @staticmethod
-    def _write_whole(request: web.BaseRequest, upstream: BackendResponse, request_id: str,
-                     kept: list[tuple[bytes, bytes]], seen: int, payload: bytes,
-                     exchange: Exchange) -> SentResponse:
-        """Write status line, headers and body to the client's transport in one write.
-
-        A client already gone gets nothing (aiohttp would drop the write the same way, its
-        connection ends either way).
-        """
-        status = upstream.status
-        size = len(payload)
-        kept.append((b"X-Request-Id", request_id.encode()))
-        kept.append((b"Content-Length", b"%d" % size))
-        if size and not seen & 1:
-            kept.append((b"Content-Type", b"application/octet-stream"))
-        if not seen & 2:
-            kept.append((b"Date", rfc822_formatted_time().encode()))
-        if not seen & 4:
-            kept.append((b"Server", _SERVER))
-        reason = upstream.reason or REASON_PHRASES.get(status, "").encode()
-        lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
-        for name, value in kept:
-            lines += (name, b": ", value, b"\r\n")
-        lines += (b"\r\n", payload)
-        data = b"".join(lines)
-        transport = request.transport
-        if transport is not None and not transport.is_closing():
-            transport.write(data)
-        request.writer.output_size += len(data)  # a response went out: no error page after it
-        exchange.bytes_out = size
-        if exchange.capture is not None:  # recorded
-            headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in kept]
-            exchange.note_head(headers, next(
-                (v for n, v in headers if n.lower() == "content-type"), ""))
-            if exchange.capture:
-                exchange.keep(payload)
-        return SentResponse(status, reason.decode("latin-1"), kept, size, request.writer)
-
-    @staticmethod
     async def _payload(upstream: BackendResponse) -> bytes:
         """A small response's whole body (502 when the backend breaks it off)."""
         payload = upstream.take_all()
@@ -462,41 +351,38 @@ class Upstream:
         except (ConnectionError, TimeoutError) as exc:
             raise ProxyError(502, f"backend broke off its response: {exc}") from None
 
-    async def _relay(self, request: web.Request, upstream: BackendResponse,
-                     request_id: str, exchange: Exchange) -> web.StreamResponse:
-        whole = self._whole_head(request, upstream)
-        if whole is not None:
-            payload = await self._payload(upstream)
-            return self._write_whole(request, upstream, request_id, *whole, payload, exchange)
-        headers, length = response_headers(upstream.raw_headers)
-        headers["X-Request-Id"] = request_id
-        exchange.note_head(list(headers.items()), headers.get("Content-Type", ""))
-        reason = upstream.reason.decode("latin-1") or None
+    async def _relay(self, reply: Reply, upstream: BackendResponse, request_id: str,
+                     exchange: Exchange) -> None:
+        """The backend's answer to the client: a small one whole in one write, else streamed
+        chunk by chunk as it arrives."""
+        headers, length, has_date = relayed_headers(upstream.raw_headers)
+        headers.append((b"X-Request-Id", request_id.encode()))
+        if not has_date:
+            headers.append((b"Date", http_date()))
+        if exchange.capture is not None:  # recorded
+            decoded = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in headers]
+            exchange.note_head(decoded, next(
+                (v for n, v in decoded if n.lower() == "content-type"), ""))
+        status, reason = upstream.status, upstream.reason
         if length is not None and length <= SMALL_BODY and not upstream.head_only:
             payload = await self._payload(upstream)
             exchange.bytes_out = len(payload)
             if exchange.capture:
                 exchange.keep(payload)
-            return web.Response(status=upstream.status, reason=reason, headers=headers,
-                                body=payload)
-        response = web.StreamResponse(status=upstream.status, reason=reason, headers=headers)
-        if length is not None:
-            response.content_length = length
+            reply.send(status, headers, payload, reason)
+            return
+        reply.start(status, headers, length, reason)
         try:
-            await response.prepare(request)
             while (chunk := await upstream.next_chunk()) is not None:
                 exchange.bytes_out += len(chunk)
                 if exchange.capture:
                     exchange.keep(chunk)
-                await response.write(chunk)
-            await response.write_eof()
+                await reply.write(chunk)
+            reply.end()
         except (BackendClosed, BackendTimeout, MalformedResponse) as exc:
-            if request.transport is not None:
-                request.transport.abort()  # a cut: the client cannot mistake it for the end
-            raise UpstreamBroken(f"backend failed mid-response: {exc}", response) from None
+            reply.abort()  # a cut: the client cannot mistake it for the end
+            raise UpstreamBroken(f"backend failed mid-response: {exc}") from None
         except ConnectionError:
-            # The client went away while we wrote to it (ClientConnectionResetError). That is a
-            # cancellation, the same as aiohttp cancelling the handler of a lost connection:
-            # the request ends as cancelled, and aiohttp logs no error traceback for it.
+            # The client went away while we wrote to it: a cancellation, as when the front
+            # server cancels the request of a lost connection.
             raise asyncio.CancelledError() from None
-        return response

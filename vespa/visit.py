@@ -9,9 +9,9 @@ from __future__ import annotations
 import re
 import time
 
-from aiohttp import web
-
+from .answer import Answer
 from .envelope import PASSTHROUGH, Envelope
+from .front import Request
 from .ledger import Outcome
 from .proxy import Exchange
 from .records import REDACTED
@@ -34,7 +34,7 @@ class Visit:
         self.exchange = Exchange(capture if record else None)
         self.status = CLIENT_CLOSED  # until something is answered
         self.outcome: Outcome | None = None  # None: refused before admission
-        self.response: web.StreamResponse | None = None
+        self.response: Answer | None = None  # the worker's own answer; None: relayed
 
 
 def header(pairs, name: str) -> str | None:
@@ -48,19 +48,18 @@ def header(pairs, name: str) -> str | None:
     return None
 
 
-def record_entry(request: web.Request, visit: Visit, ttfb: float | None) -> dict:
+def record_entry(request: Request, visit: Visit, ttfb: float | None) -> dict:
     """The raw entry ``RequestRecorder.record`` takes, for an answered request."""
     exchange, envelope, response = visit.exchange, visit.envelope, visit.response
-    path_qs = envelope.path_qs or request.raw_path
+    path_qs = envelope.path_qs or request.target
     path, _, query = path_qs.partition("?")
     query = QUERY_SIGNATURE.sub(rf"\1{REDACTED}", query)
     if exchange.headers is not None:  # relayed from the backend
         response_headers = exchange.headers
         response_body = bytes(exchange.body) if exchange.body is not None else None
-    elif isinstance(response, web.Response):  # answered by the worker itself
-        response_headers = list(response.headers.items())
-        body = response.body
-        response_body = body if isinstance(body, bytes) else None
+    elif response is not None:  # answered by the worker itself
+        response_headers = response.headers
+        response_body = response.body
     else:
         response_headers, response_body = [], None
     entry = {
@@ -70,7 +69,7 @@ def record_entry(request: web.Request, visit: Visit, ttfb: float | None) -> dict
         "received_at": visit.received_at, "started_at": visit.started_at,
         "finished_at": time.time(), "ttfb_seconds": ttfb,
         "request_headers": request.raw_headers,
-        "request_body": envelope.body, "request_content_type": request.headers.get("Content-Type"),
+        "request_body": envelope.body, "request_content_type": request.header(b"content-type"),
         "response_headers": response_headers, "response_body": response_body,
         "response_content_type": header(response_headers, "Content-Type"),
         "bytes": {"in": exchange.bytes_in, "out": exchange.bytes_out},

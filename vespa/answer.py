@@ -1,0 +1,42 @@
+"""A whole answer the worker makes itself: its errors and its own routes (JSON, metrics)."""
+
+from __future__ import annotations
+
+import json
+
+from .front import Reply, http_date
+
+JSON_TYPE = "application/json; charset=utf-8"
+
+
+class Answer:
+    __slots__ = ("status", "headers", "body")
+
+    def __init__(self, status: int, headers: list[tuple[str, str]], body: bytes):
+        self.status = status
+        self.headers = headers  # without framing (Content-Length) and Date
+        self.body = body
+
+    def header(self, name: str) -> str | None:
+        wanted = name.lower()
+        return next((v for n, v in self.headers if n.lower() == wanted), None)
+
+    def send(self, reply: Reply) -> None:
+        reply.send(self.status, [*((n.encode("latin-1"), v.encode("latin-1"))
+                                   for n, v in self.headers), (b"Date", http_date())],
+                   self.body)
+
+
+def json_answer(status: int, document, headers: dict | None = None) -> Answer:
+    pairs = [("Content-Type", JSON_TYPE)]
+    if headers:
+        pairs += headers.items()
+    return Answer(status, pairs, json.dumps(document).encode())
+
+
+def json_error(status: int, message: str, rid: str, headers: dict | None = None,
+               **extra) -> Answer:
+    """``{"error": message, ...}`` with the request's id in X-Request-Id."""
+    answer = json_answer(status, {"error": message, **extra}, headers)
+    answer.headers.append(("X-Request-Id", rid))
+    return answer

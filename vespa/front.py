@@ -1,0 +1,590 @@
+"""The worker's public HTTP/1.1 server: llhttp (httptools) parses, a task per request, bytes out.
+
+aiohttp's server builds, for every request, a URL, a header multidict, a payload stream, a
+request object, a response object and a second task; on the 2-core perf setup that machinery
+cost the worker about 14 µs of its 70 µs per small request (perf/README.md). This server keeps
+what the worker uses:
+
+- HTTP/1.0 and 1.1, keep-alive, pipelined requests answered in order, chunked request bodies
+  (decoded by llhttp), ``Expect: 100-continue`` (sent when the handler first reads the body;
+  any other expectation gets 417);
+- limits: request target 8190 bytes (414), header block 64 KiB or 128 fields (431), anything
+  llhttp refuses (400); each answer closes the connection;
+- a connection with no request in progress for ``keepalive_timeout`` seconds is closed, also
+  one that never finishes its request head;
+- a request body is buffered up to 256 KiB, then the socket is not read until the handler reads;
+- answers are written whole (one write) or streamed (chunked when the length is unknown), with
+  backpressure; a client that goes away cancels its request's task;
+- a body left unread when its answer is complete is read and dropped for up to 10 s before the
+  connection closes, so the client gets the answer rather than a reset.
+
+It is a protocol factory with ``pre_shutdown``/``shutdown``, which is what aiohttp's runner and
+sites need of a server: listening sockets, TLS and the test server stay aiohttp's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import deque
+from email.utils import formatdate
+
+import httptools
+
+log = logging.getLogger("vespa.front")
+
+MAX_TARGET = 8190
+MAX_HEAD = 64 * 1024
+MAX_FIELDS = 128
+BODY_HIGH_WATER = 256 * 1024
+MAX_PIPELINED = 16
+LINGER_SECONDS = 10.0
+BODYLESS_STATUSES = frozenset({204, 304})
+REASONS = {
+    100: b"Continue", 200: b"OK", 201: b"Created", 202: b"Accepted", 204: b"No Content",
+    206: b"Partial Content", 301: b"Moved Permanently", 302: b"Found", 304: b"Not Modified",
+    400: b"Bad Request", 401: b"Unauthorized", 403: b"Forbidden", 404: b"Not Found",
+    405: b"Method Not Allowed", 408: b"Request Timeout", 413: b"Payload Too Large",
+    414: b"URI Too Long", 417: b"Expectation Failed", 422: b"Unprocessable Entity",
+    429: b"Too Many Requests", 431: b"Request Header Fields Too Large",
+    499: b"Client Closed Request", 500: b"Internal Server Error", 502: b"Bad Gateway",
+    503: b"Service Unavailable", 504: b"Gateway Timeout",
+}
+
+
+class HttpError(Exception):
+    """A request this server refuses before any handler sees it."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class BodyError(ConnectionError):
+    """The request body cannot be read to its end: malformed framing, or the client left."""
+
+
+_date_second = -1
+_date_value = b""
+
+
+def http_date() -> bytes:
+    """The current time as an HTTP date, made at most once a second."""
+    global _date_second, _date_value
+    now = int(time.time())
+    if now != _date_second:
+        _date_second, _date_value = now, formatdate(now, usegmt=True).encode()
+    return _date_value
+
+
+class Body:
+    """A request body as it arrives; the handler takes it chunk by chunk or whole."""
+
+    __slots__ = ("conn", "chunks", "buffered", "complete", "error", "waiter", "expects_continue",
+                 "received", "discard", "abandoned")
+
+    def __init__(self, conn: "Connection", complete: bool, expects_continue: bool):
+        self.conn = conn
+        self.chunks: deque[bytes] = deque()
+        self.buffered = 0
+        self.received = 0
+        self.complete = complete
+        self.error: BaseException | None = None
+        self.waiter: asyncio.Future[None] | None = None
+        self.expects_continue = expects_continue and not complete
+        self.discard = False  # the answer is done: what still arrives is dropped
+        self.abandoned = False  # the client stalled: close without waiting for the rest
+
+    def feed(self, data: bytes) -> None:
+        self.received += len(data)
+        if self.discard:
+            return
+        self.chunks.append(data)
+        self.buffered += len(data)
+        if self.buffered > BODY_HIGH_WATER:
+            self.conn.pause_reading()
+        self._wake()
+
+    def finish(self) -> None:
+        self.complete = True
+        self._wake()
+
+    def fail(self, error: BaseException) -> None:
+        if not self.complete:
+            self.error = error
+            self._wake()
+
+    def _wake(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    def take(self) -> bytes:
+        """Everything buffered so far (b"" when nothing is); reading resumes."""
+        chunks = self.chunks
+        if not chunks:
+            return b""
+        data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self.buffered = 0
+        self.conn.resume_reading()
+        return data
+
+    async def read(self) -> bytes:
+        """The next bytes of the body (all that is buffered), b"" at its end; ``BodyError`` when
+        it cannot be read to its end."""
+        if self.expects_continue:
+            self.expects_continue = False
+            if not self.complete:
+                self.conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        while not self.chunks:
+            if self.error is not None:
+                raise self.error
+            if self.complete:
+                return b""
+            self.waiter = self.conn.loop.create_future()
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
+        return self.take()
+
+
+class Request:
+    """One request's head and body, as the handler sees it."""
+
+    __slots__ = ("method", "target", "version", "raw_headers", "fields", "keep_alive",
+                 "content_length", "chunked", "body", "conn", "reply", "received_at")
+
+    def __init__(self, conn: "Connection"):
+        self.conn = conn
+        self.method = ""
+        self.target = ""
+        self.version = "1.1"
+        self.raw_headers: list[tuple[bytes, bytes]] = []
+        self.fields: dict[bytes, bytes] = {}  # lower-case name -> first value
+        self.keep_alive = True
+        self.content_length: int | None = None
+        self.chunked = False
+        self.body: Body = None  # type: ignore[assignment]  (set with the head)
+        self.reply = Reply(self)
+
+    def header(self, name: bytes) -> str | None:
+        """The first value of a header (``name`` in lower case), or None."""
+        value = self.fields.get(name)
+        return None if value is None else value.decode("latin-1")
+
+    @property
+    def has_body(self) -> bool:
+        return self.chunked or bool(self.content_length)
+
+    @property
+    def path(self) -> str:
+        return self.target.partition("?")[0]
+
+    @property
+    def query_string(self) -> str:
+        return self.target.partition("?")[2]
+
+    @property
+    def remote(self) -> str:
+        return self.conn.peer
+
+    @property
+    def scheme(self) -> str:
+        return self.conn.scheme
+
+    def close_after(self) -> None:
+        """Close the connection after this answer (its body will not be read to the end)."""
+        self.keep_alive = False
+        self.body.discard = True
+
+    def give_up(self) -> None:
+        """The body stalled: close right after the answer, without reading the rest."""
+        self.close_after()
+        self.body.abandoned = True
+
+
+class Reply:
+    """The answer to one request: written whole, or streamed with a head first."""
+
+    __slots__ = ("request", "status", "started", "ended", "chunked", "bodyless", "sent")
+
+    def __init__(self, request: Request):
+        self.request = request
+        self.status = 0
+        self.started = False
+        self.ended = False
+        self.chunked = False
+        self.bodyless = False
+        self.sent = 0  # body bytes written
+
+    def _head(self, status: int, reason: bytes, headers, framing: bytes) -> list[bytes]:
+        request = self.request
+        self.status = status
+        self.started = True
+        self.bodyless = request.method == "HEAD" or status in BODYLESS_STATUSES \
+            or status < 200
+        lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason or REASONS.get(status, b""))]
+        for name, value in headers:
+            lines += (name, b": ", value, b"\r\n")
+        if not request.body.complete:
+            request.close_after()  # the rest of an unread body is dropped, then we close
+        if not request.keep_alive or request.conn.server.closing:
+            request.keep_alive = False
+            lines.append(b"Connection: close\r\n")
+        elif request.version == "1.0":
+            lines.append(b"Connection: keep-alive\r\n")
+        lines += (framing, b"\r\n")
+        return lines
+
+    def send(self, status: int, headers, body: bytes = b"", reason: bytes = b"") -> None:
+        """The whole answer in one write (``headers``: bytes pairs; framing is added here)."""
+        framing = b"" if status in BODYLESS_STATUSES or status < 200 else \
+            b"Content-Length: %d\r\n" % len(body)
+        lines = self._head(status, reason, headers, framing)
+        if not self.bodyless:
+            lines.append(body)
+            self.sent = len(body)
+        self.ended = True
+        self.request.conn.write(b"".join(lines))
+
+    def send_json(self, status: int, document, headers=()) -> None:
+        body = json.dumps(document).encode()
+        self.send(status, [(b"Content-Type", b"application/json; charset=utf-8"),
+                           (b"Date", http_date()), *headers], body)
+
+    def start(self, status: int, headers, length: int | None, reason: bytes = b"") -> None:
+        """The head of a streamed answer; ``length`` None streams chunked (HTTP/1.1) or until
+        the connection closes (HTTP/1.0)."""
+        if status in BODYLESS_STATUSES or status < 200:
+            framing = b""
+        elif length is not None:
+            framing = b"Content-Length: %d\r\n" % length
+        elif self.request.method == "HEAD":
+            framing = b""
+        elif self.request.version == "1.1":
+            framing = b"Transfer-Encoding: chunked\r\n"
+            self.chunked = True
+        else:
+            framing = b""
+            self.request.keep_alive = False  # the end of the body is the end of the connection
+        self.request.conn.write(b"".join(self._head(status, reason, headers, framing)))
+
+    async def write(self, data: bytes) -> None:
+        """One piece of a streamed body; waits while the client is slow. ConnectionError when
+        the client is gone."""
+        if self.bodyless or not data:
+            return
+        conn = self.request.conn
+        if conn.lost:
+            raise ConnectionResetError("client closed the connection")
+        self.sent += len(data)
+        conn.write(b"%x\r\n%s\r\n" % (len(data), data) if self.chunked else data)
+        await conn.drain()
+
+    def end(self) -> None:
+        if not self.ended:
+            self.ended = True
+            if self.chunked:
+                self.request.conn.write(b"0\r\n\r\n")
+
+    def abort(self) -> None:
+        """Cut the connection: the client must not take a broken answer for a whole one."""
+        self.request.keep_alive = False
+        self.request.conn.abort()
+
+
+def error_answer(status: int, message: str) -> bytes:
+    body = json.dumps({"error": message}).encode()
+    return b"HTTP/1.1 %d %s\r\nContent-Type: application/json; charset=utf-8\r\n" \
+           b"Content-Length: %d\r\nDate: %s\r\nConnection: close\r\n\r\n%s" % (
+               status, REASONS.get(status, b""), len(body), http_date(), body)
+
+
+class Connection(asyncio.Protocol):
+    """One client connection: parses requests and serves them one at a time, in order."""
+
+    def __init__(self, server: "FrontServer"):
+        self.server = server
+        self.loop = server.loop
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.peer = ""
+        self.scheme = "http"
+        self.parsing: Request | None = None  # the request whose head or body is arriving
+        self.head_size = 0
+        self.waiting: deque[Request] = deque()  # heads complete, not yet served
+        self.task: asyncio.Task | None = None  # serving the first request in line
+        self.lost = False
+        self.refused: HttpError | None = None  # answered once the requests before it are
+        self.reading_paused = False
+        self.writable: asyncio.Future[None] | None = None
+        self.idle_since = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+
+    # -- asyncio protocol ----------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        self.peer = peer[0] if isinstance(peer, (tuple, list)) else str(peer or "")
+        if transport.get_extra_info("sslcontext") is not None:
+            self.scheme = "https"
+        self.server.connections.add(self)
+        self.go_idle()
+
+    def data_received(self, data: bytes) -> None:
+        if self.refused is not None:
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # an Upgrade/CONNECT head: it is served as an ordinary request (the backend sees no
+            # Upgrade header), and nothing after it is read
+            self.refuse(None)
+        except httptools.HttpParserError as exc:
+            cause = exc.__context__
+            self.refuse(cause if isinstance(cause, HttpError) else
+                        HttpError(400, f"malformed HTTP request: {exc}"))
+
+    def eof_received(self) -> bool | None:
+        return None  # a half-closed client is gone: the transport closes, its request cancels
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self.server.connections.discard(self)
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        gone = BodyError("client closed the connection")
+        if self.parsing is not None and self.parsing.body is not None:
+            self.parsing.body.fail(gone)
+        for request in self.waiting:
+            request.body.fail(gone)
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+        if self.writable is not None and not self.writable.done():
+            self.writable.set_exception(ConnectionResetError("client closed the connection"))
+            self.writable.exception()
+
+    def pause_writing(self) -> None:
+        if self.writable is None:
+            self.writable = self.loop.create_future()
+
+    def resume_writing(self) -> None:
+        if self.writable is not None and not self.writable.done():
+            self.writable.set_result(None)
+        self.writable = None
+
+    # -- llhttp callbacks ----------------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        if self.refused is not None:  # the connection is closing: nothing more is served
+            raise HttpError(0, "")
+        self.parsing = Request(self)
+        self.head_size = 0
+
+    def on_url(self, url: bytes) -> None:
+        self.head_size += len(url)
+        if self.head_size > MAX_TARGET:
+            raise HttpError(414, f"request target longer than {MAX_TARGET} bytes")
+        self.parsing.target += url.decode("latin-1")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        request = self.parsing
+        self.head_size += len(name) + len(value) + 4
+        if self.head_size > MAX_HEAD or len(request.raw_headers) >= MAX_FIELDS:
+            raise HttpError(431, f"request head larger than {MAX_HEAD} bytes or "
+                                 f"{MAX_FIELDS} header fields")
+        request.raw_headers.append((name, value))
+        request.fields.setdefault(name.lower(), value)
+
+    def on_headers_complete(self) -> None:
+        request, parser = self.parsing, self.parser
+        request.method = parser.get_method().decode("ascii")
+        request.version = parser.get_http_version()
+        request.keep_alive = parser.should_keep_alive()
+        fields = request.fields
+        length = fields.get(b"content-length")
+        if length is not None:
+            request.content_length = int(length)  # llhttp has checked it is digits
+        request.chunked = b"chunked" in fields.get(b"transfer-encoding", b"").lower()
+        expect = fields.get(b"expect")
+        if expect is not None and expect.lower() != b"100-continue":
+            raise HttpError(417, f"unknown Expect: {expect.decode('latin-1')!r}")
+        request.body = Body(self, not request.has_body,
+                            expect is not None and request.version == "1.1")
+        self.waiting.append(request)
+        if self.task is None:
+            self.serve_next()
+        elif len(self.waiting) > MAX_PIPELINED:
+            self.pause_reading()
+
+    def on_body(self, data: bytes) -> None:
+        self.parsing.body.feed(data)
+
+    def on_message_complete(self) -> None:
+        request, self.parsing = self.parsing, None
+        request.body.finish()
+        if request.body.discard and self.task is None:
+            self.refused = HttpError(0, "")  # its answer is out: close, serve nothing more
+            self.close()
+
+    # -- serving -------------------------------------------------------------------------------
+    def serve_next(self) -> None:
+        if self.lost:
+            return
+        if self.waiting:
+            if self.timer is not None:
+                self.idle_since = 0.0
+            self.task = self.loop.create_task(self.serve(self.waiting[0]))
+        elif self.refused is not None:
+            self.answer_refusal()
+        else:
+            self.go_idle()
+
+    async def serve(self, request: Request) -> None:
+        reply = request.reply
+        try:
+            await self.server.handler(request)
+            if reply.started and not reply.ended:
+                reply.abort()  # the handler left a stream unfinished: cut, never fake an end
+        except asyncio.CancelledError:
+            if self.lost:  # the client went away: nothing left to answer
+                return
+            raise
+        except Exception:
+            log.exception("request %s %s failed", request.method, request.target[:200])
+            if reply.started:
+                reply.abort()
+            else:
+                reply.send_json(500, {"error": "internal error in the worker; see its log"})
+        if self.writable is not None:  # a slow client takes the answer before the next request
+            try:
+                await self.writable
+            except ConnectionError:
+                return
+        self.finished(request)
+
+    def finished(self, request: Request) -> None:
+        self.task = None
+        self.waiting.popleft()
+        if self.lost:
+            return
+        if not request.keep_alive:
+            body = request.body
+            if body.complete or body.abandoned or body.error is not None \
+                    or self.refused is not None or self.transport.is_closing():
+                self.close()
+            else:  # drop the rest of the body for a while so the client reads the answer
+                self.resume_reading()  # on_message_complete closes at its end
+                self.loop.call_later(LINGER_SECONDS, self.close)
+            return
+        self.resume_reading()
+        self.serve_next()
+
+    def refuse(self, error: HttpError | None) -> None:
+        """Nothing more is read from this connection; ``error`` is answered after the requests
+        already in line (None: they are answered, then the connection closes)."""
+        parsing, self.parsing = self.parsing, None
+        if parsing is not None and parsing.body is not None:
+            # the head was whole: the fault is in the body, which its own handler answers
+            parsing.body.fail(BodyError(error.message if error else "request cut short"))
+            error = None
+        self.refused = error or HttpError(0, "")
+        for request in self.waiting:
+            request.keep_alive = False
+        if self.task is None and not self.waiting:
+            self.answer_refusal()
+
+    def answer_refusal(self) -> None:
+        error = self.refused
+        if error is not None and error.status:
+            self.write(error_answer(error.status, error.message))
+        self.close()
+
+    # -- idle timeout --------------------------------------------------------------------------
+    def go_idle(self) -> None:
+        self.idle_since = self.loop.time()
+        if self.timer is None:
+            self.timer = self.loop.call_later(self.server.keepalive_timeout, self.check_idle)
+
+    def check_idle(self) -> None:
+        self.timer = None
+        if self.lost or not self.idle_since:
+            return  # busy: the timer is armed again when the connection is idle
+        left = self.idle_since + self.server.keepalive_timeout - self.loop.time()
+        if left > 0:
+            self.timer = self.loop.call_later(left, self.check_idle)
+        else:
+            self.close()
+
+    @property
+    def idle(self) -> bool:
+        return self.task is None and not self.waiting
+
+    # -- transport -----------------------------------------------------------------------------
+    def write(self, data: bytes) -> None:
+        transport = self.transport
+        if not self.lost and not transport.is_closing():
+            transport.write(data)
+
+    async def drain(self) -> None:
+        if self.writable is not None:
+            await self.writable
+
+    def pause_reading(self) -> None:
+        if not self.reading_paused and not self.lost:
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.reading_paused and not self.lost:
+            parsing = self.parsing
+            if parsing is not None and parsing.body is not None \
+                    and parsing.body.buffered > BODY_HIGH_WATER:
+                return
+            if len(self.waiting) > MAX_PIPELINED:
+                return
+            self.reading_paused = False
+            self.transport.resume_reading()
+
+    def close(self) -> None:
+        if not self.lost:
+            self.transport.close()
+
+    def abort(self) -> None:
+        if not self.lost:
+            self.transport.abort()
+
+
+class FrontServer:
+    """The protocol factory aiohttp's sites listen with, and the connections it made."""
+
+    def __init__(self, handler, *, keepalive_timeout: float = 75.0):
+        self.handler = handler  # async (Request) -> None; answers through request.reply
+        self.keepalive_timeout = keepalive_timeout
+        self.loop = asyncio.get_running_loop()
+        self.connections: set[Connection] = set()
+        self.closing = False
+
+    def __call__(self) -> Connection:
+        return Connection(self)
+
+    def pre_shutdown(self) -> None:
+        """No new requests: idle connections close, busy ones close after their answer."""
+        self.closing = True
+        for conn in list(self.connections):
+            if conn.idle:
+                conn.close()
+
+    async def shutdown(self, timeout: float | None = None) -> None:
+        """Wait up to ``timeout`` for answers in progress, then cut what is left."""
+        deadline = self.loop.time() + (timeout or 0)
+        while any(not conn.idle for conn in self.connections) and self.loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for conn in list(self.connections):
+            if conn.task is not None:
+                conn.task.cancel()
+            conn.abort()
