@@ -46,6 +46,7 @@ from .target import origin_form, path_of, spellings
 from .visit import CLIENT_CLOSED, Visit, record_entry
 
 log = logging.getLogger("vespa")
+access_log = logging.getLogger("vespa.access")
 RESERVED_PREFIX = "/_vespa/"
 RECORD_PREFIX = RESERVED_PREFIX + "logs/"  # + a request id: one request record
 # the metrics label of each answer ``refusal()`` gives
@@ -212,6 +213,10 @@ class Worker:
                                   exchange.bytes_in, exchange.bytes_out)
         if visit.record:
             self.recorder.record(record_entry(request, visit, ttfb))
+        if access_log.isEnabledFor(logging.INFO):  # VESPA_LOG_LEVEL=DEBUG
+            access_log.info('%s "%s %s HTTP/%s" %d %d', request.remote, request.method,
+                            request.target[:200], request.version, visit.status,
+                            exchange.bytes_out)
 
     async def open(self, request: Request, target: str | None) -> Envelope:
         """The request's envelope; reads the body only when it may be one. An absolute-form
@@ -306,7 +311,7 @@ class Worker:
             return json_error(403, "request records are not served: set VESPA_LOGS_TOKEN and "
                                    "send it in the x-vespa-logs-token header", rid)
         if not check_logs_token(self.settings.logs_token,
-                                request.header(b"x-vespa-logs-token")):
+                                request.fields.get(b"x-vespa-logs-token")):
             return json_error(401, "missing or wrong x-vespa-logs-token header", rid)
         if self.recorder is None:
             return json_error(404, "request records are off: set VESPA_REQUEST_LOG_DIR", rid)

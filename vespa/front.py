@@ -63,6 +63,28 @@ class HttpError(Exception):
         self.message = message
 
 
+class RefusalLog:
+    """Requests refused as malformed are the client's fault: at most one WARNING line per
+    ``interval`` seconds, with how many there were, so a hostile client cannot flood the log."""
+
+    def __init__(self, interval: float = 60.0):
+        self.interval = interval
+        self.next_at = 0.0
+        self.suppressed = 0
+
+    def note(self, peer: str, error: HttpError) -> None:
+        now = time.monotonic()
+        if now < self.next_at:
+            self.suppressed += 1
+            return
+        self.next_at = now + self.interval
+        more = (f" ({self.suppressed} more in the last {self.interval:g}s)"
+                if self.suppressed else "")
+        self.suppressed = 0
+        log.warning("refused a malformed request from %s: %d %s%s", peer, error.status,
+                    " ".join(error.message.split())[:200], more)
+
+
 class BodyError(ConnectionError):
     """The request body cannot be read to its end: malformed framing, or the client left."""
 
@@ -316,6 +338,7 @@ class Connection(asyncio.Protocol):
         self.scheme = "http"
         self.parsing: Request | None = None  # the request whose head or body is arriving
         self.head_size = 0
+        self.url = b""
         self.waiting: deque[Request] = deque()  # heads complete, not yet served
         self.task: asyncio.Task | None = None  # serving the first request in line
         self.lost = False
@@ -384,12 +407,13 @@ class Connection(asyncio.Protocol):
             raise HttpError(0, "")
         self.parsing = Request(self)
         self.head_size = 0
+        self.url = b""
 
     def on_url(self, url: bytes) -> None:
         self.head_size += len(url)
         if self.head_size > MAX_TARGET:
             raise HttpError(414, f"request target longer than {MAX_TARGET} bytes")
-        self.parsing.target += url.decode("latin-1")
+        self.url += url  # it may come in pieces
 
     def on_header(self, name: bytes, value: bytes) -> None:
         request = self.parsing
@@ -402,6 +426,7 @@ class Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         request, parser = self.parsing, self.parser
+        request.target = self.url.decode("utf-8", "surrogateescape")  # as aiohttp's parser does
         request.method = parser.get_method().decode("ascii")
         request.version = parser.get_http_version()
         request.keep_alive = parser.should_keep_alive()
@@ -409,7 +434,7 @@ class Connection(asyncio.Protocol):
         length = fields.get(b"content-length")
         if length is not None:
             request.content_length = int(length)  # llhttp has checked it is digits
-        request.chunked = b"chunked" in fields.get(b"transfer-encoding", b"").lower()
+        request.chunked = b"transfer-encoding" in fields  # llhttp lets it through only chunked
         expect = fields.get(b"expect")
         if expect is not None and expect.lower() != b"100-continue":
             raise HttpError(417, f"unknown Expect: {expect.decode('latin-1')!r}")
@@ -436,8 +461,7 @@ class Connection(asyncio.Protocol):
         if self.lost:
             return
         if self.waiting:
-            if self.timer is not None:
-                self.idle_since = 0.0
+            self.idle_since = 0.0  # busy: the idle timer lapses, go_idle arms it again
             self.task = self.loop.create_task(self.serve(self.waiting[0]))
         elif self.refused is not None:
             self.answer_refusal()
@@ -448,7 +472,9 @@ class Connection(asyncio.Protocol):
         reply = request.reply
         try:
             await self.server.handler(request)
-            if reply.started and not reply.ended:
+            if not reply.started:
+                raise RuntimeError("the handler returned without answering")
+            if not reply.ended:
                 reply.abort()  # the handler left a stream unfinished: cut, never fake an end
         except asyncio.CancelledError:
             if self.lost:  # the client went away: nothing left to answer
@@ -492,6 +518,8 @@ class Connection(asyncio.Protocol):
             # the head was whole: the fault is in the body, which its own handler answers
             parsing.body.fail(BodyError(error.message if error else "request cut short"))
             error = None
+        if error is not None and error.status:
+            self.server.refusals.note(self.peer, error)
         self.refused = error or HttpError(0, "")
         for request in self.waiting:
             request.keep_alive = False
@@ -568,6 +596,7 @@ class FrontServer:
         self.loop = asyncio.get_running_loop()
         self.connections: set[Connection] = set()
         self.closing = False
+        self.refusals = RefusalLog()
 
     def __call__(self) -> Connection:
         return Connection(self)

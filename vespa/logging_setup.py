@@ -13,7 +13,6 @@ import sys
 import time
 from typing import IO, Iterable
 
-from aiohttp.http_exceptions import HttpProcessingError
 
 current_request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "current_request_id", default=None)
@@ -105,38 +104,6 @@ class JsonFormatter(logging.Formatter):
         return f"{seconds}.{int(record.msecs):03d}Z"
 
 
-class MalformedRequestFilter(logging.Filter):
-    """A filter for aiohttp's server logger: a request it could not parse (the client's fault,
-    already answered 400) becomes one line, not an ERROR with a traceback, and at most one such
-    line per ``interval`` seconds says how many there were, so a hostile client cannot flood the
-    log."""
-
-    def __init__(self, interval: float = 60.0):
-        super().__init__()
-        self.interval = interval
-        self.next_at = 0.0
-        self.suppressed = 0
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if not isinstance(exc, HttpProcessingError) or not 400 <= (exc.code or 0) < 500:
-            return True
-        now = time.monotonic()
-        if now < self.next_at:
-            self.suppressed += 1
-            return False
-        self.next_at = now + self.interval
-        detail = " ".join(str(exc.message).split())[:200]
-        more = (f" ({self.suppressed} more in the last {self.interval:g}s)"
-                if self.suppressed else "")
-        self.suppressed = 0
-        record.msg, record.args = "refused a malformed request%s: %s%s", (
-            f" from {record.args[0]}" if record.args else "", detail, more)
-        record.levelno, record.levelname = logging.WARNING, "WARNING"
-        record.exc_info = record.exc_text = None
-        return True
-
-
 def make_handler(fmt: str = "text", secrets: Iterable[str | None] = (),
                  stream: IO[str] | None = None) -> logging.Handler:
     """A stream handler with the request-id and redaction filters and the chosen format."""
@@ -155,7 +122,7 @@ def setup_logging(level: str = "INFO", fmt: str = "text", secrets: Iterable[str 
     """Configure the root logger (replacing a handler installed earlier by this function).
 
     ``secrets``: values that must never be logged (master token, logs token, API keys); empty
-    and None values are ignored. aiohttp's access log stays quiet unless ``level`` is DEBUG.
+    and None values are ignored. The access log (``vespa.access``) is on only at DEBUG.
     """
     handler = make_handler(fmt, secrets, stream)
     root = logging.getLogger()
@@ -164,11 +131,7 @@ def setup_logging(level: str = "INFO", fmt: str = "text", secrets: Iterable[str 
         old.close()
     root.addHandler(handler)
     root.setLevel(level.upper())
-    # aiohttp's access log would cost as much as the proxying itself; off unless debugging.
-    logging.getLogger("aiohttp.access").setLevel(
+    # an access line per request would cost as much as the proxying itself; off unless debugging
+    logging.getLogger("vespa.access").setLevel(
         logging.INFO if level.upper() == "DEBUG" else logging.WARNING)
-    server_log = logging.getLogger("aiohttp.server")
-    for old in [f for f in server_log.filters if isinstance(f, MalformedRequestFilter)]:
-        server_log.removeFilter(old)
-    server_log.addFilter(MalformedRequestFilter())
     return handler

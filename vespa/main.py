@@ -35,9 +35,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     context = ssl_context(settings)
     worker = Worker(settings)
     # keepalive_timeout also closes connections that never send a whole request (slowloris)
-    runner = worker.runner(handler_cancellation=True,
-                           access_log=log if settings.log_level == "DEBUG" else None,
-                           shutdown_timeout=1.0, keepalive_timeout=settings.keepalive_timeout)
+    runner = worker.runner(shutdown_timeout=1.0, keepalive_timeout=settings.keepalive_timeout)
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.worker_port, backlog=2048,
                        ssl_context=context)

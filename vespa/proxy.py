@@ -154,7 +154,8 @@ def request_head(request: Request, target: str, host: bytes, request_id: str,
     raw = request.raw_headers
     tokens = _connection_tokens(raw)
     drop = _REQUEST_DROP | tokens if tokens else _REQUEST_DROP
-    lines = [f"{request.method} {target} HTTP/1.1\r\n".encode(), b"Host: ", host, b"\r\n"]
+    lines = [b"%s %s HTTP/1.1\r\nHost: %s\r\n" % (
+        request.method.encode(), target.encode("utf-8", "surrogateescape"), host)]
     forwarded_for = None
     for name, value in raw:
         lowered = name.lower()
@@ -166,7 +167,7 @@ def request_head(request: Request, target: str, host: bytes, request_id: str,
     peer = request.conn.peer.encode()
     lines += (b"X-Forwarded-For: ", forwarded_for + b", " + peer if forwarded_for else peer,
               b"\r\nX-Forwarded-Proto: ", request.conn.scheme.encode(),
-              b"\r\nX-Request-Id: ", request_id.encode(), b"\r\n", framing, b"\r\n")
+              b"\r\nX-Request-Id: ", request_id.encode("latin-1"), b"\r\n", framing, b"\r\n")
     return b"".join(lines)
 
 
@@ -356,7 +357,7 @@ class Upstream:
         """The backend's answer to the client: a small one whole in one write, else streamed
         chunk by chunk as it arrives."""
         headers, length, has_date = relayed_headers(upstream.raw_headers)
-        headers.append((b"X-Request-Id", request_id.encode()))
+        headers.append((b"X-Request-Id", request_id.encode("latin-1")))
         if not has_date:
             headers.append((b"Date", http_date()))
         if exchange.capture is not None:  # recorded

@@ -88,12 +88,14 @@ def body_field(content_type: str | None, body: bytes | None, cap: int) -> dict:
     return field
 
 
-def check_logs_token(expected: str | None, given: str | None) -> bool:
-    """Constant-time token check; always False when no token is configured."""
+def check_logs_token(expected: str | None, given: str | bytes | None) -> bool:
+    """Constant-time token check of the header's bytes (or text); always False when no token
+    is configured."""
     if not expected or given is None:
         return False
-    # surrogateescape: a header with bytes that are not UTF-8 arrives with lone surrogates
-    return hmac.compare_digest(expected.encode(), given.encode("utf-8", "surrogateescape"))
+    if isinstance(given, str):  # surrogateescape: bytes that are not UTF-8, as lone surrogates
+        given = given.encode("utf-8", "surrogateescape")
+    return hmac.compare_digest(expected.encode(), given)
 
 
 def safe_id(request_id: str) -> str:
