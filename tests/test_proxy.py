@@ -369,6 +369,19 @@ async def test_stalled_request_body_is_408_and_the_connection_closes(make_worker
     assert (await client.post("/upload", data=b"y" * 100)).status == 200
 
 
+@pytest.mark.parametrize("path", ["/echo", "/upload"], ids=["read-whole", "streamed-upstream"])
+async def test_malformed_chunked_body_is_400_at_once(make_worker, backend, path):
+    client, worker = await make_worker(VESPA_BODY_READ_TIMEOUT="10")
+    head = b"POST %s HTTP/1.1\r\nHost: w\r\nTransfer-Encoding: chunked\r\n\r\n" % path.encode()
+    answer, took = await raw_call(client.port, head + b"5\r\nhello\r\nzz\r\nmore\r\n")
+    assert answer.startswith(b"HTTP/1.1 400"), answer[:300]
+    assert b"request body cannot be read" in answer
+    assert answer.count(b"HTTP/1.1") == 1, answer  # one answer, then the connection closes
+    assert took < 2, f"a malformed body waited {took:.1f}s for the body-read timeout"
+    assert not worker.ledger.in_flight
+    assert (await client.post(path, data=b"y" * 100)).status == 200
+
+
 async def test_a_body_sent_in_slow_pieces_is_not_a_stall(make_worker):
     client, _ = await make_worker(VESPA_BODY_READ_TIMEOUT="0.5")
 
@@ -383,12 +396,12 @@ async def test_a_body_sent_in_slow_pieces_is_not_a_stall(make_worker):
 
 
 async def test_client_gone_mid_stream_is_a_cancellation_without_error_log(backend, caplog):
-    """Without handler cancellation the proxy itself finds the client gone: its next write to
-    the client fails. (With it, as in production, that still happens when the write comes
-    before aiohttp notices the lost connection.) Either way: cancelled, no error traceback."""
+    """The front server cancels the request of a lost connection, or, when a write to the
+    client comes first, the proxy finds the client gone itself. Either way: cancelled, no
+    error traceback."""
     worker = Worker(load_settings({"VESPA_UNSECURED": "true",
                                    "VESPA_BACKEND_URL": str(backend.make_url("")).rstrip("/")}))
-    runner = worker.runner(handler_cancellation=False)
+    runner = worker.runner()
     await runner.setup()
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()

@@ -166,6 +166,8 @@ class Body:
                 raise self.error
             if self.complete:
                 return b""
+            if self.discard:
+                raise BodyError("the answer went out before the request body was read")
             self.waiter = self.conn.loop.create_future()
             try:
                 await self.waiter
@@ -219,9 +221,13 @@ class Request:
         return self.conn.scheme
 
     def close_after(self) -> None:
-        """Close the connection after this answer (its body will not be read to the end)."""
+        """Close the connection after this answer (its body will not be read to the end):
+        what is buffered and what still arrives is dropped."""
         self.keep_alive = False
-        self.body.discard = True
+        body = self.body
+        body.discard = True
+        body.chunks.clear()
+        body.buffered = 0
 
     def give_up(self) -> None:
         """The body stalled: close right after the answer, without reading the rest."""
@@ -230,9 +236,12 @@ class Request:
 
 
 class Reply:
-    """The answer to one request: written whole, or streamed with a head first."""
+    """The answer to one request: written whole, or streamed with a head first (held until the
+    first piece of body or ``flush``, so a stream whose body is already there starts in one
+    write)."""
 
-    __slots__ = ("request", "status", "started", "ended", "chunked", "bodyless", "sent")
+    __slots__ = ("request", "status", "started", "ended", "chunked", "bodyless", "sent",
+                 "held")
 
     def __init__(self, request: Request):
         self.request = request
@@ -242,6 +251,7 @@ class Reply:
         self.chunked = False
         self.bodyless = False
         self.sent = 0  # body bytes written
+        self.held = b""  # a streamed answer's head, not written yet
 
     def _head(self, status: int, reason: bytes, headers, framing: bytes) -> list[bytes]:
         request = self.request
@@ -293,7 +303,13 @@ class Reply:
         else:
             framing = b""
             self.request.keep_alive = False  # the end of the body is the end of the connection
-        self.request.conn.write(b"".join(self._head(status, reason, headers, framing)))
+        self.held = b"".join(self._head(status, reason, headers, framing))
+
+    def flush(self) -> None:
+        """Write the held head now (its body is not there yet)."""
+        if self.held:
+            self.request.conn.write(self.held)
+            self.held = b""
 
     async def write(self, data: bytes) -> None:
         """One piece of a streamed body; waits while the client is slow. ConnectionError when
@@ -304,14 +320,20 @@ class Reply:
         if conn.lost:
             raise ConnectionResetError("client closed the connection")
         self.sent += len(data)
-        conn.write(b"%x\r\n%s\r\n" % (len(data), data) if self.chunked else data)
+        if self.chunked:
+            data = b"%x\r\n%s\r\n" % (len(data), data)
+        if self.held:
+            data, self.held = self.held + data, b""
+        conn.write(data)
         await conn.drain()
 
     def end(self) -> None:
         if not self.ended:
             self.ended = True
-            if self.chunked:
-                self.request.conn.write(b"0\r\n\r\n")
+            tail = b"0\r\n\r\n" if self.chunked else b""
+            if self.held or tail:
+                self.request.conn.write(self.held + tail)
+                self.held = b""
 
     def abort(self) -> None:
         """Cut the connection: the client must not take a broken answer for a whole one."""
@@ -434,7 +456,13 @@ class Connection(asyncio.Protocol):
         length = fields.get(b"content-length")
         if length is not None:
             request.content_length = int(length)  # llhttp has checked it is digits
-        request.chunked = b"transfer-encoding" in fields  # llhttp lets it through only chunked
+        if b"transfer-encoding" in fields:
+            # llhttp refuses a request whose last coding is not chunked only after this callback
+            codings = b",".join(v for n, v in request.raw_headers
+                                if n.lower() == b"transfer-encoding")
+            if codings.rsplit(b",", 1)[-1].strip().lower() != b"chunked":
+                raise HttpError(400, "Transfer-Encoding of a request must end with chunked")
+            request.chunked = True
         expect = fields.get(b"expect")
         if expect is not None and expect.lower() != b"100-continue":
             raise HttpError(417, f"unknown Expect: {expect.decode('latin-1')!r}")

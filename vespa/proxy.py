@@ -373,6 +373,8 @@ class Upstream:
             reply.send(status, headers, payload, reason)
             return
         reply.start(status, headers, length, reason)
+        if not upstream.chunks:
+            reply.flush()  # no body yet (a generation may take a while): the head goes now
         try:
             while (chunk := await upstream.next_chunk()) is not None:
                 exchange.bytes_out += len(chunk)
