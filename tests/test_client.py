@@ -298,7 +298,9 @@ async def test_worker_killed_before_answering_is_retried_on_another(stack, backe
     await doomed.wait()
     answer = await asyncio.wait_for(call, 15)
     assert answer.choices[0].message.content == "echo: hello there friend"
-    assert [route["worker_id"] for route in stack.emulator.routes] == [11, 7]
+    routes = [route["worker_id"] for route in stack.emulator.routes]
+    # until the autoscaler learns that 11 is gone it may route there once more (refused)
+    assert routes[0] == 11 and routes[-1] == 7 and set(routes) == {11, 7}, routes
     assert len(doomed_backend.log.requests) == len(backend.log.requests) == 1
 
 
