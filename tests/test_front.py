@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from vespa.front import BodyError, FrontServer, Request
+from vespa.front import HEAD_SLICE, MAX_PIPELINED, BodyError, FrontServer, Request
 
 HOST = "127.0.0.1"
 WAIT = 1.0  # seconds any step may take before the test fails rather than hangs
@@ -400,12 +400,13 @@ async def test_limits_are_inclusive(serve):
 async def test_requests_before_garbage_are_answered_then_the_connection_closes(serve):
     served = await serve(echo_target)
     reader, writer = await served.connect()
-    writer.write(request(target="/ok") + b"NOT HTTP\r\n\r\n")
-    response = await read_response(reader)
-    assert (response.status, response.body) == (200, b"/ok")
-    assert response.closes
-    leftover = await rest(reader)
-    assert leftover == b"" or leftover.startswith(b"HTTP/1.1 400 "), leftover
+    writer.write(request(target="/ok") + request(target="/ok2") + b"NOT HTTP\r\n\r\n")
+    for target in (b"/ok", b"/ok2"):  # the requests before the garbage are all answered
+        response = await read_response(reader)
+        assert (response.status, response.body) == (200, target)
+    refusal = await read_response(reader)
+    assert refusal.status == 400 and "error" in refusal.json() and refusal.closes
+    assert await rest(reader) == b""
 
 
 async def test_an_upgrade_request_is_served_plainly_and_nothing_after_it_is_read(serve):
@@ -822,3 +823,137 @@ async def test_shutdown_cuts_a_handler_that_does_not_finish_in_time(serve):
     assert 0.15 < time.monotonic() - begun < 0.8
     await asyncio.wait_for(cancelled.wait(), WAIT)
     assert b"HTTP/1.1" not in await cut(reader)
+
+
+# -- 13. what a review found: desync, unbounded buffering, trailers, slow readers ------------
+
+async def test_an_upgrade_request_with_a_body_is_refused_whole(serve):
+    """llhttp does not parse the body of an Upgrade request: forwarding its Content-Length
+    without the body would leave the backend connection waiting for bytes of the next
+    request."""
+    seen = []
+
+    async def handler(request: Request) -> None:
+        seen.append(request.target)
+        request.reply.send(200, [], b"served")
+
+    served = await serve(handler)
+    reader, writer = await served.connect()
+    writer.write(request(target="/health", headers=[("Connection", "Upgrade"), ("Upgrade", "x"),
+                                                    ("Content-Length", "300000")]))
+    response = await read_response(reader)
+    assert response.status == 400 and "Upgrade" in response.json()["error"]
+    assert response.closes and await rest(reader) == b""
+    assert seen == []
+
+
+async def test_one_endless_header_line_is_431_without_buffering_it(serve, caplog):
+    """llhttp hands a header over only once it is whole, so the server counts what it fed."""
+    served = await serve(echo_target)
+    reader, writer = await served.connect()
+    writer.write(b"GET / HTTP/1.1\r\nHost: a\r\nX-Big: ")
+    try:
+        for _ in range(64):  # up to 4 MiB of one header value, never ended
+            writer.write(b"a" * 65536)
+            await writer.drain()
+    except ConnectionError:
+        pass  # refused and closed before all of it went out
+    answer = await cut(reader)  # the 431, or a reset when it closed on bytes still coming
+    assert answer == b"" or answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+    assert "431 request head larger" in caplog.text
+    assert not served.front.connections
+
+
+async def test_pipelined_requests_wait_in_a_bounded_line(serve):
+    release = asyncio.Event()
+
+    async def blocked(request: Request) -> None:
+        await release.wait()
+        request.reply.send(200, [], b"ok")
+
+    served = await serve(blocked)
+    reader, writer = await served.connect()
+    one = request(target="/a")
+    writer.write(one * (1024 * 1024 // len(one)))  # 1 MiB of pipelined requests
+    await asyncio.sleep(0.3)
+    [conn] = served.front.connections
+    # the one served, 16 more, and what one slice of heads held
+    assert len(conn.waiting) <= 1 + MAX_PIPELINED + HEAD_SLICE // len(one), len(conn.waiting)
+    assert len(conn.backlog) > 0  # the rest is still bytes, not parsed requests
+    release.set()
+    for _ in range(40):  # and they are all answered in turn
+        assert (await read_response(reader)).status == 200
+
+
+async def test_trailer_fields_are_not_merged_into_the_head(serve):
+    seen = []
+
+    async def handler(request: Request) -> None:
+        body = b""
+        while chunk := await request.body.read():
+            body += chunk
+        seen.append((body, [name for name, _ in request.raw_headers]))
+        request.reply.send(200, [], b"ok")
+
+    served = await serve(handler)
+    reader, writer = await served.connect()
+    writer.write(request("POST", "/t", headers=[("Transfer-Encoding", "chunked")])
+                 + b"3\r\nabc\r\n0\r\nX-From-Trailer: injected\r\nAuthorization: x\r\n\r\n")
+    assert (await read_response(reader)).status == 200
+    [(body, names)] = seen
+    assert body == b"abc"
+    assert b"X-From-Trailer" not in names and b"Authorization" not in names
+
+
+@pytest.mark.parametrize("name", ["Host", "Content-Length", "Transfer-Encoding", "Content-Type"])
+async def test_a_repeated_singleton_header_is_400(serve, name):
+    served = await serve(echo_target)
+    reader, writer = await served.connect()
+    value = {"Content-Length": "0", "Transfer-Encoding": "chunked"}.get(name, "a")
+    writer.write(b"POST / HTTP/1.1\r\nHost: x\r\n" + f"{name}: {value}\r\n".encode() * 2
+                 + (b"" if name == "Host" else f"{name}: {value}\r\n".encode()) + b"\r\n")
+    response = await read_response(reader)
+    assert response.status == 400 and response.closes
+
+
+async def test_expect_on_http10_is_ignored(serve):
+    served = await serve(echo_target)
+    reader, writer = await served.connect()
+    writer.write(request(target="/old", version="1.0", headers=[("Expect", "something")]))
+    response = await read_response(reader)
+    assert (response.status, response.body) == (200, b"/old")
+
+
+async def test_a_client_that_takes_nothing_for_the_write_timeout_is_cut(serve):
+    outcome = []
+
+    async def flood(request: Request) -> None:
+        request.reply.start(200, [], None)
+        try:
+            for _ in range(400):
+                await request.reply.write(b"x" * 65536)
+        except ConnectionError as exc:
+            outcome.append(exc)
+            raise
+
+    served = await serve(flood, write_timeout=0.3)
+    reader, writer = await served.connect()
+    started = time.monotonic()
+    writer.write(request(target="/flood"))
+    while not outcome and time.monotonic() - started < 3:
+        await asyncio.sleep(0.05)
+    assert outcome and "took nothing" in str(outcome[0]), outcome
+    assert time.monotonic() - started < 2
+
+
+async def test_a_failure_after_a_whole_answer_leaves_the_answer_intact(serve):
+    async def handler(request: Request) -> None:
+        request.reply.send(200, [], b"done")
+        raise RuntimeError("bookkeeping failed after the answer")
+
+    served = await serve(handler)
+    reader, writer = await served.connect()
+    writer.write(request(target="/a") + request(target="/b"))
+    for _ in range(2):
+        response = await read_response(reader)
+        assert (response.status, response.body) == (200, b"done")

@@ -332,13 +332,15 @@ async def test_absolute_form_target_is_forwarded_as_its_path_and_query(make_work
     assert seen["raw_path"] == "/echo/x?a=1"
 
 
-async def test_target_without_a_path_is_400(make_worker, backend):
-    client, _ = await make_worker()
-    answer, _ = await raw_call(client.port, b"GET ftp://evil.example/x HTTP/1.1\r\n"
-                                            b"Host: worker\r\nConnection: close\r\n\r\n")
-    assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
-    assert b'"error"' in answer and b"has no path" in answer
+async def test_target_without_a_path_is_400_and_no_load(make_worker, backend):
+    client, worker = await make_worker()
+    for line in (b"GET ftp://evil.example/x", b"OPTIONS *"):  # *: a load balancer's probe
+        answer, _ = await raw_call(client.port, line + b" HTTP/1.1\r\n"
+                                                b"Host: worker\r\nConnection: close\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
+        assert b'"error"' in answer and b"has no path" in answer
     assert backend.log.requests == []
+    assert worker.ledger.totals.received == 0  # not load: never reported to the autoscaler
 
 
 @pytest.mark.parametrize("target", [b"/echo/../admin/reset", b"/echo/%2e%2e/admin/reset",
@@ -380,6 +382,21 @@ async def test_malformed_chunked_body_is_400_at_once(make_worker, backend, path)
     assert took < 2, f"a malformed body waited {took:.1f}s for the body-read timeout"
     assert not worker.ledger.in_flight
     assert (await client.post(path, data=b"y" * 100)).status == 200
+
+
+@pytest.mark.parametrize("length", [1000, 300_000], ids=["read-whole", "streamed-upstream"])
+async def test_an_upgrade_request_with_a_body_cannot_desync_the_backend(make_worker, backend,
+                                                                       length):
+    client, _ = await make_worker(VESPA_REQUEST_TIMEOUT="3")
+    answer, _ = await raw_call(client.port, b"GET /echo HTTP/1.1\r\nHost: w\r\n"
+                                            b"Connection: Upgrade\r\nUpgrade: x\r\n"
+                                            b"Content-Length: %d\r\n\r\n" % length)
+    assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
+    assert backend.log.requests == []
+    for _ in range(3):  # the pooled backend connections are all sane
+        started = time.monotonic()
+        assert (await client.get("/echo/next")).status == 200
+        assert time.monotonic() - started < 1
 
 
 async def test_a_body_sent_in_slow_pieces_is_not_a_stall(make_worker):

@@ -50,7 +50,7 @@ access_log = logging.getLogger("vespa.access")
 RESERVED_PREFIX = "/_vespa/"
 RECORD_PREFIX = RESERVED_PREFIX + "logs/"  # + a request id: one request record
 # the metrics label of each answer ``refusal()`` gives
-REFUSAL_REASONS = {503: "draining", 403: "blocked", 400: "target"}
+REFUSAL_REASONS = {503: "draining", 403: "blocked"}
 
 
 def compile_patterns(patterns: tuple[str, ...]) -> re.Pattern | None:
@@ -121,6 +121,10 @@ class Worker:
         if self.too_long(request):
             return self.refuse(visit, "body_size", self.too_large(
                 rid, f"request body of {request.content_length} bytes"))
+        if target is None:  # e.g. OPTIONS * or CONNECT host:port: nothing to forward, no load
+            return self.refuse(visit, "target", json_error(
+                400, f"request target {request.target[:200]!r} has no path: send /path?query",
+                rid))
         try:
             envelope = visit.envelope = await self.open(request, target)
         except EnvelopeError as exc:
@@ -218,12 +222,11 @@ class Worker:
                             request.target[:200], request.version, visit.status,
                             exchange.bytes_out)
 
-    async def open(self, request: Request, target: str | None) -> Envelope:
+    async def open(self, request: Request, target: str) -> Envelope:
         """The request's envelope; reads the body only when it may be one. An absolute-form
         target (``http://host/path``) is opened and forwarded as its path and query
         (``target``, its ``origin_form``)."""
         raw = request.target
-        target = target or raw  # a target without a path: refusal() answers 400
         envelope = await self.open_at(request, target)
         if target != raw and envelope.path_qs is None:
             envelope = replace(envelope, path_qs=target)
@@ -259,15 +262,12 @@ class Worker:
                              expected_url=expected_url, replay=self.replay)
         return None if verdict.ok else (401, verdict.reason)
 
-    def refusal(self, request: Request, target: str | None, rid: str) -> Answer | None:
+    def refusal(self, request: Request, target: str, rid: str) -> Answer | None:
         """The answer for a request refused before admission, or None to let it in
         (``target``: the request's ``origin_form``)."""
         if self.state.draining:
             return json_error(503, "worker is shutting down; send the request to another worker",
                               rid, {"Retry-After": "1"})
-        if target is None:
-            return json_error(400, f"request target {request.target[:200]!r} has no path: "
-                                   "send /path?query", rid)
         if self.blocked is not None and any(map(self.blocked.match, spellings(target))):
             return json_error(403, f"path {path_of(target)} is blocked on this worker "
                                    "(VESPA_BLOCKED_PATHS)", rid)
@@ -369,7 +369,7 @@ class Worker:
 
     # -- assembly and life ---------------------------------------------------------------------
     def runner(self, **kwargs) -> "WorkerRunner":
-        """The runner that serves this worker (kwargs: aiohttp's server and runner options)."""
+        """The runner that serves this worker (kwargs: aiohttp runner options, keepalive_timeout)."""
         return WorkerRunner(self, **kwargs)
 
     def spawn(self, coroutine, name: str) -> None:
@@ -492,7 +492,8 @@ class WorkerRunner(web.BaseRunner):
     """Serves a ``Worker`` with ``front.FrontServer`` on aiohttp's runner and sites (listening
     sockets, TLS). The worker's start-up and clean-up run where an AppRunner would run the
     app's signals. Of aiohttp's server options only ``keepalive_timeout`` applies; a client that
-    goes away always cancels its request.
+    goes away always cancels its request, one that takes nothing of an answer for
+    VESPA_REQUEST_TIMEOUT seconds is cut.
     """
 
     def __init__(self, worker: Worker, *, handle_signals: bool = False, **kwargs):
@@ -501,8 +502,11 @@ class WorkerRunner(web.BaseRunner):
 
     async def _make_server(self) -> FrontServer:
         await self.worker.on_startup()
+        settings = self.worker.settings
         return FrontServer(self.worker.dispatch,
-                           keepalive_timeout=self._kwargs.get("keepalive_timeout", 75.0))
+                           keepalive_timeout=self._kwargs.get("keepalive_timeout",
+                                                              settings.keepalive_timeout),
+                           write_timeout=settings.request_timeout)
 
     async def shutdown(self) -> None:
         pass

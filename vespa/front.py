@@ -8,13 +8,18 @@ what the worker uses:
 - HTTP/1.0 and 1.1, keep-alive, pipelined requests answered in order, chunked request bodies
   (decoded by llhttp), ``Expect: 100-continue`` (sent when the handler first reads the body;
   any other expectation gets 417);
-- limits: request target 8190 bytes (414), header block 64 KiB or 128 fields (431), anything
-  llhttp refuses (400); each answer closes the connection;
+- limits: request target 8190 bytes (414), header block 64 KiB or 128 fields (431); a repeated
+  Host, Content-Length, Content-Type, Transfer-Encoding (and the rest of aiohttp's singletons),
+  an Upgrade request with a body, and anything llhttp refuses get 400; each answer closes the
+  connection, after the answers to the requests before it; trailer fields are dropped;
 - a connection with no request in progress for ``keepalive_timeout`` seconds is closed, also
   one that never finishes its request head;
-- a request body is buffered up to 256 KiB, then the socket is not read until the handler reads;
+- bytes are parsed a slice at a time (16 KiB of body, 1 KiB otherwise): a request body is
+  buffered up to 256 KiB and 16 pipelined requests (plus one slice's worth) wait, then
+  nothing more is parsed or read until the handler catches up;
 - answers are written whole (one write) or streamed (chunked when the length is unknown), with
-  backpressure; a client that goes away cancels its request's task;
+  backpressure; a client that takes nothing of an answer for ``write_timeout`` seconds is cut;
+  a client that goes away cancels its request's task;
 - a body left unread when its answer is complete is read and dropped for up to 10 s before the
   connection closes, so the client gets the answer rather than a reset.
 
@@ -27,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 import time
 from collections import deque
 from email.utils import formatdate
@@ -40,7 +46,14 @@ MAX_HEAD = 64 * 1024
 MAX_FIELDS = 128
 BODY_HIGH_WATER = 256 * 1024
 MAX_PIPELINED = 16
+FEED_SLICE = 16 * 1024  # bytes handed to llhttp at a time, so a pause takes effect between them
+HEAD_SLICE = 1024  # ... outside bodies: one slice holds only a few dozen request heads
 LINGER_SECONDS = 10.0
+# repeated, these make a request ambiguous (which Host? which length?): refused, as aiohttp does
+SINGLETON_FIELDS = frozenset({
+    b"content-length", b"content-location", b"content-range", b"content-type", b"etag",
+    b"host", b"max-forwards", b"server", b"transfer-encoding", b"user-agent",
+})
 BODYLESS_STATUSES = frozenset({204, 304})
 REASONS = {
     100: b"Continue", 200: b"OK", 201: b"Created", 202: b"Accepted", 204: b"No Content",
@@ -361,6 +374,8 @@ class Connection(asyncio.Protocol):
         self.parsing: Request | None = None  # the request whose head or body is arriving
         self.head_size = 0
         self.url = b""
+        self.backlog = b""  # bytes received but not parsed yet (parsing paused)
+        self.head_fed = 0  # bytes of an unfinished head given to llhttp
         self.waiting: deque[Request] = deque()  # heads complete, not yet served
         self.task: asyncio.Task | None = None  # serving the first request in line
         self.lost = False
@@ -377,22 +392,57 @@ class Connection(asyncio.Protocol):
         self.peer = peer[0] if isinstance(peer, (tuple, list)) else str(peer or "")
         if transport.get_extra_info("sslcontext") is not None:
             self.scheme = "https"
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)  # a peer gone silently
         self.server.connections.add(self)
         self.go_idle()
 
     def data_received(self, data: bytes) -> None:
         if self.refused is not None:
             return
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            # an Upgrade/CONNECT head: it is served as an ordinary request (the backend sees no
-            # Upgrade header), and nothing after it is read
-            self.refuse(None)
-        except httptools.HttpParserError as exc:
-            cause = exc.__context__
-            self.refuse(cause if isinstance(cause, HttpError) else
-                        HttpError(400, f"malformed HTTP request: {exc}"))
+        if self.backlog:
+            self.backlog += data
+        else:
+            self.backlog = data
+        self.feed()
+
+    def feed(self) -> None:
+        """Parse what has arrived, a slice at a time; what is left when parsing must pause
+        (too much buffered or waiting) stays in ``backlog`` until the handler catches up."""
+        data, self.backlog = self.backlog, b""
+        view = memoryview(data) if len(data) > HEAD_SLICE else data
+        at = 0
+        while at < len(data):
+            if self.refused is not None or self.lost:
+                return
+            if self.reading_paused:
+                self.backlog = bytes(view[at:])
+                return
+            in_head = self.parsing is None or self.parsing.body is None
+            size = HEAD_SLICE if in_head else FEED_SLICE
+            piece = view[at:at + size]
+            at += size
+            try:
+                self.parser.feed_data(piece)
+            except httptools.HttpParserUpgrade:
+                # an Upgrade/CONNECT head: served as an ordinary request (the backend sees no
+                # Upgrade header), and nothing after it is read
+                self.refuse(None)
+                return
+            except httptools.HttpParserError as exc:
+                cause = exc.__context__
+                self.refuse(cause if isinstance(cause, HttpError) else
+                            HttpError(400, f"malformed HTTP request: {exc}"))
+                return
+            if self.parsing is not None and self.parsing.body is None:  # a head unfinished
+                # llhttp hands a field over only once it is whole: count what it holds
+                self.head_fed = (self.head_fed if in_head else 0) + len(piece)
+                if self.head_fed > MAX_TARGET + MAX_HEAD:
+                    self.refuse(HttpError(431, f"request head larger than {MAX_HEAD} bytes"))
+                    return
+            else:
+                self.head_fed = 0
 
     def eof_received(self) -> bool | None:
         return None  # a half-closed client is gone: the transport closes, its request cancels
@@ -443,8 +493,13 @@ class Connection(asyncio.Protocol):
         if self.head_size > MAX_HEAD or len(request.raw_headers) >= MAX_FIELDS:
             raise HttpError(431, f"request head larger than {MAX_HEAD} bytes or "
                                  f"{MAX_FIELDS} header fields")
+        if request.body is not None:
+            return  # a trailer field after a chunked body: never merged into the head
+        lowered = name.lower()
+        if lowered in request.fields and lowered in SINGLETON_FIELDS:
+            raise HttpError(400, f"repeated {name.decode('latin-1')} header")
         request.raw_headers.append((name, value))
-        request.fields.setdefault(name.lower(), value)
+        request.fields.setdefault(lowered, value)
 
     def on_headers_complete(self) -> None:
         request, parser = self.parsing, self.parser
@@ -456,18 +511,19 @@ class Connection(asyncio.Protocol):
         length = fields.get(b"content-length")
         if length is not None:
             request.content_length = int(length)  # llhttp has checked it is digits
-        if b"transfer-encoding" in fields:
+        coding = fields.get(b"transfer-encoding")
+        if coding is not None:
             # llhttp refuses a request whose last coding is not chunked only after this callback
-            codings = b",".join(v for n, v in request.raw_headers
-                                if n.lower() == b"transfer-encoding")
-            if codings.rsplit(b",", 1)[-1].strip().lower() != b"chunked":
+            if coding.rsplit(b",", 1)[-1].strip().lower() != b"chunked":
                 raise HttpError(400, "Transfer-Encoding of a request must end with chunked")
             request.chunked = True
-        expect = fields.get(b"expect")
+        if parser.should_upgrade() and request.has_body:
+            # llhttp would not parse the body of an Upgrade/CONNECT request: refuse it whole
+            raise HttpError(400, "an Upgrade or CONNECT request cannot carry a body here")
+        expect = fields.get(b"expect") if request.version == "1.1" else None  # 1.0: ignored
         if expect is not None and expect.lower() != b"100-continue":
             raise HttpError(417, f"unknown Expect: {expect.decode('latin-1')!r}")
-        request.body = Body(self, not request.has_body,
-                            expect is not None and request.version == "1.1")
+        request.body = Body(self, not request.has_body, expect is not None)
         self.waiting.append(request)
         if self.task is None:
             self.serve_next()
@@ -510,13 +566,15 @@ class Connection(asyncio.Protocol):
             raise
         except Exception:
             log.exception("request %s %s failed", request.method, request.target[:200])
-            if reply.started:
+            if reply.ended:
+                pass  # the answer went out whole: the failure came after it
+            elif reply.started:
                 reply.abort()
             else:
                 reply.send_json(500, {"error": "internal error in the worker; see its log"})
         if self.writable is not None:  # a slow client takes the answer before the next request
             try:
-                await self.writable
+                await self.drain()
             except ConnectionError:
                 return
         self.finished(request)
@@ -548,9 +606,10 @@ class Connection(asyncio.Protocol):
             error = None
         if error is not None and error.status:
             self.server.refusals.note(self.peer, error)
+        elif self.waiting:
+            self.waiting[-1].keep_alive = False  # the last answer on this connection
         self.refused = error or HttpError(0, "")
-        for request in self.waiting:
-            request.keep_alive = False
+        self.backlog = b""
         if self.task is None and not self.waiting:
             self.answer_refusal()
 
@@ -587,8 +646,16 @@ class Connection(asyncio.Protocol):
             transport.write(data)
 
     async def drain(self) -> None:
+        """Wait while the client is slow to take what was written; a client that takes nothing
+        for ``write_timeout`` seconds is cut (ConnectionResetError)."""
         if self.writable is not None:
-            await self.writable
+            try:
+                async with asyncio.timeout(self.server.write_timeout):
+                    await self.writable
+            except TimeoutError:
+                self.abort()
+                raise ConnectionResetError(f"client took nothing for "
+                                           f"{self.server.write_timeout:g}s") from None
 
     def pause_reading(self) -> None:
         if not self.reading_paused and not self.lost:
@@ -605,6 +672,8 @@ class Connection(asyncio.Protocol):
                 return
             self.reading_paused = False
             self.transport.resume_reading()
+            if self.backlog:
+                self.loop.call_soon(self.feed)  # before anything newer arrives
 
     def close(self) -> None:
         if not self.lost:
@@ -618,9 +687,11 @@ class Connection(asyncio.Protocol):
 class FrontServer:
     """The protocol factory aiohttp's sites listen with, and the connections it made."""
 
-    def __init__(self, handler, *, keepalive_timeout: float = 75.0):
+    def __init__(self, handler, *, keepalive_timeout: float = 75.0,
+                 write_timeout: float = 600.0):
         self.handler = handler  # async (Request) -> None; answers through request.reply
         self.keepalive_timeout = keepalive_timeout
+        self.write_timeout = write_timeout
         self.loop = asyncio.get_running_loop()
         self.connections: set[Connection] = set()
         self.closing = False

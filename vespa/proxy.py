@@ -339,6 +339,8 @@ class Upstream:
             await conn.drain()
         if chunked:
             transport.write(b"0\r\n\r\n")
+        elif sent != body.length:  # never leave the backend waiting for bytes that won't come
+            raise BodyError(f"request body ended after {sent} of {body.length} bytes")
         return sent
 
     @staticmethod
