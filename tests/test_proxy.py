@@ -545,3 +545,19 @@ async def test_a_backend_that_answers_early_and_closes_during_an_upload_is_relay
     assert response.status == 413
     assert await response.read() == b"nope"
     assert worker.ledger.totals.outcomes["success"] == 1  # the backend's answer, relayed
+
+
+async def test_access_log_line_per_request_only_when_debugging(make_worker, caplog):
+    client, _ = await make_worker()
+    access = logging.getLogger("vespa.access")
+    saved = access.level
+    try:
+        access.setLevel(logging.WARNING)  # what setup_logging sets below DEBUG
+        assert (await client.get("/echo/quiet")).status == 200
+        access.setLevel(logging.INFO)  # VESPA_LOG_LEVEL=DEBUG
+        with caplog.at_level(logging.INFO, logger="vespa.access"):
+            assert (await client.get("/echo/loud?x=1")).status == 200
+    finally:
+        access.setLevel(saved)
+    lines = [r.getMessage() for r in caplog.records if r.name == "vespa.access"]
+    assert len(lines) == 1 and '"GET /echo/loud?x=1 HTTP/1.1" 200' in lines[0], lines
