@@ -158,6 +158,33 @@ async def still_open(reader: asyncio.StreamReader, wait: float = 0.1) -> bool:
     return False
 
 
+def recording(answer: bytes = b"served"):
+    """A handler that notes each request's target and answers 200 ``answer``; and the list."""
+    targets: list[str] = []
+
+    async def handler(request: Request) -> None:
+        targets.append(request.target)
+        request.reply.send(200, [], answer)
+
+    return handler, targets
+
+
+def waits_to_be_cancelled():
+    """A handler that waits (10 s) without answering, and events: it started, it was cancelled."""
+    started, cancelled = asyncio.Event(), asyncio.Event()
+
+    async def handler(request: Request) -> None:
+        started.set()
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        request.reply.send(200, [], b"too late")
+
+    return handler, started, cancelled
+
+
 async def echo_target(request: Request) -> None:
     request.reply.send(200, [(b"Content-Type", b"text/plain")], request.target.encode())
 
@@ -332,25 +359,6 @@ async def test_an_answer_without_reading_gets_no_100_and_closes(serve):
     assert await rest(reader) == b""
 
 
-async def test_an_unknown_expectation_gets_417(serve):
-    calls = []
-
-    async def handler(request: Request) -> None:
-        calls.append(request)
-        request.reply.send(200, [], b"served")
-
-    served = await serve(handler)
-    reader, writer = await served.connect()
-    writer.write(request("POST", "/up", headers=[("Expect", "something"),
-                                                 ("Content-Length", "5")]))
-    response = await read_response(reader)
-    assert response.status == 417
-    assert isinstance(response.json()["error"], str)
-    assert response.closes
-    assert await rest(reader) == b""
-    assert calls == []
-
-
 # -- 5. limits and garbage -------------------------------------------------------------------
 
 REFUSED = {
@@ -361,17 +369,15 @@ REFUSED = {
     "bad-content-length": (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1x\r\n\r\n", 400),
     "transfer-encoding-not-chunked":
         (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\nabc", 400),
+    "unknown-expectation": (request("POST", "/up", headers=[("Expect", "something"),
+                                                            ("Content-Length", "5")]), 417),
 }
 
 
 @pytest.mark.parametrize("name", list(REFUSED))
 async def test_refused_requests_get_a_json_error_and_the_connection_closes(serve, name):
     data, status = REFUSED[name]
-    calls = []
-
-    async def handler(request: Request) -> None:
-        calls.append(request)
-        request.reply.send(200, [], b"served")
+    handler, calls = recording()
 
     served = await serve(handler)
     reader, writer = await served.connect()
@@ -410,11 +416,7 @@ async def test_requests_before_garbage_are_answered_then_the_connection_closes(s
 
 
 async def test_an_upgrade_request_is_served_plainly_and_nothing_after_it_is_read(serve):
-    targets = []
-
-    async def handler(request: Request) -> None:
-        targets.append(request.target)
-        request.reply.send(200, [], b"plain")
+    handler, targets = recording(b"plain")
 
     served = await serve(handler)
     reader, writer = await served.connect()
@@ -502,16 +504,7 @@ async def test_a_trickled_request_head_is_closed_after_the_keepalive_timeout(ser
 
 @pytest.mark.parametrize("how", ["close", "half-close"])
 async def test_a_client_that_leaves_cancels_its_handler(serve, how):
-    started, cancelled = asyncio.Event(), asyncio.Event()
-
-    async def handler(request: Request) -> None:
-        started.set()
-        try:
-            await asyncio.sleep(10)
-        except asyncio.CancelledError:
-            cancelled.set()
-            raise
-        request.reply.send(200, [], b"too late")
+    handler, started, cancelled = waits_to_be_cancelled()
 
     served = await serve(handler)
     reader, writer = await served.connect()
@@ -803,15 +796,7 @@ async def test_pre_shutdown_closes_idle_connections_and_busy_ones_after_their_an
 
 
 async def test_shutdown_cuts_a_handler_that_does_not_finish_in_time(serve):
-    started, cancelled = asyncio.Event(), asyncio.Event()
-
-    async def handler(request: Request) -> None:
-        started.set()
-        try:
-            await asyncio.sleep(10)
-        except asyncio.CancelledError:
-            cancelled.set()
-            raise
+    handler, started, cancelled = waits_to_be_cancelled()
 
     served = await serve(handler)
     reader, writer = await served.connect()
@@ -831,11 +816,7 @@ async def test_an_upgrade_request_with_a_body_is_refused_whole(serve):
     """llhttp does not parse the body of an Upgrade request: forwarding its Content-Length
     without the body would leave the backend connection waiting for bytes of the next
     request."""
-    seen = []
-
-    async def handler(request: Request) -> None:
-        seen.append(request.target)
-        request.reply.send(200, [], b"served")
+    handler, seen = recording()
 
     served = await serve(handler)
     reader, writer = await served.connect()
