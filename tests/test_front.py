@@ -841,7 +841,7 @@ async def test_one_endless_header_line_is_431_without_buffering_it(serve, caplog
         pass  # refused and closed before all of it went out
     answer = await cut(reader)  # the 431, or a reset when it closed on bytes still coming
     assert answer == b"" or answer.startswith(b"HTTP/1.1 431 "), answer[:200]
-    assert "431 request head larger" in caplog.text
+    assert "431 request header field larger" in caplog.text
     assert not served.front.connections
 
 
@@ -938,3 +938,32 @@ async def test_a_failure_after_a_whole_answer_leaves_the_answer_intact(serve):
     for _ in range(2):
         response = await read_response(reader)
         assert (response.status, response.body) == (200, b"done")
+
+
+async def test_an_endless_trailer_field_fails_the_body_without_buffering_it(serve):
+    errors = []
+
+    async def handler(request: Request) -> None:
+        try:
+            while await request.body.read():
+                pass
+        except BodyError as exc:
+            errors.append(str(exc))
+            request.reply.send(400, [], b"bad body")
+            return
+        request.reply.send(200, [], b"whole")
+
+    served = await serve(handler)
+    reader, writer = await served.connect()
+    writer.write(request("POST", "/t", headers=[("Transfer-Encoding", "chunked")])
+                 + b"3\r\nabc\r\n0\r\nX-Trailer: ")
+    try:
+        for _ in range(64):  # up to 4 MiB of one trailer value, never ended
+            writer.write(b"a" * 65536)
+            await writer.drain()
+    except ConnectionError:
+        pass
+    answer = await cut(reader)
+    assert answer == b"" or answer.startswith(b"HTTP/1.1 400 "), answer[:200]
+    assert errors and "header field larger" in errors[0], errors
+    assert not served.front.connections

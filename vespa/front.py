@@ -375,7 +375,8 @@ class Connection(asyncio.Protocol):
         self.head_size = 0
         self.url = b""
         self.backlog = b""  # bytes received but not parsed yet (parsing paused)
-        self.head_fed = 0  # bytes of an unfinished head given to llhttp
+        self.unclaimed = 0  # bytes given to llhttp that no callback has taken yet
+        self.progress = False  # a callback took bytes during the current feed
         self.waiting: deque[Request] = deque()  # heads complete, not yet served
         self.task: asyncio.Task | None = None  # serving the first request in line
         self.lost = False
@@ -419,10 +420,11 @@ class Connection(asyncio.Protocol):
             if self.reading_paused:
                 self.backlog = bytes(view[at:])
                 return
-            in_head = self.parsing is None or self.parsing.body is None
-            size = HEAD_SLICE if in_head else FEED_SLICE
+            size = HEAD_SLICE if self.parsing is None or self.parsing.body is None \
+                else FEED_SLICE
             piece = view[at:at + size]
             at += size
+            self.progress = False
             try:
                 self.parser.feed_data(piece)
             except httptools.HttpParserUpgrade:
@@ -435,14 +437,12 @@ class Connection(asyncio.Protocol):
                 self.refuse(cause if isinstance(cause, HttpError) else
                             HttpError(400, f"malformed HTTP request: {exc}"))
                 return
-            if self.parsing is not None and self.parsing.body is None:  # a head unfinished
-                # llhttp hands a field over only once it is whole: count what it holds
-                self.head_fed = (self.head_fed if in_head else 0) + len(piece)
-                if self.head_fed > MAX_TARGET + MAX_HEAD:
-                    self.refuse(HttpError(431, f"request head larger than {MAX_HEAD} bytes"))
-                    return
-            else:
-                self.head_fed = 0
+            # httptools hands a header (or trailer) field over only once it is whole and holds
+            # the pieces until then: count the bytes fed since a callback last took some
+            self.unclaimed = len(piece) if self.progress else self.unclaimed + len(piece)
+            if self.unclaimed > MAX_TARGET + MAX_HEAD:
+                self.refuse(HttpError(431, f"request header field larger than {MAX_HEAD} bytes"))
+                return
 
     def eof_received(self) -> bool | None:
         return None  # a half-closed client is gone: the transport closes, its request cancels
@@ -480,15 +480,18 @@ class Connection(asyncio.Protocol):
         self.parsing = Request(self)
         self.head_size = 0
         self.url = b""
+        self.progress = True
 
     def on_url(self, url: bytes) -> None:
         self.head_size += len(url)
         if self.head_size > MAX_TARGET:
             raise HttpError(414, f"request target longer than {MAX_TARGET} bytes")
         self.url += url  # it may come in pieces
+        self.progress = True
 
     def on_header(self, name: bytes, value: bytes) -> None:
         request = self.parsing
+        self.progress = True
         self.head_size += len(name) + len(value) + 4
         if self.head_size > MAX_HEAD or len(request.raw_headers) >= MAX_FIELDS:
             raise HttpError(431, f"request head larger than {MAX_HEAD} bytes or "
@@ -531,6 +534,7 @@ class Connection(asyncio.Protocol):
             self.pause_reading()
 
     def on_body(self, data: bytes) -> None:
+        self.progress = True
         self.parsing.body.feed(data)
 
     def on_message_complete(self) -> None:
