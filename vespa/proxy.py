@@ -32,7 +32,6 @@ _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 # Bodies up to this size are read whole: one write each way instead of a stream.
 SMALL_BODY = 256 * 1024
-STREAM_CHUNK = 64 * 1024
 
 
 class Exchange:
