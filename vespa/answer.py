@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 
-from .front import Reply, http_date
-
-JSON_TYPE = "application/json; charset=utf-8"
+from .front import JSON_TYPE, Reply, http_date
 
 
 class Answer:
@@ -17,10 +15,6 @@ class Answer:
         self.headers = headers  # without framing (Content-Length) and Date
         self.body = body
 
-    def header(self, name: str) -> str | None:
-        wanted = name.lower()
-        return next((v for n, v in self.headers if n.lower() == wanted), None)
-
     def send(self, reply: Reply) -> None:
         reply.send(self.status, [*((n.encode("latin-1"), v.encode("latin-1"))
                                    for n, v in self.headers), (b"Date", http_date())],
@@ -28,7 +22,7 @@ class Answer:
 
 
 def json_answer(status: int, document, headers: dict | None = None) -> Answer:
-    pairs = [("Content-Type", JSON_TYPE)]
+    pairs = [("Content-Type", JSON_TYPE.decode())]
     if headers:
         pairs += headers.items()
     return Answer(status, pairs, json.dumps(document).encode())

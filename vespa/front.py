@@ -55,6 +55,7 @@ SINGLETON_FIELDS = frozenset({
     b"host", b"max-forwards", b"server", b"transfer-encoding", b"user-agent",
 })
 BODYLESS_STATUSES = frozenset({204, 304})
+JSON_TYPE = b"application/json; charset=utf-8"
 REASONS = {
     100: b"Continue", 200: b"OK", 201: b"Created", 202: b"Accepted", 204: b"No Content",
     206: b"Partial Content", 301: b"Moved Permanently", 302: b"Found", 304: b"Not Modified",
@@ -119,13 +120,12 @@ class Body:
     """A request body as it arrives; the handler takes it chunk by chunk or whole."""
 
     __slots__ = ("conn", "chunks", "buffered", "complete", "error", "waiter", "expects_continue",
-                 "received", "discard", "abandoned")
+                 "discard", "abandoned")
 
     def __init__(self, conn: "Connection", complete: bool, expects_continue: bool):
         self.conn = conn
         self.chunks: deque[bytes] = deque()
         self.buffered = 0
-        self.received = 0
         self.complete = complete
         self.error: BaseException | None = None
         self.waiter: asyncio.Future[None] | None = None
@@ -134,7 +134,6 @@ class Body:
         self.abandoned = False  # the client stalled: close without waiting for the rest
 
     def feed(self, data: bytes) -> None:
-        self.received += len(data)
         if self.discard:
             return
         self.chunks.append(data)
@@ -193,7 +192,7 @@ class Request:
     """One request's head and body, as the handler sees it."""
 
     __slots__ = ("method", "target", "version", "raw_headers", "fields", "keep_alive",
-                 "content_length", "chunked", "body", "conn", "reply", "received_at")
+                 "content_length", "chunked", "body", "conn", "reply")
 
     def __init__(self, conn: "Connection"):
         self.conn = conn
@@ -253,22 +252,18 @@ class Reply:
     first piece of body or ``flush``, so a stream whose body is already there starts in one
     write)."""
 
-    __slots__ = ("request", "status", "started", "ended", "chunked", "bodyless", "sent",
-                 "held")
+    __slots__ = ("request", "started", "ended", "chunked", "bodyless", "held")
 
     def __init__(self, request: Request):
         self.request = request
-        self.status = 0
         self.started = False
         self.ended = False
         self.chunked = False
         self.bodyless = False
-        self.sent = 0  # body bytes written
         self.held = b""  # a streamed answer's head, not written yet
 
     def _head(self, status: int, reason: bytes, headers, framing: bytes) -> list[bytes]:
         request = self.request
-        self.status = status
         self.started = True
         self.bodyless = request.method == "HEAD" or status in BODYLESS_STATUSES \
             or status < 200
@@ -292,13 +287,12 @@ class Reply:
         lines = self._head(status, reason, headers, framing)
         if not self.bodyless:
             lines.append(body)
-            self.sent = len(body)
         self.ended = True
         self.request.conn.write(b"".join(lines))
 
     def send_json(self, status: int, document, headers=()) -> None:
         body = json.dumps(document).encode()
-        self.send(status, [(b"Content-Type", b"application/json; charset=utf-8"),
+        self.send(status, [(b"Content-Type", JSON_TYPE),
                            (b"Date", http_date()), *headers], body)
 
     def start(self, status: int, headers, length: int | None, reason: bytes = b"") -> None:
@@ -332,7 +326,6 @@ class Reply:
         conn = self.request.conn
         if conn.lost:
             raise ConnectionResetError("client closed the connection")
-        self.sent += len(data)
         if self.chunked:
             data = b"%x\r\n%s\r\n" % (len(data), data)
         if self.held:
@@ -356,9 +349,9 @@ class Reply:
 
 def error_answer(status: int, message: str) -> bytes:
     body = json.dumps({"error": message}).encode()
-    return b"HTTP/1.1 %d %s\r\nContent-Type: application/json; charset=utf-8\r\n" \
-           b"Content-Length: %d\r\nDate: %s\r\nConnection: close\r\n\r\n%s" % (
-               status, REASONS.get(status, b""), len(body), http_date(), body)
+    return b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nDate: %s\r\n" \
+           b"Connection: close\r\n\r\n%s" % (
+               status, REASONS.get(status, b""), JSON_TYPE, len(body), http_date(), body)
 
 
 class Connection(asyncio.Protocol):

@@ -13,7 +13,6 @@ import sys
 import time
 from typing import IO, Iterable
 
-
 current_request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "current_request_id", default=None)
 
