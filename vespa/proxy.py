@@ -139,30 +139,35 @@ class BoundedBody:
             yield chunk
 
 
-def _connection_tokens(raw_headers) -> frozenset[bytes]:
-    tokens = set()
-    for name, value in raw_headers:
-        if name.lower() == b"connection":
-            tokens.update(t.strip().lower() for t in value.split(b","))
-    return frozenset(tokens)
+def end_to_end(raw_headers: list[tuple[bytes, bytes]], drop: frozenset[bytes]
+               ) -> tuple[list[tuple[bytes, bytes]], dict[bytes, bytes]]:
+    """The headers to pass on: all but those in ``drop`` (which must hold ``connection``) and
+    those the Connection header names; and the dropped ones (lower-case name -> last value)."""
+    kept = []
+    dropped = {}
+    tokens = None
+    for pair in raw_headers:
+        lowered = pair[0].lower()
+        if lowered in drop:
+            dropped[lowered] = pair[1]
+            if lowered == b"connection":
+                tokens = (tokens or set()) | {t.strip().lower() for t in pair[1].split(b",")}
+            continue
+        kept.append(pair)
+    if tokens:
+        kept = [pair for pair in kept if pair[0].lower() not in tokens]
+    return kept, dropped
 
 
 def request_head(request: Request, target: str, host: bytes, request_id: str,
                  framing: bytes) -> bytes:
     """The upstream request line and headers: the client's minus hop-by-hop, plus ours."""
-    raw = request.raw_headers
-    tokens = _connection_tokens(raw)
-    drop = _REQUEST_DROP | tokens if tokens else _REQUEST_DROP
+    kept, dropped = end_to_end(request.raw_headers, _REQUEST_DROP)
     lines = [b"%s %s HTTP/1.1\r\nHost: %s\r\n" % (
         request.method.encode(), target.encode("utf-8", "surrogateescape"), host)]
-    forwarded_for = None
-    for name, value in raw:
-        lowered = name.lower()
-        if lowered in drop:
-            if lowered == b"x-forwarded-for":
-                forwarded_for = value
-            continue
+    for name, value in kept:
         lines += (name, b": ", value, b"\r\n")
+    forwarded_for = dropped.get(b"x-forwarded-for")
     peer = request.conn.peer.encode()
     lines += (b"X-Forwarded-For: ", forwarded_for + b", " + peer if forwarded_for else peer,
               b"\r\nX-Forwarded-Proto: ", request.conn.scheme.encode(),
@@ -174,24 +179,10 @@ def relayed_headers(raw_headers: list[tuple[bytes, bytes]]
                     ) -> tuple[list[tuple[bytes, bytes]], int | None, bool]:
     """The backend's headers minus hop-by-hop ones (and its X-Request-Id, replaced by ours),
     its Content-Length if it sent one, and whether it sent a Date."""
-    kept = []
-    length = None
-    has_date = False
-    tokens = None
-    for pair in raw_headers:
-        lowered = pair[0].lower()
-        if lowered in _RELAYED_DROP:
-            if lowered == b"content-length":
-                length = int(pair[1])  # llhttp has checked it
-            elif lowered == b"connection":
-                tokens = (tokens or set()) | {t.strip().lower() for t in pair[1].split(b",")}
-            continue
-        if lowered == b"date":
-            has_date = True
-        kept.append(pair)
-    if tokens:
-        kept = [pair for pair in kept if pair[0].lower() not in tokens]
-    return kept, length, has_date
+    kept, dropped = end_to_end(raw_headers, _RELAYED_DROP)
+    length = dropped.get(b"content-length")
+    has_date = any(name.lower() == b"date" for name, _ in kept)
+    return kept, None if length is None else int(length), has_date  # llhttp checked the length
 
 
 class Upstream:
