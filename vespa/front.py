@@ -569,6 +569,8 @@ class Connection(asyncio.Protocol):
                 reply.abort()
             else:
                 reply.send_json(500, {"error": "internal error in the worker; see its log"})
+        finally:
+            reply.request = None  # break the request <-> reply cycle: freed without the GC
         if self.writable is not None:  # a slow client takes the answer before the next request
             try:
                 await self.drain()
