@@ -11,6 +11,8 @@ import pytest
 
 from vespa.front import HEAD_SLICE, MAX_PIPELINED, BodyError, FrontServer, Request
 
+from .conftest import left_to_the_gc
+
 HOST = "127.0.0.1"
 WAIT = 1.0  # seconds any step may take before the test fails rather than hangs
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -967,3 +969,45 @@ async def test_an_endless_trailer_field_fails_the_body_without_buffering_it(serv
     assert answer == b"" or answer.startswith(b"HTTP/1.1 400 "), answer[:200]
     assert errors and "header field larger" in errors[0], errors
     assert not served.front.connections
+
+
+# -- memory ----------------------------------------------------------------------------------
+
+async def test_nothing_a_request_leaves_behind_needs_the_gc(serve):
+    """A request, its reply, its body and a closed connection are freed by reference counting
+    alone: left in reference cycles, they cost about 9 µs of CPU a request at 32 connections
+    (the GC walking them) and pauses of several ms."""
+    _, started, cancelled = waits_to_be_cancelled()
+
+    async def handler(request: Request) -> None:
+        await request.body.read()
+        if request.target == "/stream":
+            await stream_hello_world(request)
+        elif request.target == "/wait":
+            started.set()
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+        else:
+            request.reply.send(200, [], b"whole")
+
+    served = await serve(handler)
+    with left_to_the_gc() as left:
+        reader, writer = await served.connect()
+        for target in ("/a", "/stream", "/b", "/stream"):  # one keep-alive connection
+            writer.write(request("POST", target, body=b"{}"))
+            assert (await read_response(reader)).status == 200
+        reader, writer = await served.connect()
+        writer.write(request(version="1.0"))  # answered, then closed by the server
+        assert (await read_response(reader)).closes and await rest(reader) == b""
+        reader, writer = await served.connect()
+        writer.write(request(target="/wait"))  # the client leaves while it is served
+        await asyncio.wait_for(started.wait(), WAIT)
+        writer.close()
+        await asyncio.wait_for(cancelled.wait(), WAIT)
+        await asyncio.sleep(0.05)  # the cancelled handler unwinds
+        assert len(served.front.connections) == 1  # the keep-alive one
+    assert not left, left
+

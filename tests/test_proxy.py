@@ -19,7 +19,7 @@ from multidict import CIMultiDict
 from vespa.app import Worker
 from vespa.config import load_settings
 
-from .conftest import free_port, wait_until
+from .conftest import free_port, left_to_the_gc, wait_until
 
 METHODS_WITH_BODY = ["POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
@@ -561,3 +561,27 @@ async def test_access_log_line_per_request_only_when_debugging(make_worker, capl
         access.setLevel(saved)
     lines = [r.getMessage() for r in caplog.records if r.name == "vespa.access"]
     assert len(lines) == 1 and '"GET /echo/loud?x=1 HTTP/1.1" 200' in lines[0], lines
+
+
+async def test_nothing_a_relayed_request_leaves_behind_needs_the_gc(make_worker, backend):
+    """The corridor, the upstream exchange and a closed backend connection are freed by
+    reference counting alone: cycles left to the GC cost CPU on every request under load."""
+    client, worker = await make_worker()
+    with left_to_the_gc() as left:
+        for _ in range(3):
+            assert (await client.post("/echo", json={"a": 1})).status == 200
+        assert b"data: " in await (await client.get("/sse")).read()
+        assert len(await (await client.get("/big?bytes=300000")).read()) == 300_000
+        assert (await client.get("/status/503")).status == 503
+        assert (await client.get("/_vespa/healthz")).status == 200
+        with pytest.raises(aiohttp.ClientPayloadError):  # the backend dies mid-stream
+            await (await client.get("/crash")).read()
+        task = asyncio.create_task(client.get("/hang"))  # the client leaves
+        await wait_until(lambda: len(worker.ledger.in_flight) == 1)
+        await asyncio.sleep(0.05)
+        task.cancel()
+        await asyncio.wait_for(backend.log.cancel_seen.wait(), 2)
+        await wait_until(lambda: not worker.ledger.in_flight)
+        await asyncio.sleep(0.05)
+    assert not left, left
+

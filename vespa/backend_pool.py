@@ -164,6 +164,7 @@ class BackendConnection(asyncio.Protocol):
             self.writable.set_exception(BackendClosed("backend closed the connection"))
             self.writable.exception()
         self.pool.forget(self)
+        self.parser = None  # it holds our callbacks: without it the connection needs no GC
 
     def pause_writing(self) -> None:
         self.writable = self.loop.create_future()

@@ -442,6 +442,7 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
+        self.parser = None  # it holds our callbacks: without it the connection needs no GC
         self.server.connections.discard(self)
         if self.timer is not None:
             self.timer.cancel()
@@ -451,6 +452,8 @@ class Connection(asyncio.Protocol):
             self.parsing.body.fail(gone)
         for request in self.waiting:
             request.body.fail(gone)
+        self.parsing = None
+        self.waiting.clear()  # requests point back at us: drop them, no cycle is left behind
         if self.task is not None and not self.task.done():
             self.task.cancel()
         if self.writable is not None and not self.writable.done():
@@ -580,9 +583,9 @@ class Connection(asyncio.Protocol):
 
     def finished(self, request: Request) -> None:
         self.task = None
-        self.waiting.popleft()
         if self.lost:
             return
+        self.waiting.popleft()
         if not request.keep_alive:
             body = request.body
             if body.complete or body.abandoned or body.error is not None \

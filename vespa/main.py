@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import ssl
@@ -40,6 +41,9 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     site = web.TCPSite(runner, settings.host, settings.worker_port, backlog=2048,
                        ssl_context=context)
     await site.start()
+    # what start-up built lives as long as the process: keep it out of the GC's full passes
+    # (each walked every module, class and setting: ~13 ms a pass, several a second under load)
+    gc.freeze()
     log.info("vespa listening on %s://%s:%d, backend %s%s", "https" if context else "http",
              settings.host, settings.worker_port, settings.backend_url,
              " (unsecured)" if settings.unsecured else "")
