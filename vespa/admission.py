@@ -13,7 +13,7 @@ from collections import deque
 from dataclasses import dataclass
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Ticket:
     """One admitted request: its workload and whether it has started running."""
 

@@ -14,7 +14,6 @@ import fnmatch
 import logging
 import re
 import time
-from dataclasses import replace
 from urllib.parse import parse_qs
 
 import aiohttp
@@ -229,7 +228,7 @@ class Worker:
         raw = request.target
         envelope = await self.open_at(request, target)
         if target != raw and envelope.path_qs is None:
-            envelope = replace(envelope, path_qs=target)
+            envelope = envelope._replace(path_qs=target)
         return envelope
 
     async def open_at(self, request: Request, target: str) -> Envelope:

@@ -20,7 +20,7 @@ class Outcome(str, Enum):
     REJECTED = "rejected"
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Entry:
     """A request in flight (queued or running)."""
 
