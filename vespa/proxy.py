@@ -154,7 +154,7 @@ def end_to_end(raw_headers: list[tuple[bytes, bytes]], drop: frozenset[bytes]
                 tokens = (tokens or set()) | {t.strip().lower() for t in pair[1].split(b",")}
             continue
         kept.append(pair)
-    if tokens:
+    if tokens and tokens - drop:  # "Connection: keep-alive" names nothing still kept
         kept = [pair for pair in kept if pair[0].lower() not in tokens]
     return kept, dropped
 
@@ -181,7 +181,11 @@ def relayed_headers(raw_headers: list[tuple[bytes, bytes]]
     its Content-Length if it sent one, and whether it sent a Date."""
     kept, dropped = end_to_end(raw_headers, _RELAYED_DROP)
     length = dropped.get(b"content-length")
-    has_date = any(name.lower() == b"date" for name, _ in kept)
+    has_date = False
+    for name, _ in kept:  # a plain loop: any() over a generator costs more, once a response
+        if name.lower() == b"date":
+            has_date = True
+            break
     return kept, None if length is None else int(length), has_date  # llhttp checked the length
 
 
