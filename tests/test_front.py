@@ -977,19 +977,14 @@ async def test_nothing_a_request_leaves_behind_needs_the_gc(serve):
     """A request, its reply, its body and a closed connection are freed by reference counting
     alone: left in reference cycles, they cost about 9 µs of CPU a request at 32 connections
     (the GC walking them) and pauses of several ms."""
-    _, started, cancelled = waits_to_be_cancelled()
+    waits, started, cancelled = waits_to_be_cancelled()
 
     async def handler(request: Request) -> None:
         await request.body.read()
         if request.target == "/stream":
             await stream_hello_world(request)
         elif request.target == "/wait":
-            started.set()
-            try:
-                await asyncio.sleep(10)
-            except asyncio.CancelledError:
-                cancelled.set()
-                raise
+            await waits(request)
         else:
             request.reply.send(200, [], b"whole")
 
