@@ -1006,3 +1006,31 @@ async def test_nothing_a_request_leaves_behind_needs_the_gc(serve):
         assert len(served.front.connections) == 1  # the keep-alive one
     assert not left, left
 
+
+@pytest.mark.parametrize("sent,status", [
+    (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),  # refused head
+    (b"POST / HTTP/1.1\r\nHost: a\r\nExpect: x\r\nContent-Length: 1\r\n\r\nx", 417),
+    (b"GET /x HTTP/1.1\r\nHost: a\r\n", None),  # the client leaves mid-head
+    (request(target="/1") + request(target="/2") + request(target="/3"), None),  # leaves
+], ids=["refused", "unknown-expect", "left-mid-head", "left-with-requests-in-line"])
+async def test_requests_never_served_leave_nothing_for_the_gc(serve, sent, status):
+    waits, started, cancelled = waits_to_be_cancelled()
+    served = await serve(waits)
+    with left_to_the_gc() as left:
+        reader, writer = await served.connect()
+        writer.write(sent)
+        if status is not None:
+            assert (await read_response(reader)).status == status
+            assert await rest(reader) == b""
+        else:
+            await asyncio.sleep(0.05)
+            writer.close()
+            if sent.startswith(b"GET /1"):
+                await asyncio.wait_for(cancelled.wait(), WAIT)
+        for _ in range(50):  # the server sees the connection end
+            if not served.front.connections:
+                break
+            await asyncio.sleep(0.01)
+        assert not served.front.connections
+    assert not left, left
+

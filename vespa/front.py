@@ -205,7 +205,7 @@ class Request:
         self.content_length: int | None = None
         self.chunked = False
         self.body: Body = None  # type: ignore[assignment]  (set with the head)
-        self.reply = Reply(self)
+        self.reply: Reply = None  # type: ignore[assignment]  (made when it is served)
 
     def header(self, name: bytes) -> str | None:
         """The first value of a header (``name`` in lower case), or None."""
@@ -553,7 +553,9 @@ class Connection(asyncio.Protocol):
             self.go_idle()
 
     async def serve(self, request: Request) -> None:
-        reply = request.reply
+        # the request and its reply point at each other only while it is served: the finally
+        # below breaks the cycle, so neither needs the GC (a request never served has no reply)
+        reply = request.reply = Reply(request)
         try:
             await self.server.handler(request)
             if not reply.started:
@@ -573,7 +575,7 @@ class Connection(asyncio.Protocol):
             else:
                 reply.send_json(500, {"error": "internal error in the worker; see its log"})
         finally:
-            reply.request = None  # break the request <-> reply cycle: freed without the GC
+            reply.request = None
         if self.writable is not None:  # a slow client takes the answer before the next request
             try:
                 await self.drain()
@@ -611,6 +613,8 @@ class Connection(asyncio.Protocol):
             self.server.refusals.note(self.peer, error)
         elif self.waiting:
             self.waiting[-1].keep_alive = False  # the last answer on this connection
+        if error is not None:
+            error.__traceback__ = None  # its frames (a parser callback's) hold this connection
         self.refused = error or HttpError(0, "")
         self.backlog = b""
         if self.task is None and not self.waiting:
