@@ -1,0 +1,99 @@
+"""Instructions a request: Vespa under callgrind, a number that does not move with the machine.
+
+    python perf/instructions.py                       # this checkout, JSON POSTs at c=8
+    python perf/instructions.py --tree /tmp/before    # another checkout (e.g. a git worktree)
+    python perf/instructions.py --tree /tmp/before --tree .   # an A/B in one go
+
+Throughput ratios on a shared 2-core machine move by ±10 % from run to run; callgrind counts the
+user-space instructions the worker executes, which repeat to within 0.2 % for the same code, so a
+change worth 2 % shows. It starts ``perf/backend.py`` and the worker (under ``valgrind
+--tool=callgrind``, about 50x slower), warms up, zeroes the counters, runs wrk for a few seconds
+and divides the instructions by the requests answered. It needs valgrind and wrk
+(``apt-get install -y valgrind wrk``). Kernel time (the socket calls) is not counted: compare
+with ``perf/run.py``'s CPU column for the whole cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run import (LOOPBACK, HarnessError, Processes, find_wrk, free_port, proxy_env,  # noqa: E402
+                 run_wrk, start_backend, wait_ready, write_scripts)
+
+VALGRIND_READY_TIMEOUT = 180.0  # start-up under callgrind takes a while
+
+
+def callgrind_total(dump: Path) -> int:
+    """The instruction count of one callgrind dump ("totals:" or "summary:" line)."""
+    for line in dump.read_text(errors="replace").splitlines():
+        if line.startswith(("totals:", "summary:")):
+            return int(line.split()[1])
+    raise HarnessError(f"no totals in {dump}")
+
+
+def measure(tree: Path, procs: Processes, wrk: str, script: Path, backend_url: str,
+            tmp: Path, connections: int, seconds: int) -> tuple[int, int]:
+    """(requests answered, instructions executed) by the worker of ``tree``."""
+    port = free_port()
+    out = tmp / f"callgrind-{port}.out"
+    proc = procs.start(f"vespa-{port}", [
+        "valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
+        sys.executable, str(tree / "server.py")],
+        env={**proxy_env(backend_url, port), "VESPA_MAX_THROUGHPUT": "1000000"})
+    url = f"http://{LOOPBACK}:{port}"
+    wait_ready(procs, proc, f"vespa ({tree})", url + "/_vespa/readyz", VALGRIND_READY_TIMEOUT)
+    target = url + "/v1/chat/completions"
+    run_wrk(wrk, script, target, connections, 3)  # warm-up: caches, pool, route table
+    subprocess.run(["callgrind_control", "--zero", str(proc.pid)], check=True,
+                   capture_output=True, timeout=60)
+    result = run_wrk(wrk, script, target, connections, seconds)
+    subprocess.run(["callgrind_control", "--dump", str(proc.pid)], check=True,
+                   capture_output=True, timeout=60)
+    dumps = sorted(tmp.glob(f"callgrind-{port}.out.*"))
+    if not dumps:
+        raise HarnessError(f"callgrind wrote no dump for {tree}")
+    return result["requests"], callgrind_total(dumps[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tree", action="append", type=Path,
+                        help="a checkout to measure (repeat for an A/B); default: this one")
+    parser.add_argument("--connections", type=int, default=8)
+    parser.add_argument("--seconds", type=int, default=6)
+    args = parser.parse_args(argv)
+    trees = [t.resolve() for t in args.tree or [Path(__file__).resolve().parent.parent]]
+    if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
+        print("perf: valgrind is not installed:  apt-get install -y valgrind", file=sys.stderr)
+        return 1
+    with tempfile.TemporaryDirectory(prefix="vespa-instructions-") as tmp_name:
+        tmp = Path(tmp_name)
+        procs = Processes(tmp)
+        try:
+            wrk = find_wrk()
+            script = write_scripts(tmp)["json_c32"]
+            backend = start_backend(procs)
+            for tree in trees:
+                started = time.monotonic()
+                requests, instructions = measure(tree, procs, wrk, script, backend.base_url,
+                                                 tmp, args.connections, args.seconds)
+                print(f"{tree}: {instructions / requests:,.0f} instructions a request "
+                      f"({requests:,} JSON POSTs at c={args.connections}, "
+                      f"{time.monotonic() - started:.0f}s)")
+        except HarnessError as exc:
+            print(f"perf: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            procs.stop_all()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
