@@ -597,8 +597,7 @@ class Connection(asyncio.Protocol):
                 self.resume_reading()  # on_message_complete closes at its end
                 self.loop.call_later(LINGER_SECONDS, self.close)
             return
-        if self.reading_paused:
-            self.resume_reading()
+        self.resume_reading()
         self.serve_next()
 
     def refuse(self, error: HttpError | None) -> None:

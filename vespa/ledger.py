@@ -106,9 +106,7 @@ class Ledger:
             self.window.new_load -= entry.workload
             self.window.rej_load += entry.workload
             self.totals.rejected += 1
-        if entry.request_idx is not None:  # a request without one has nothing to report
-            self._record(entry.request_idx, outcome, status, entry.received_at,
-                         entry.started_at, now)
+        self._record(entry.request_idx, outcome, status, entry.received_at, entry.started_at, now)
 
     def reject(self, workload: float, request_idx: int | None, status: int, now: float) -> None:
         """A request turned away before admission (draining, blocked path): received, too."""
