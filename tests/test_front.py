@@ -11,7 +11,7 @@ import pytest
 
 from vespa.front import HEAD_SLICE, MAX_PIPELINED, BodyError, FrontServer, Request
 
-from .conftest import left_to_the_gc
+from .conftest import left_to_the_gc, wait_until
 
 HOST = "127.0.0.1"
 WAIT = 1.0  # seconds any step may take before the test fails rather than hangs
@@ -1007,13 +1007,13 @@ async def test_nothing_a_request_leaves_behind_needs_the_gc(serve):
     assert not left, left
 
 
-@pytest.mark.parametrize("sent,status", [
-    (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),  # refused head
-    (b"POST / HTTP/1.1\r\nHost: a\r\nExpect: x\r\nContent-Length: 1\r\n\r\nx", 417),
-    (b"GET /x HTTP/1.1\r\nHost: a\r\n", None),  # the client leaves mid-head
-    (request(target="/1") + request(target="/2") + request(target="/3"), None),  # leaves
+@pytest.mark.parametrize("sent,status,served_first", [
+    (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400, False),  # refused head
+    (b"POST / HTTP/1.1\r\nHost: a\r\nExpect: x\r\nContent-Length: 1\r\n\r\nx", 417, False),
+    (b"GET /x HTTP/1.1\r\nHost: a\r\n", None, False),  # the client leaves mid-head
+    (request(target="/1") + request(target="/2") + request(target="/3"), None, True),  # leaves
 ], ids=["refused", "unknown-expect", "left-mid-head", "left-with-requests-in-line"])
-async def test_requests_never_served_leave_nothing_for_the_gc(serve, sent, status):
+async def test_requests_never_served_leave_nothing_for_the_gc(serve, sent, status, served_first):
     waits, started, cancelled = waits_to_be_cancelled()
     served = await serve(waits)
     with left_to_the_gc() as left:
@@ -1023,14 +1023,11 @@ async def test_requests_never_served_leave_nothing_for_the_gc(serve, sent, statu
             assert (await read_response(reader)).status == status
             assert await rest(reader) == b""
         else:
+            if served_first:  # the first request is being served, the others wait in line
+                await asyncio.wait_for(started.wait(), WAIT)
             await asyncio.sleep(0.05)
             writer.close()
-            if sent.startswith(b"GET /1"):
+            if served_first:
                 await asyncio.wait_for(cancelled.wait(), WAIT)
-        for _ in range(50):  # the server sees the connection end
-            if not served.front.connections:
-                break
-            await asyncio.sleep(0.01)
-        assert not served.front.connections
+        await wait_until(lambda: not served.front.connections, WAIT)  # the server saw it end
     assert not left, left
-
