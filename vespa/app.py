@@ -14,6 +14,7 @@ import fnmatch
 import logging
 import re
 import time
+from collections.abc import Awaitable
 from urllib.parse import parse_qs
 
 import aiohttp
@@ -35,7 +36,7 @@ from .logging_setup import current_request_id
 from .logwatch import LogWatch
 from .metrics import DEFAULT_ROUTES, Metrics
 from .proxy import (SMALL_BODY, BodyStalled, BodyTooLarge, ProxyError, Upstream, UpstreamBroken,
-                    read_body)
+                    arrived_body, read_body)
 from .records import RequestRecorder, check_logs_token
 from .reporter import Identity, Reporter
 from .request_ids import request_id
@@ -151,8 +152,9 @@ class Worker:
     async def serve_admitted(self, request: Request, visit: Visit, envelope: Envelope,
                              workload: float) -> Answer | None:
         rid = visit.rid
+        if not self.ledger.in_flight:
+            self.idle.clear()  # set again when the last request in flight ends
         entry = self.ledger.receive(workload, envelope.request_idx, visit.received_at)
-        self.idle.clear()
         outcome, status = Outcome.CANCELLED, CLIENT_CLOSED
         try:
             if self.backend_queue_full():
@@ -164,7 +166,9 @@ class Worker:
                                   "VESPA_BACKEND_QUEUE_LIMIT); retry in 1s", rid,
                                   {"Retry-After": "1"})
             try:
-                ticket = await self.gate.enter(workload)
+                ticket = self.gate.admit(workload)
+                if not ticket.started:
+                    await self.gate.wait(ticket)
             except Overloaded as exc:
                 outcome, status = Outcome.REJECTED, 429
                 self.metrics.rejected(exc.rejection.reason)
@@ -222,17 +226,26 @@ class Worker:
                             exchange.bytes_out)
 
     async def open(self, request: Request, target: str) -> Envelope:
-        """The request's envelope; reads the body only when it may be one. An absolute-form
-        target (``http://host/path``) is opened and forwarded as its path and query
-        (``target``, its ``origin_form``)."""
-        raw = request.target
-        envelope = await self.open_at(request, target)
-        if target != raw and envelope.path_qs is None:
+        """The envelope of ``request`` as sent to the origin-form ``target``; reads the body
+        only when it may be one. An absolute-form target (``http://host/path``) is opened and
+        forwarded as its path and query (``target``)."""
+        envelope = self.open_without_body(request, target)
+        if envelope is None:  # the body may be an envelope: read it (it is usually all here)
+            body = arrived_body(request)
+            if body is None:
+                body = await read_body(request, self.settings.max_body_bytes,
+                                       self.settings.body_read_timeout)
+            envelope = open_envelope(request.method, target, body,
+                                     unsecured=self.settings.unsecured)
+            if envelope is PASSTHROUGH:
+                envelope = Envelope(None, body=body)
+        if envelope.path_qs is None and target != request.target:
             envelope = envelope._replace(path_qs=target)
         return envelope
 
-    async def open_at(self, request: Request, target: str) -> Envelope:
-        """The envelope of ``request`` as sent to the origin-form ``target``."""
+    def open_without_body(self, request: Request, target: str) -> Envelope | None:
+        """The envelope when the body cannot be one (no body, a method without an envelope
+        body, or in dev mode a large or streamed body); None when the body must be read."""
         unsecured = self.settings.unsecured
         if request.method not in BODY_METHODS:
             if unsecured and "serverless_" not in target:
@@ -243,10 +256,7 @@ class Worker:
         length = request.content_length
         if unsecured and (length is None or length > SMALL_BODY):
             return PASSTHROUGH  # a large or streamed body is never an envelope in dev mode
-        body = await read_body(request, self.settings.max_body_bytes,
-                               self.settings.body_read_timeout)
-        envelope = open_envelope(request.method, target, body, unsecured=unsecured)
-        return Envelope(None, body=body) if envelope is PASSTHROUGH else envelope
+        return None
 
     async def check_signature(self, auth_data: dict) -> tuple[int, str] | None:
         """(status, reason) when the request must be refused, None when it is signed right."""
@@ -347,15 +357,18 @@ class Worker:
                                f"{routes}", request_id(request.header(b"x-request-id")))
 
     # -- dispatch ------------------------------------------------------------------------------
-    async def dispatch(self, request: Request) -> None:
+    def dispatch(self, request: Request) -> Awaitable[None]:
         """The front server's handler: the worker's own routes under /_vespa/ (GET and HEAD),
-        a JSON 404 for any other path under that prefix, everything else to the backend."""
+        a JSON 404 for any other path under that prefix, everything else to the backend. It
+        hands back the coroutine that serves the request: one level less to run through."""
         target = origin_form(request.target)  # None: no path to serve, refusal() says 400
         if target is not None and target.startswith(RESERVED_PREFIX):
-            answer = await self.own_route(request, path_of(target))
-            answer.send(request.reply)
-        else:
-            await self.handle(request, target)
+            return self.answer_own(request, path_of(target))
+        return self.handle(request, target)
+
+    async def answer_own(self, request: Request, path: str) -> None:
+        answer = await self.own_route(request, path)
+        answer.send(request.reply)
 
     async def own_route(self, request: Request, path: str) -> Answer:
         if request.method in ("GET", "HEAD"):

@@ -695,7 +695,7 @@ class FrontServer:
 
     def __init__(self, handler, *, keepalive_timeout: float = 75.0,
                  write_timeout: float = 600.0):
-        self.handler = handler  # async (Request) -> None; answers through request.reply
+        self.handler = handler  # (Request) -> awaitable; answers through request.reply
         self.keepalive_timeout = keepalive_timeout
         self.write_timeout = write_timeout
         self.loop = asyncio.get_running_loop()

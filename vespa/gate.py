@@ -1,7 +1,8 @@
 """The asyncio face of admission: waits a queued request's turn, bounded by the max wait time.
 
-``enter`` returns a started ticket or raises ``Overloaded``; ``leave`` must follow every ticket
-``enter`` returned. A caller cancelled while in line (the client went away) frees its place.
+``enter`` returns a started ticket or raises ``Overloaded`` (``admit`` then ``wait`` do the same
+in two steps, with no coroutine when the ticket starts at once); ``leave`` must follow every
+ticket handed out. A caller cancelled while in line (the client went away) frees its place.
 """
 
 from __future__ import annotations
@@ -25,24 +26,32 @@ class Gate:
         self.turns: dict[Ticket, asyncio.Future[None]] = {}
 
     async def enter(self, workload: float) -> Ticket:
+        ticket = self.admit(workload)
+        if not ticket.started:
+            await self.wait(ticket)
+        return ticket
+
+    def admit(self, workload: float) -> Ticket:
+        """A ticket, started or in line (then ``wait`` for its turn); ``Overloaded`` if none."""
         decision = self.admission.admit(workload)
         if isinstance(decision, Rejection):
             raise Overloaded(decision)
-        if decision.started:
-            return decision
+        return decision
+
+    async def wait(self, ticket: Ticket) -> None:
+        """Wait for a queued ticket's turn, at most the max wait time (then ``Overloaded``)."""
         turn = asyncio.get_running_loop().create_future()
-        self.turns[decision] = turn
+        self.turns[ticket] = turn
         try:
             await asyncio.wait_for(asyncio.shield(turn), self.admission.max_wait_time)
         except asyncio.TimeoutError:
-            self.leave(decision)
+            self.leave(ticket)
             raise Overloaded(self.admission.queue_timeout()) from None
         except BaseException:
-            self.leave(decision)
+            self.leave(ticket)
             raise
         finally:
-            self.turns.pop(decision, None)
-        return decision
+            self.turns.pop(ticket, None)
 
     def leave(self, ticket: Ticket) -> None:
         for started in self.admission.finish(ticket):

@@ -96,7 +96,7 @@ class Ledger:
             return
         entry.closed = True
         self.in_flight.discard(entry)
-        self.totals.outcomes[outcome.value] += 1
+        self.totals.outcomes[outcome._value_] += 1  # .value is a Python-level property
         if outcome is Outcome.SUCCESS:
             self.window.cur_perf += entry.workload
             self.totals.workload_served += entry.workload

@@ -105,12 +105,20 @@ async def read_chunk(request: Request, timeout: float) -> bytes:
         raise BodyStalled(timeout) from None
 
 
+def arrived_body(request: Request) -> bytes | None:
+    """The whole request body when all of it arrived with the head (taken out), else None."""
+    body = request.body
+    if body.complete and body.error is None and not body.expects_continue:
+        return body.take()
+    return None
+
+
 async def read_body(request: Request, limit: int, idle_timeout: float) -> bytes:
     """The whole request body, refused past ``limit`` bytes even without a Content-Length;
     ``BodyStalled`` when the client pauses for ``idle_timeout`` seconds before its end."""
-    body = request.body
-    if body.complete and body.error is None and not body.expects_continue:
-        return body.take()  # all of it arrived with the head: no timer, no await
+    whole = arrived_body(request)
+    if whole is not None:  # no timer, no await
+        return whole
     parts, size = [], 0
     while chunk := await read_chunk(request, idle_timeout):
         size += len(chunk)
@@ -242,7 +250,18 @@ class Upstream:
         exchange.head_at = perf_counter()
         exchange.status = response.status
         try:
-            await self._relay(request.reply, response, request_id, exchange)
+            headers, length = self._relayed_head(response, request_id, exchange)
+            if length is not None and length <= SMALL_BODY and not response.head_only:
+                # a small answer goes whole, in one write
+                payload = response.take_all()  # None: not all of it has arrived yet
+                if payload is None:
+                    payload = await self._payload(response)
+                exchange.bytes_out = len(payload)
+                if exchange.capture:
+                    exchange.keep(payload)
+                request.reply.send(response.status, headers, payload, response.reason)
+            else:
+                await self._stream(request.reply, response, headers, length, exchange)
             return response.status
         finally:
             self.pool.release(conn, reusable=True)
@@ -276,7 +295,11 @@ class Upstream:
                                           f"{exc or type(exc).__name__}") from None
             response = conn.start(head_only, self.read_timeout)
             try:
-                exchange.bytes_in = await self._send(conn, head, body)
+                if body is None or isinstance(body, bytes):  # one write, nothing to wait for
+                    conn.transport.write(head if body is None else head + body)
+                    exchange.bytes_in = 0 if body is None else len(body)
+                else:
+                    exchange.bytes_in = await self._upload(conn, head, body)
                 await response.head
                 return conn, response
             except BackendClosed as exc:
@@ -312,15 +335,9 @@ class Upstream:
         raise AssertionError("unreachable")
 
     @staticmethod
-    async def _send(conn: BackendConnection, head: bytes, body) -> int:
-        """Write the request; returns the body bytes sent."""
+    async def _upload(conn: BackendConnection, head: bytes, body: BoundedBody) -> int:
+        """Write the request with a streamed body; returns the body bytes sent."""
         transport = conn.transport
-        if body is None:
-            transport.write(head)
-            return 0
-        if isinstance(body, bytes):
-            transport.write(head + body)
-            return len(body)
         transport.write(head)
         chunked = body.length is None
         sent = 0
@@ -339,19 +356,18 @@ class Upstream:
 
     @staticmethod
     async def _payload(upstream: BackendResponse) -> bytes:
-        """A small response's whole body (502 when the backend breaks it off)."""
-        payload = upstream.take_all()
-        if payload is not None:  # all of it has arrived
-            return payload
+        """A small response's whole body, read to its end (502 when the backend breaks it
+        off)."""
         try:
             return await upstream.read_all()
         except (ConnectionError, TimeoutError) as exc:
             raise ProxyError(502, f"backend broke off its response: {exc}") from None
 
-    async def _relay(self, reply: Reply, upstream: BackendResponse, request_id: str,
-                     exchange: Exchange) -> None:
-        """The backend's answer to the client: a small one whole in one write, else streamed
-        chunk by chunk as it arrives."""
+    @staticmethod
+    def _relayed_head(upstream: BackendResponse, request_id: str, exchange: Exchange
+                      ) -> tuple[list[tuple[bytes, bytes]], int | None]:
+        """The headers the client gets (the backend's minus hop-by-hop, plus our X-Request-Id
+        and a Date if it sent none) and the backend's Content-Length."""
         headers, length, has_date = relayed_headers(upstream.raw_headers)
         headers.append((b"X-Request-Id", request_id.encode("latin-1")))
         if not has_date:
@@ -360,15 +376,14 @@ class Upstream:
             decoded = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in headers]
             exchange.note_head(decoded, next(
                 (v for n, v in decoded if n.lower() == "content-type"), ""))
-        status, reason = upstream.status, upstream.reason
-        if length is not None and length <= SMALL_BODY and not upstream.head_only:
-            payload = await self._payload(upstream)
-            exchange.bytes_out = len(payload)
-            if exchange.capture:
-                exchange.keep(payload)
-            reply.send(status, headers, payload, reason)
-            return
-        reply.start(status, headers, length, reason)
+        return headers, length
+
+    @staticmethod
+    async def _stream(reply: Reply, upstream: BackendResponse,
+                      headers: list[tuple[bytes, bytes]], length: int | None,
+                      exchange: Exchange) -> None:
+        """The backend's answer streamed to the client chunk by chunk as it arrives."""
+        reply.start(upstream.status, headers, length, upstream.reason)
         if not upstream.chunks:
             reply.flush()  # no body yet (a generation may take a while): the head goes now
         try:
