@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from vespa import timeouts
 from vespa.front import HEAD_SLICE, MAX_PIPELINED, BodyError, FrontServer, Request
 
 from .conftest import left_to_the_gc, wait_until
@@ -142,7 +143,7 @@ async def cut(reader: asyncio.StreamReader, timeout: float = WAIT) -> bytes:
     """Like ``rest``, but the connection may end with a reset as well as with a FIN."""
     data = []
     try:
-        async with asyncio.timeout(timeout):
+        async with timeouts.timeout(timeout):
             while chunk := await reader.read(65536):
                 data.append(chunk)
     except ConnectionResetError:
@@ -731,7 +732,7 @@ async def test_a_stream_to_a_client_that_does_not_read_waits_in_write(serve):
     assert not progress["done"]
     assert progress["written"] < size
     received = 0
-    async with asyncio.timeout(5):
+    async with timeouts.timeout(5):
         while received < size:
             received += len(await reader.read(1024 * 1024))
     assert received == size

@@ -39,6 +39,8 @@ from email.utils import formatdate
 
 import httptools
 
+from . import timeouts
+
 log = logging.getLogger("vespa.front")
 
 MAX_TARGET = 8190
@@ -656,9 +658,9 @@ class Connection(asyncio.Protocol):
         for ``write_timeout`` seconds is cut (ConnectionResetError)."""
         if self.writable is not None:
             try:
-                async with asyncio.timeout(self.server.write_timeout):
+                async with timeouts.timeout(self.server.write_timeout):
                     await self.writable
-            except TimeoutError:
+            except asyncio.TimeoutError:
                 self.abort()
                 raise ConnectionResetError(f"client took nothing for "
                                            f"{self.server.write_timeout:g}s") from None

@@ -56,8 +56,10 @@ Gauge = Callable[[], float]
 
 @functools.lru_cache(maxsize=32)
 def compiled_routes(templates: tuple[str, ...]) -> re.Pattern:
-    """One regex for all templates; group ``i + 1`` matches template ``i``."""
-    return re.compile("|".join(f"({fnmatch.translate(t)})" for t in templates))
+    """One regex for all templates; the group named ``t{i}`` matches template ``i`` (named:
+    fnmatch's own patterns hold numbered groups on Python 3.10)."""
+    return re.compile("|".join(f"(?P<t{i}>{fnmatch.translate(t)})"
+                               for i, t in enumerate(templates)))
 
 
 def route_template(path: str, templates: Sequence[str] = DEFAULT_ROUTES) -> str:
@@ -70,7 +72,7 @@ def route_template(path: str, templates: Sequence[str] = DEFAULT_ROUTES) -> str:
     if not templates:
         return OTHER_ROUTE
     match = compiled_routes(templates).match(path)
-    return OTHER_ROUTE if match is None else templates[match.lastindex - 1]
+    return OTHER_ROUTE if match is None else templates[int(match.lastgroup[1:])]
 
 
 class Histogram:

@@ -15,6 +15,7 @@ from time import perf_counter
 
 from yarl import URL
 
+from . import timeouts
 from .backend_pool import (BackendClosed, BackendConnection, BackendPool, BackendResponse,
                            BackendTimeout, MalformedResponse)
 from .front import BodyError, Reply, Request, http_date
@@ -98,9 +99,9 @@ async def read_chunk(request: Request, timeout: float) -> bytes:
     for ``timeout`` seconds the connection is given up (closed after the answer, the rest of
     the body ignored) and ``BodyStalled`` is raised."""
     try:
-        async with asyncio.timeout(timeout):
+        async with timeouts.timeout(timeout):
             return await request.body.read()
-    except TimeoutError:
+    except asyncio.TimeoutError:
         request.give_up()
         raise BodyStalled(timeout) from None
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import aiohttp
 import pytest
 
+from vespa import timeouts
 from vespa.admission import workload_of
 
 from ..conftest import wait_until
@@ -99,11 +100,11 @@ class LoadRun:
                 url = f"{self.url}{path}{sep}{query_auth(auth_data)}"
                 if kind == "abandon":
                     try:
-                        async with asyncio.timeout(0.2):
+                        async with timeouts.timeout(0.2):
                             async with self.session.get(url) as response:
                                 await response.read()
                                 return response.status
-                    except TimeoutError:
+                    except asyncio.TimeoutError:
                         return "abandoned"
                 async with self.session.get(url, timeout=timeout) as response:
                     if kind == "cancel" and response.status == 200:
