@@ -16,6 +16,7 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDict
 
+from vespa import timeouts
 from vespa.app import Worker
 from vespa.config import load_settings
 
@@ -82,6 +83,14 @@ async def test_request_headers_hop_by_hop_stripped_and_forwarding_set(make_worke
     assert headers["X-Forwarded-For"] == "203.0.113.7, 127.0.0.1"
     assert headers["X-Forwarded-Proto"] == "http"
     assert headers["X-Request-Id"] == response.headers["X-Request-Id"]
+
+
+async def test_every_x_forwarded_for_line_is_kept_before_our_peer(make_worker):
+    client, _ = await make_worker()
+    response = await client.get("/echo", headers=CIMultiDict(
+        [("X-Forwarded-For", "198.51.100.1"), ("X-Forwarded-For", "203.0.113.7, 10.0.0.2")]))
+    headers = CIMultiDict((await response.json())["headers"])
+    assert headers.getall("X-Forwarded-For") == ["198.51.100.1, 203.0.113.7, 10.0.0.2, 127.0.0.1"]
 
 
 async def test_response_headers_hop_by_hop_stripped_others_kept(make_worker):
@@ -324,12 +333,16 @@ async def raw_call(port: int, data: bytes, timeout: float = 5.0) -> tuple[bytes,
 
 
 async def test_absolute_form_target_is_forwarded_as_its_path_and_query(make_worker, backend):
-    client, _ = await make_worker()
+    client, worker = await make_worker()
     answer, _ = await raw_call(client.port, b"GET http://evil.example/echo/x?a=1 HTTP/1.1\r\n"
                                             b"Host: worker\r\nConnection: close\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
     [seen] = backend.log.requests
     assert seen["raw_path"] == "/echo/x?a=1"
+    answer, _ = await raw_call(client.port, b"GET http://evil.example/health?a=1 HTTP/1.1\r\n"
+                                            b"Host: worker\r\nConnection: close\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    assert worker.metrics.requests.get(("GET", "/health", 200)) == 1  # its route, not "other"
 
 
 async def test_target_without_a_path_is_400_and_no_load(make_worker, backend):
@@ -585,3 +598,84 @@ async def test_nothing_a_relayed_request_leaves_behind_needs_the_gc(make_worker,
         await asyncio.sleep(0.05)
     assert not left, left
 
+
+
+async def post_raw(client, length: int, *, seconds: float) -> bytes:
+    """POST a ``length``-byte body to the worker on a raw socket (the upload is fed in the
+    background and may stall); what came back within ``seconds``."""
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(b"POST /upload HTTP/1.1\r\nHost: w\r\nContent-Type: application/octet-stream\r\n"
+                 b"Content-Length: %d\r\n\r\n" % length)
+
+    async def feed() -> None:
+        piece = b"x" * 65536
+        for _ in range(length // len(piece)):
+            writer.write(piece)
+            await writer.drain()
+
+    feeding = asyncio.create_task(feed())
+    try:
+        async with timeouts.timeout(seconds):
+            return await reader.readuntil(b"\r\n\r\n")
+    except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+        return b""
+    finally:
+        feeding.cancel()
+        writer.close()
+
+
+async def test_a_backend_that_stops_reading_an_upload_is_504_after_the_request_timeout(
+        behind_raw):
+    """A wedged backend fills the socket with an upload it never reads: the request timeout
+    still ends the request (the connection is cut, not closed gracefully behind unsent bytes)."""
+    async def wedged(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await asyncio.sleep(10)  # reads nothing more
+        writer.close()
+
+    client, worker = await behind_raw(wedged, VESPA_REQUEST_TIMEOUT="1")
+    started = time.monotonic()
+    head = await post_raw(client, 64 * 1024 * 1024, seconds=10)
+    assert head.startswith(b"HTTP/1.1 504"), head
+    assert time.monotonic() - started < 5
+    await wait_until(lambda: not worker.ledger.in_flight)
+
+
+async def test_a_backend_that_answers_early_and_stops_reading_an_upload_is_relayed(behind_raw):
+    """The backend refuses an upload at once and keeps the connection open without reading the
+    rest: its answer goes to the client now, and that connection is never reused."""
+    async def refuses(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 4\r\n\r\nnope")
+        await writer.drain()
+        await asyncio.sleep(10)  # reads nothing more, closes nothing
+        writer.close()
+
+    client, worker = await behind_raw(refuses, VESPA_REQUEST_TIMEOUT="60")
+    started = time.monotonic()
+    head = await post_raw(client, 64 * 1024 * 1024, seconds=10)
+    assert head.startswith(b"HTTP/1.1 413"), head
+    assert time.monotonic() - started < 5
+    await wait_until(lambda: not worker.ledger.in_flight)
+    assert not worker.upstream.pool.idle  # a connection with half an upload on it is not reused
+
+
+async def test_a_backend_reset_in_a_body_that_ends_at_close_cuts_the_client(behind_raw):
+    """A body without length or chunking ends when the backend closes; a reset is a crash, not
+    that end, and the client must not get a clean end."""
+    async def resets(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: audio/wav\r\n\r\n" + b"A" * 1000)
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        writer.transport.abort()  # RST
+
+    client, worker = await behind_raw(resets)
+    response = await client.get("/audio")
+    assert response.status == 200
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await response.read()
+    await wait_until(lambda: worker.ledger.totals.outcomes["error"] == 1)
+    assert worker.ledger.totals.outcomes["success"] == 0

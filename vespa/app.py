@@ -113,7 +113,7 @@ class Worker:
             if answer is not None:
                 answer.send(request.reply)
         finally:
-            self.account(request, visit)
+            self.account(request, visit, target)
 
     async def walk(self, request: Request, target: str | None, visit: Visit) -> Answer | None:
         """The worker's own answer, or None when the backend's was relayed."""
@@ -208,15 +208,18 @@ class Worker:
         visit.status, visit.outcome = response.status, outcome
         return response
 
-    def account(self, request: Request, visit: Visit) -> None:
-        """Metrics (and, when on, a request record) for one answered request."""
+    def account(self, request: Request, visit: Visit, target: str | None) -> None:
+        """Metrics (and, when on, a request record) for one answered request (``target``: its
+        origin form, so ``http://host/path`` counts under the route of ``/path``)."""
         exchange = visit.exchange
         upstream = ttfb = None
         if exchange.sent_at:
             upstream = time.perf_counter() - exchange.sent_at
             if exchange.head_at:
                 ttfb = exchange.head_at - exchange.sent_at
-        self.metrics.request_done(request.method, request.path, visit.status, upstream, ttfb,
+        path = path_of(target) if target is not None and target != request.target \
+            else request.path
+        self.metrics.request_done(request.method, path, visit.status, upstream, ttfb,
                                   exchange.bytes_in, exchange.bytes_out)
         if visit.record:
             self.recorder.record(record_entry(request, visit, ttfb))

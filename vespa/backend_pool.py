@@ -155,8 +155,8 @@ class BackendConnection(asyncio.Protocol):
         self.cancel_timer()
         response = self.response
         if response is not None and not response.done:
-            if response.head.done() and self.ends_at_close():
-                response.finish()
+            if exc is None and response.head.done() and self.ends_at_close():
+                response.finish()  # a body without length or chunking ends at a clean close
             else:
                 response.fail(BackendClosed("backend closed the connection"
                                             + (f": {exc}" if exc else "")))
@@ -196,6 +196,8 @@ class BackendConnection(asyncio.Protocol):
         response.keep_alive = self.parser.should_keep_alive()
         response.received_any = True
         response.head.set_result(None)
+        if self.writable is not None and not self.writable.done():
+            self.writable.set_result(None)  # an upload waiting to write sees the answer now
         if response.head_only:
             response.finish()
 
@@ -263,7 +265,12 @@ class BackendConnection(asyncio.Protocol):
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            self.transport.close()
+            if self.transport.get_write_buffer_size():
+                # bytes the backend has not taken (it stopped reading an upload): a graceful
+                # close would wait for them for ever
+                self.transport.abort()
+            else:
+                self.transport.close()
 
 
 class Slots:

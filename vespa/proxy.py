@@ -151,14 +151,16 @@ class BoundedBody:
 def end_to_end(raw_headers: list[tuple[bytes, bytes]], drop: frozenset[bytes]
                ) -> tuple[list[tuple[bytes, bytes]], dict[bytes, bytes]]:
     """The headers to pass on: all but those in ``drop`` (which must hold ``connection``) and
-    those the Connection header names; and the dropped ones (lower-case name -> last value)."""
+    those the Connection header names; and the dropped ones (lower-case name -> value, repeated
+    lines joined with ", " as RFC 9110 §5.3 allows)."""
     kept = []
     dropped = {}
     tokens = None
     for pair in raw_headers:
         lowered = pair[0].lower()
         if lowered in drop:
-            dropped[lowered] = pair[1]
+            seen = dropped.get(lowered)
+            dropped[lowered] = pair[1] if seen is None else seen + b", " + pair[1]
             if lowered == b"connection":
                 tokens = (tokens or set()) | {t.strip().lower() for t in pair[1].split(b",")}
             continue
@@ -305,10 +307,13 @@ class Upstream:
                 return conn, response
             except BackendClosed as exc:
                 answered = response.head
-                if answered.done() and not answered.cancelled() \
-                        and answered.exception() is None:
+                problem = answered.exception() if answered.done() and not answered.cancelled() \
+                    else exc
+                if problem is None:
                     return conn, response  # it answered before taking the whole upload: relay
                 self.pool.release(conn, reusable=False)
+                if isinstance(problem, BackendTimeout):  # it stopped reading the upload
+                    raise self._timed_out() from None
                 if attempt == 1 and conn.reused and replayable:
                     continue  # the backend closed an idle keep-alive connection: try a new one
                 raise ProxyError(502, f"backend at {self.base_url} closed the connection "
@@ -325,8 +330,7 @@ class Upstream:
                                       "limit (VESPA_MAX_BODY_BYTES)") from None
             except BackendTimeout:
                 self.pool.release(conn, reusable=False)
-                raise ProxyError(504, f"backend did not answer within {self.read_timeout:g}s "
-                                      "(VESPA_REQUEST_TIMEOUT)") from None
+                raise self._timed_out() from None
             except MalformedResponse as exc:
                 self.pool.release(conn, reusable=False)
                 raise ProxyError(502, str(exc)) from None
@@ -335,6 +339,10 @@ class Upstream:
                 raise
         raise AssertionError("unreachable")
 
+    def _timed_out(self) -> ProxyError:
+        return ProxyError(504, f"backend did not answer within {self.read_timeout:g}s "
+                               "(VESPA_REQUEST_TIMEOUT)")
+
     @staticmethod
     async def _upload(conn: BackendConnection, head: bytes, body: BoundedBody) -> int:
         """Write the request with a streamed body; returns the body bytes sent."""
@@ -342,13 +350,19 @@ class Upstream:
         transport.write(head)
         chunked = body.length is None
         sent = 0
+        answered = conn.response.head
         async for chunk in body:
             if conn.closed:
                 raise BackendClosed("backend closed the connection during the upload")
             transport.write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
             sent += len(chunk)
             conn.last_active = conn.loop.time()  # silence is counted from the end of the upload
-            await conn.drain()
+            await conn.drain()  # also returns when the backend answers
+            if answered.done():
+                # It answered before taking the whole body (e.g. a 413) and may never read the
+                # rest: stop here, relay the answer, and never reuse this connection.
+                conn.response.keep_alive = False
+                return sent
         if chunked:
             transport.write(b"0\r\n\r\n")
         elif sent != body.length:  # never leave the backend waiting for bytes that won't come
