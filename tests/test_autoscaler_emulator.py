@@ -164,13 +164,14 @@ async def test_delete_requests_both_formats_are_recorded(emulator, http):
 
 
 async def test_reports_are_recorded_with_no_validation_errors_when_well_typed(emulator, http):
-    await post(http, emulator, "/worker_status/", report(cur_perf=3, new_load=-2.0))
-    assert emulator.reports == [report(cur_perf=3, new_load=-2.0)]
+    await post(http, emulator, "/worker_status/", report(cur_perf=3, new_load=2.0))
+    assert emulator.reports == [report(cur_perf=3, new_load=2.0)]
     assert emulator.validation_errors == []
 
 
 @pytest.mark.parametrize("changes,flagged", [
     ({"cur_load": "3"}, "cur_load must be a finite number >= 0, got '3'"),
+    ({"new_load": -2.0}, "new_load must be a finite number >= 0, got -2.0"),
     ({"id": True}, "id must be an integer"),
     ({"num_requests_recieved": 1.5}, "num_requests_recieved must be an integer >= 0"),
     ({"working_request_idxs": [1, "2"]}, "working_request_idxs must be a list of integers"),

@@ -122,6 +122,24 @@ def test_reported_subtracts_only_what_was_sent():
     assert ledger.window == LoadWindow()
 
 
+def test_a_request_cancelled_after_its_receipt_was_reported_sends_no_negative_load():
+    """new_load is received minus cancelled since the last report: the cancel of a request
+    received before it would make it negative. It is sent as 0 (Vast's own worker clamps it)
+    and the next window starts from 0."""
+    ledger = Ledger()
+    early = ledger.receive(50.0, 1, now=1.0)
+    queued = ledger.receive(30.0, 2, now=1.0)
+    ledger.reported(ledger.load_fields()[1])
+    ledger.finish(early, Outcome.CANCELLED, 499, now=2.0)
+    ledger.finish(queued, Outcome.REJECTED, 429, now=2.0)  # its queue wait timed out
+    load, sent = ledger.load_fields()
+    assert load["new_load"] == 0.0 and load["rej_load"] == 30.0
+    ledger.reported(sent)
+    later = ledger.receive(5.0, 3, now=3.0)
+    assert fields(ledger)["new_load"] == 5.0
+    ledger.finish(later, Outcome.SUCCESS, 200, now=4.0)
+
+
 def test_unreported_windows_accumulate():
     """A report that did not reach the autoscaler is never subtracted: the next one carries it."""
     ledger = Ledger()
@@ -142,7 +160,7 @@ def test_in_flight_fields_are_not_windowed():
     assert load["working_request_idxs"] == [1]
     assert load["new_load"] == 0 and load["num_requests_recieved"] == 0
     ledger.finish(entry, Outcome.CANCELLED, 499, now=1.0)
-    assert fields(ledger)["new_load"] == -5.0  # cancelled after its receipt was reported
+    assert fields(ledger)["new_load"] == 0.0  # cancelled after its receipt was reported: not -5
 
 
 def test_finished_records_for_delete_requests():
@@ -300,7 +318,8 @@ class LedgerMachine(RuleBasedStateMachine):
             self.ledger.reported(window)
             self.reported_perf += load["cur_perf"]
             self.reported_rej += load["rej_load"]
-            self.reported_new += load["new_load"]
+            self.reported_new += window.new_load  # what it settled (it sent that, or 0)
+            assert load["new_load"] == max(window.new_load, 0.0)
             self.reported_received += load["num_requests_recieved"]
 
     @rule(limit=st.integers(1, 5))
@@ -317,7 +336,8 @@ class LedgerMachine(RuleBasedStateMachine):
         assert self.reported_perf + load["cur_perf"] == self.served
         assert self.ledger.totals.workload_served == self.served
         assert self.reported_rej + load["rej_load"] == self.rejected
-        assert self.reported_new + load["new_load"] == self.net_new
+        assert self.reported_new + self.ledger.window.new_load == self.net_new
+        assert load["new_load"] >= 0
         assert self.reported_received + load["num_requests_recieved"] == self.received_count
         assert load["cur_load"] == sum(self.in_flight.values())
         assert load["num_requests_working"] == len(self.in_flight)

@@ -327,19 +327,34 @@ async def test_a_delivery_failing_after_its_caller_left_keeps_its_records(emulat
     assert emulator.deleted_request_idxs() == [0, 1, 2]
 
 
-async def test_a_delete_answer_later_than_the_status_timeout_is_not_sent_again(emulator,
+async def test_a_slow_but_alive_autoscaler_counts_each_window_and_record_once(emulator,
                                                                               make_reporter):
-    """delete_requests waits longer for its answer than worker_status does: an autoscaler that
-    is slow but alive gets each record once."""
+    """Connecting has the short timeout; the answer may take ``answer_timeout``: a POST that
+    arrived is not sent again because its answer was slow (that would count its load twice)."""
     ledger = Ledger()
-    serve(ledger, 1, 1.0)
+    serve(ledger, 1, 100.0)
     reporter = make_reporter(emulator.url, ledger=ledger, attempts=2, timeout=0.2,
-                             delete_timeout=3.0)
-    emulator.delay = 0.6
-    assert not await reporter.report_status()  # 0.6 s is past its 0.2 s timeout
+                             answer_timeout=3.0)
+    emulator.delay = 0.6  # past the 0.2 s connect timeout, within the answer timeout
+    assert await reporter.report_status()
+    assert await reporter.report_status(force=True)
+    assert [r["new_load"] for r in emulator.reports] == [100.0, 0.0]
     assert await reporter.report_finished()
     assert emulator.deleted_request_idxs() == [1]
     assert len(emulator.delete_bodies) == 1
+
+
+async def test_a_status_answer_past_the_answer_timeout_is_not_retried_at_once(emulator,
+                                                                              make_reporter):
+    """It may have arrived: the next report carries its counts, no retry doubles them now."""
+    ledger = Ledger()
+    serve(ledger, 1, 100.0)
+    reporter = make_reporter(emulator.url, ledger=ledger, attempts=3, timeout=0.2,
+                             answer_timeout=0.3)
+    emulator.delay = 0.8
+    assert not await reporter.report_status()
+    await asyncio.sleep(1.0)  # what was sent is recorded once its delay is over
+    assert [r["new_load"] for r in emulator.reports] == [100.0]
 
 
 class SlowDeletes(AutoscalerEmulator):
@@ -513,6 +528,26 @@ async def test_unchanged_status_is_not_resent_every_tick(emulator, make_reporter
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_equal_traffic_in_the_next_window_is_reported_at_the_next_tick(emulator,
+                                                                             make_reporter):
+    """The load counts are per window: two windows with the same traffic have equal bodies,
+    and the second must not wait for max_interval."""
+    ledger = Ledger()
+    reporter = make_reporter(emulator.url, ledger=ledger, interval=0.02, max_interval=30.0)
+    task = asyncio.create_task(reporter.run())
+    try:
+        for n in range(1, 4):
+            serve(ledger, n, 5.0)
+            await wait_until(lambda: [r["cur_perf"] for r in emulator.reports] == [5.0] * n,
+                             timeout=1)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    # the second and third bodies are the same (the first also carried the loadtime)
+    assert emulator.reports[1] == {**emulator.reports[2], "additional_disk_usage":
+                                   emulator.reports[1]["additional_disk_usage"]}
 
 
 async def test_unchanged_status_is_sent_at_least_every_max_interval(emulator, make_reporter):

@@ -141,7 +141,10 @@ class Ledger:
         sent = LoadWindow(**vars(self.window))
         fields = {
             "cur_load": self.cur_load,
-            "new_load": sent.new_load,
+            # received minus cancelled since the last report; a request received before it and
+            # cancelled after would make it negative: sent as 0, as Vast's own worker does (the
+            # window is still settled by what it held, so the next report starts from 0)
+            "new_load": max(sent.new_load, 0.0),
             "rej_load": sent.rej_load,
             "cur_perf": sent.cur_perf,
             "num_requests_working": len(self.in_flight),

@@ -21,13 +21,14 @@ from .lifecycle import WorkerState
 log = logging.getLogger("vespa.reporter")
 NO_DELETE_ADDR = "https://cloud.vast.ai/api/v0"  # takes worker_status, not delete_requests
 DELETE_BATCH = 500
-# How long a delete_requests answer may take. Each finished request must be reported exactly
-# once, and a POST whose answer is late may well have been received: re-sending it reports its
-# requests twice. So connecting gets the usual short timeout (nothing was sent yet: a retry is
-# safe), while the answer gets this long one, for an autoscaler that is slow but alive. Only
-# past it is the batch sent again: a duplicate is the lesser harm, a lost record would leave the
-# autoscaler counting that request as in flight for good.
-DELETE_TIMEOUT = 30.0
+# How long an autoscaler's answer may take. A POST whose answer is late may well have been
+# received, and re-sending it counts its contents twice: a worker_status window's load, a
+# delete_requests batch's records. So connecting gets the usual short timeout (nothing was sent
+# yet: a retry is safe), while the answer gets this long one, for an autoscaler that is slow but
+# alive. Past it, a delete_requests batch is sent again (a duplicate is the lesser harm: a lost
+# record would leave the autoscaler counting that request as in flight for good); a
+# worker_status report is not retried, the next one carries its counts and what came since.
+ANSWER_TIMEOUT = 30.0
 
 
 @dataclass
@@ -90,7 +91,7 @@ class Reporter:
     def __init__(self, addrs: tuple[str, ...], identity: Identity, ledger: Ledger,
                  state: WorkerState, session: aiohttp.ClientSession, *, interval: float = 1.0,
                  max_interval: float = 10.0, delete_format: str = "2026",
-                 attempts: int = 3, timeout: float = 5.0, delete_timeout: float = DELETE_TIMEOUT,
+                 attempts: int = 3, timeout: float = 5.0, answer_timeout: float = ANSWER_TIMEOUT,
                  on_report: Callable[[str, bool], None] = lambda kind, ok: None):
         self.addrs = addrs
         self.on_report = on_report  # (kind, delivered) after each report: metrics
@@ -102,9 +103,8 @@ class Reporter:
         self.max_interval = max_interval
         self.delete_format = delete_format
         self.attempts = attempts
-        self.timeout = aiohttp.ClientTimeout(total=timeout)
-        self.delete_timeout = aiohttp.ClientTimeout(total=max(timeout, delete_timeout),
-                                                    sock_connect=timeout)
+        self.timeout = aiohttp.ClientTimeout(total=max(timeout, answer_timeout),
+                                             sock_connect=timeout)
         self.delivery: asyncio.Task | None = None  # finished records on their way
         self.wake = asyncio.Event()
         self.last_sent: dict | None = None
@@ -120,18 +120,21 @@ class Reporter:
         return delivered
 
     async def _post(self, path: str, body: dict) -> bool:
-        timeout = self.delete_timeout if path == "/delete_requests/" else self.timeout
         for addr in addresses_for(path, self.addrs):
             for attempt in range(self.attempts):
                 try:
                     async with self.session.post(addr + path, json=body,
-                                                 timeout=timeout) as response:
+                                                 timeout=self.timeout) as response:
                         await response.read()
                         if 200 <= response.status < 300:
                             return True
                         log.warning("%s%s answered %d", addr, path, response.status)
+                except aiohttp.ConnectionTimeoutError as exc:  # nothing was sent: retry
+                    log.warning("%s%s failed: %s", addr, path, exc or type(exc).__name__)
                 except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                     log.warning("%s%s failed: %s", addr, path, exc or type(exc).__name__)
+                    if path == "/worker_status/" and isinstance(exc, asyncio.TimeoutError):
+                        return False  # it may have arrived: the next report carries its counts
                 if attempt + 1 < self.attempts:
                     await asyncio.sleep(0.2 * 2 ** attempt)
         return False
@@ -140,10 +143,14 @@ class Reporter:
         load, window = self.ledger.load_fields()
         disk_used = psutil.disk_usage("/").used
         body = status_body(self.identity, self.state, load, (disk_used - self.disk_used) / 1e9)
+        # new work since the last report always goes out; its counts are per window, so two
+        # windows with the same traffic have equal bodies
+        news = window.new_load or window.rej_load or window.cur_perf \
+            or window.num_requests_recieved
         unchanged = self.last_sent is not None and {**body, "additional_disk_usage": 0} == {
             **self.last_sent, "additional_disk_usage": 0}
         due = time.monotonic() - self.last_sent_at >= self.max_interval
-        if unchanged and not due and not force:
+        if unchanged and not news and not due and not force:
             return True
         if not await self.post("/worker_status/", body):
             self.failed += 1

@@ -46,7 +46,7 @@ TIMESTAMP = (lambda v: v is None or is_number(v), "a number or null")
 
 WORKER_STATUS_FIELDS = {
     "id": INTEGER, "mtoken": STRING, "version": STRING, "loadtime": AMOUNT, "cur_load": AMOUNT,
-    "new_load": NUMBER, "rej_load": AMOUNT, "max_perf": AMOUNT, "cur_perf": AMOUNT,
+    "new_load": AMOUNT, "rej_load": AMOUNT, "max_perf": AMOUNT, "cur_perf": AMOUNT,
     "error_msg": STRING, "cur_capacity": AMOUNT, "max_capacity": AMOUNT,
     "num_requests_working": COUNT, "num_requests_recieved": COUNT,
     "additional_disk_usage": NUMBER, "working_request_idxs": INT_LIST, "url": STRING,
