@@ -8,7 +8,7 @@ from urllib.parse import quote, quote_plus
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from vespa.envelope import (AUTH_FIELDS, PASSTHROUGH, Envelope, EnvelopeError, check_auth_data,
+from vespa.envelope import (AUTH_FIELDS, PASSTHROUGH, REQUIRED_FIELDS, Envelope, EnvelopeError, check_auth_data,
                             open_body, open_envelope, open_query)
 
 AUTH = {"cost": 100, "endpoint": "my-endpoint", "reqnum": 7, "request_idx": 42,
@@ -75,7 +75,7 @@ def test_auth_data_missing_in_secured_mode():
     assert any("payload is missing" in p for p in both)
 
 
-@pytest.mark.parametrize("name", AUTH_FIELDS)
+@pytest.mark.parametrize("name", REQUIRED_FIELDS)
 def test_each_missing_auth_field_has_its_own_message(name):
     auth = {k: v for k, v in AUTH.items() if k != name}
     problems = problems_of(open_body, envelope_body(auth), unsecured=False)
@@ -84,7 +84,15 @@ def test_each_missing_auth_field_has_its_own_message(name):
 
 def test_all_fields_missing_gives_one_message_per_field():
     problems = problems_of(open_body, envelope_body({}, payload={"a": 1}), unsecured=False)
-    assert problems == [f"auth_data.{name} is missing" for name in AUTH_FIELDS]
+    assert problems == [f"auth_data.{name} is missing" for name in REQUIRED_FIELDS]
+    assert "request_idx" not in REQUIRED_FIELDS and "request_idx" in AUTH_FIELDS
+
+
+def test_a_legacy_envelope_without_request_idx_opens():
+    """2024 autoscalers sign cost, endpoint, reqnum and url and send no request_idx."""
+    legacy = {k: v for k, v in AUTH.items() if k != "request_idx"}
+    envelope = open_body(envelope_body(legacy), unsecured=False)
+    assert envelope.request_idx is None and envelope.cost == 100.0
 
 
 @pytest.mark.parametrize("name,value,expected", [
@@ -243,10 +251,11 @@ def test_query_strings_are_url_decoded():
 
 def test_query_missing_in_secured_mode_names_every_param():
     problems = problems_of(open_envelope, "GET", "/x?a=1", None, unsecured=False)
-    assert problems == [f"query parameter serverless_{name} is missing" for name in AUTH_FIELDS]
+    assert problems == [f"query parameter serverless_{name} is missing"
+                        for name in REQUIRED_FIELDS]
 
 
-@pytest.mark.parametrize("name", AUTH_FIELDS)
+@pytest.mark.parametrize("name", REQUIRED_FIELDS)
 def test_query_each_missing_param_has_its_own_message(name):
     auth = {k: v for k, v in AUTH.items() if k != name}
     problems = problems_of(open_query, "/x?" + query_auth(auth), unsecured=False)
@@ -266,7 +275,7 @@ def test_query_mistyped_numbers(name, value):
 
 def test_query_partial_auth_in_unsecured_mode_is_checked():
     problems = problems_of(open_query, "/x?serverless_cost=1", unsecured=True)
-    assert len(problems) == len(AUTH_FIELDS) - 1
+    assert len(problems) == len(REQUIRED_FIELDS) - 1
 
 
 def test_envelope_dataclass_defaults():

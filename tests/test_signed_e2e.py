@@ -28,6 +28,21 @@ async def test_signed_request_through_the_emulator(fleet, scheme):
     assert f.emulator.validation_errors == []
 
 
+async def test_a_legacy_request_without_request_idx_is_served_and_counted(fleet):
+    """A 2024 autoscaler signs (cost, endpoint, reqnum, url) and sends no request_idx: the
+    request is served and counted as load; there is no record to delete for it."""
+    f = await fleet("legacy")
+    await ready(f)
+    auth_data = f.auth_data(await f.route(cost=42))
+    del auth_data["request_idx"]
+    response = await f.post("/echo", auth_data, {"n": 1})
+    assert response.status == 200, await response.text()
+    await wait_until(lambda: sum(r["cur_perf"] for r in f.emulator.reports) == 42)
+    assert f.worker.ledger.totals.outcomes["success"] == 1
+    assert not f.worker.ledger.outbox
+    assert f.emulator.validation_errors == []
+
+
 @pytest.mark.parametrize("field,value", [
     ("cost", 43), ("cost", 42.0), ("endpoint", "other"), ("reqnum", 999999),
     ("request_idx", 123456), ("url", "http://127.0.0.1:1"), ("signature", "AAAA"),
@@ -89,7 +104,7 @@ async def test_envelope_errors_are_422_with_one_message_per_field(fleet):
     problems = (await response.json())["problems"]
     assert "auth_data.cost must be a finite number >= 0" in problems
     assert "auth_data.signature is missing" in problems
-    assert len(problems) == 5
+    assert len(problems) == 4  # endpoint, signature, url missing; cost mistyped
     not_json = await f.session.post(f"{f.url}/echo", data=b"plain text")
     assert not_json.status == 422
     assert "not JSON" in (await not_json.json())["error"]

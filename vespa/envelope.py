@@ -16,6 +16,9 @@ from urllib.parse import unquote_plus
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 QUERY_PREFIX = "serverless_"
 AUTH_FIELDS = ("cost", "endpoint", "reqnum", "request_idx", "signature", "url")
+# The 2024 (legacy) autoscalers send no request_idx: such a request is load like any other, but
+# has no record for delete_requests.
+REQUIRED_FIELDS = tuple(name for name in AUTH_FIELDS if name != "request_idx")
 _NUMERIC_QUERY_FIELDS = frozenset({"cost", "reqnum", "request_idx"})
 
 
@@ -55,7 +58,7 @@ def check_auth_data(auth_data: object, where: str = "auth_data") -> list[str]:
     if not isinstance(auth_data, dict):
         return [f"{where} must be a JSON object"]
     problems = []
-    for name in AUTH_FIELDS:
+    for name in REQUIRED_FIELDS:
         if name not in auth_data:
             problems.append(f"{where}.{name} is missing")
     cost = auth_data.get("cost")
@@ -77,7 +80,7 @@ def _signed(auth_data: dict, **rest) -> Envelope:
     if problems:
         raise EnvelopeError(problems)
     return Envelope(auth_data, cost=float(auth_data["cost"]),
-                    request_idx=auth_data["request_idx"], **rest)
+                    request_idx=auth_data.get("request_idx"), **rest)
 
 
 def open_body(body: bytes, *, unsecured: bool) -> Envelope:
@@ -136,7 +139,7 @@ def open_query(raw_path: str, *, unsecured: bool) -> Envelope:
         if unsecured:
             return PASSTHROUGH
         raise EnvelopeError([f"query parameter {QUERY_PREFIX}{name} is missing"
-                             for name in AUTH_FIELDS])
+                             for name in REQUIRED_FIELDS])
     auth_data: dict = {}
     kept = []
     for part in query.split("&"):
