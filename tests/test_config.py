@@ -88,9 +88,25 @@ def test_bad_value_stops_process_with_one_line_and_exit_2(entry, tmp_path):
     assert lines == ["vespa: invalid VESPA_MAX_WAIT_TIME='soon': expected a number > 0"]
 
 
+def test_a_launched_backend_and_another_backend_url_is_a_clear_error():
+    """VESPA_BACKEND launches the backend on VESPA_BACKEND_PORT: a URL elsewhere would be
+    silently ignored, so it is refused with what to do instead."""
+    with pytest.raises(ConfigError) as refused:
+        load_settings({"VESPA_BACKEND": "vllm", "VESPA_BACKEND_URL": "http://gpu-box:9000"})
+    assert str(refused.value) == (
+        "invalid VESPA_BACKEND_URL='http://gpu-box:9000': expected unset or "
+        "http://127.0.0.1:8000, where VESPA_BACKEND=vllm launches the backend "
+        "(VESPA_BACKEND=none fronts a backend you run)")
+
+
+def test_backend_none_fronts_the_backend_url():
+    settings = load_settings({"VESPA_BACKEND": "none", "VESPA_BACKEND_URL": "http://gpu-box:9000"})
+    assert settings.backend is None and settings.backend_url == "http://gpu-box:9000"
+
+
 def test_launched_backend_settings():
     settings = load_settings({"VESPA_BACKEND": "tts", "VESPA_BACKEND_PORT": "8100",
-                              "VESPA_BACKEND_URL": "http://elsewhere:1", "VLLM_ARGS": "--x",
+                              "VESPA_BACKEND_URL": "http://localhost:8100/", "VLLM_ARGS": "--x",
                               "VESPA_TTS_VOICE": "joe", "PATH": "/bin"})
     assert settings.backend_url == "http://127.0.0.1:8100"
     assert settings.benchmark == "benchmarks.tts:benchmark"

@@ -57,6 +57,34 @@ async def test_worker_that_cannot_start_is_reported_with_valid_json(tmp_path):
         await emulator.stop()
 
 
+async def test_fronts_a_backend_you_run_when_only_its_url_is_given(tmp_path, backend):
+    """VESPA_BACKEND_URL without VESPA_BACKEND: nothing is launched, the worker fronts that URL;
+    VESPA_USE_SSL=false wins over TLS-on-Vast (no certificate is asked for: the signer here is
+    unreachable, and asking would be a start-up failure)."""
+    port = free_port()
+    proc = start_script(tmp_path, VESPA_BACKEND="", VESPA_BACKEND_URL=str(backend.make_url("")),
+                        REPORT_ADDR="http://127.0.0.1:1", VESPA_USE_SSL="false",
+                        VESPA_CERT_SIGN_URL="http://127.0.0.1:1/sign_cert/",
+                        WORKER_PORT=str(port), VESPA_UNSECURED="true")
+    try:
+        async with aiohttp.ClientSession() as session:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    async with session.get(f"http://127.0.0.1:{port}/echo") as r:
+                        assert r.status == 200
+                        assert (await r.json())["path"] == "/echo"
+                        break
+                except aiohttp.ClientConnectionError:
+                    assert time.monotonic() < deadline and proc.poll() is None, \
+                        (tmp_path / "start_server.log").read_text()
+                    await asyncio.sleep(0.2)
+        log = (tmp_path / "start_server.log").read_text()
+        assert "fronting the backend at" in log and "startup failed" not in log
+    finally:
+        stop_script(proc)
+
+
 def make_ca(tmp_path) -> tuple[str, str]:
     ca_key, ca_crt = tmp_path / "ca.key", tmp_path / "ca.crt"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",

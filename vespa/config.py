@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable, Mapping, TypeVar
 
 from dotenv import dotenv_values
+from yarl import URL
 
 T = TypeVar("T")
 
@@ -22,7 +23,7 @@ _FALSE = {"0", "false", "no", "off", ""}
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _SCHEMES = ("auto", "full", "url", "legacy")
 _DELETE_FORMATS = ("2026", "legacy")
-_BACKENDS = ("vllm", "tts", "command")
+_BACKENDS = ("vllm", "tts", "command", "none")  # none: front the backend at VESPA_BACKEND_URL
 DEFAULT_BENCHMARKS = {"vllm": "benchmarks.openai_chat:benchmark", "tts": "benchmarks.tts:benchmark"}
 # Settings handed to a launched backend's command builder.
 _BACKEND_ENV_PREFIXES = ("VLLM_", "VESPA_TTS_", "VESPA_VLLM_", "HF_")
@@ -166,6 +167,13 @@ class _Reader:
         return self.get(names, lambda v: _parse_int(v, minimum, maximum), accepts, default)
 
 
+def _is_local_port(url: str, port: int) -> bool:
+    """``url`` is plain http on this machine's loopback at ``port``."""
+    parsed = URL(url)
+    return parsed.scheme == "http" and parsed.port == port \
+        and parsed.host in ("127.0.0.1", "localhost", "::1") and parsed.path in ("", "/")
+
+
 def _parse_bool(value: str) -> bool:
     lowered = value.lower()
     if lowered in _TRUE:
@@ -276,15 +284,23 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
                             d.report_addrs)
     backend_command = read.get("VESPA_BACKEND_COMMAND", _parse_command,
                                "a command line (use {port} for the backend port)", ())
-    backend = read.get("VESPA_BACKEND", _parse_choice(_BACKENDS), "one of vllm|tts|command",
+    backend = read.get("VESPA_BACKEND", _parse_choice(_BACKENDS), "one of vllm|tts|command|none",
                        "command" if backend_command else None)
+    if backend == "none":
+        backend = None
     if backend == "command" and not backend_command:
         raise ConfigError("VESPA_BACKEND_COMMAND", "", "a command line when VESPA_BACKEND=command")
     backend_port = read.integer("VESPA_BACKEND_PORT", d.backend_port, minimum=1, maximum=65535)
     backend_url = read.get("VESPA_BACKEND_URL", _parse_url, "an http:// or https:// URL",
                            d.backend_url)
     if backend is not None:
-        backend_url = f"http://127.0.0.1:{backend_port}"
+        launched = f"http://127.0.0.1:{backend_port}"
+        given = read.raw("VESPA_BACKEND_URL")
+        if given is not None and not _is_local_port(backend_url, backend_port):
+            raise ConfigError("VESPA_BACKEND_URL", given[1],
+                              f"unset or {launched}, where VESPA_BACKEND={backend} launches the "
+                              "backend (VESPA_BACKEND=none fronts a backend you run)")
+        backend_url = launched
     return Settings(
         backend_url=backend_url,
         backend=backend,
