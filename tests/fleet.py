@@ -83,8 +83,11 @@ async def fleet(backend):
         emulator.fail_pubkey = pubkey_down
         await emulator.start()
         port = free_port()
+        # a launched backend (VESPA_BACKEND) has its own URL; otherwise the test backend
+        fronted = {} if {"VESPA_BACKEND", "VESPA_BACKEND_COMMAND"} & set(env) else {
+            "VESPA_BACKEND_URL": str(backend.make_url("")).rstrip("/")}
         settings = load_settings({
-            "VESPA_BACKEND_URL": str(backend.make_url("")).rstrip("/"),
+            **fronted,
             "REPORT_ADDR": emulator.url, "CONTAINER_ID": "7", "MASTER_TOKEN": "mtoken-secret",
             "VESPA_PUBLIC_URL": f"http://127.0.0.1:{port}", "VESPA_MAX_THROUGHPUT": "1000",
             "VESPA_REPORT_INTERVAL": "0.05", "VESPA_HEALTHCHECK_INTERVAL": "0.2", **env})

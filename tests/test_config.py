@@ -99,6 +99,19 @@ def test_a_launched_backend_and_another_backend_url_is_a_clear_error():
         "(VESPA_BACKEND=none fronts a backend you run)")
 
 
+def test_an_unknown_vespa_setting_is_named_with_the_closest_real_one():
+    settings = load_settings({"VESPA_MAX_WAITTIME": "5", "VESPA_HEALTHCHECK_POLL_INTERVAL": "1",
+                              "VESPA_VENV": "/v", "VESPA_TTS_VOICE": "joe", "VLLM_ARGS": "--x",
+                              "VESPA_MAX_WAIT_TIME": "3", "VESPA_NOTHING_LIKE_IT": "1"})
+    assert settings.unknown_settings == (
+        "VESPA_HEALTHCHECK_POLL_INTERVAL is not a Vespa setting and is ignored "
+        "(did you mean VESPA_HEALTHCHECK_INTERVAL?)",
+        "VESPA_MAX_WAITTIME is not a Vespa setting and is ignored "
+        "(did you mean VESPA_MAX_WAIT_TIME?)",
+        "VESPA_NOTHING_LIKE_IT is not a Vespa setting and is ignored")
+    assert load_settings({"VESPA_MAX_WAIT_TIME": "3"}).unknown_settings == ()
+
+
 def test_backend_none_fronts_the_backend_url():
     settings = load_settings({"VESPA_BACKEND": "none", "VESPA_BACKEND_URL": "http://gpu-box:9000"})
     assert settings.backend is None and settings.backend_url == "http://gpu-box:9000"

@@ -220,7 +220,8 @@ async def test_json_logs_carry_the_request_id_and_never_the_tokens(spawn, backen
     # an autoscaler address that refuses connections: the reporter logs its failures
     worker = spawn(backend_url(backend), VESPA_LOG_FORMAT="json", MASTER_TOKEN=master,
                    VESPA_LOGS_TOKEN=logs_token, REPORT_ADDR=f"http://127.0.0.1:{free_port()}",
-                   VESPA_MAX_THROUGHPUT="10", VESPA_REPORT_INTERVAL="0.1")
+                   VESPA_MAX_THROUGHPUT="10", VESPA_REPORT_INTERVAL="0.1",
+                   VESPA_MAX_WAITTIME="5")  # a typo: warned about at start
     await worker.wait_ready(session)
     async with session.get(worker.url + "/crash", headers={"X-Request-Id": "json-rid-1"}) as r:
         with pytest.raises(aiohttp.ClientPayloadError):
@@ -234,6 +235,8 @@ async def test_json_logs_carry_the_request_id_and_never_the_tokens(spawn, backen
     assert crash and "mid-response" in crash[0]["message"], output
     assert any("127.0.0.1" in line["message"] for line in lines)  # the reporter's complaints
     assert master not in output and logs_token not in output
+    assert any(line["level"] == "WARNING" and line["message"].startswith(
+        "VESPA_MAX_WAITTIME is not a Vespa setting") for line in lines), output
 
 
 async def test_a_launched_backend_printing_its_token_never_leaks_it_to_the_log(session, tmp_path):
@@ -241,9 +244,10 @@ async def test_a_launched_backend_printing_its_token_never_leaks_it_to_the_log(s
     script = (f"import os, runpy, sys; print('loading with token', os.environ['HF_TOKEN'], "
               f"flush=True); sys.argv = ['backend', '--port', sys.argv[1]]; "
               f"runpy.run_path('perf/backend.py', run_name='__main__')")
-    worker = WorkerProcess("http://unused", VESPA_BACKEND="command",
+    port = free_port()
+    worker = WorkerProcess(f"http://127.0.0.1:{port}", VESPA_BACKEND="command",
                            VESPA_BACKEND_COMMAND=f'{PYTHON} -c "{script}" {{port}}',
-                           VESPA_BACKEND_PORT=str(free_port()), VESPA_LOG_FORMAT="json",
+                           VESPA_BACKEND_PORT=str(port), VESPA_LOG_FORMAT="json",
                            VESPA_CACHE_DIR=str(tmp_path), HF_TOKEN=hf_token)
     try:
         await worker.wait_ready(session)

@@ -7,8 +7,10 @@ naming the variable and what it accepts; ``vespa.app.main`` turns that into one 
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, TypeVar
@@ -112,6 +114,7 @@ class Settings:
     # Values that must never reach a log line (masked to a short prefix): Vast's token, ours,
     # and the usual credentials a backend is given in its environment.
     log_secrets: tuple[str, ...] = ()
+    unknown_settings: tuple[str, ...] = ()  # one warning each, logged at start
     logs_token: str | None = None
     admit_on_backend_queue: bool = False
     backend_queue_limit: int = 32
@@ -129,13 +132,39 @@ class Settings:
         return self.max_concurrency
 
 
+# VESPA_* names read by the project's scripts and tests, not by the worker (never "unknown").
+SCRIPT_SETTINGS = frozenset({
+    "VESPA_AUTOSCALER_PORT", "VESPA_CERT_SIGN_URL", "VESPA_DEV_API_KEY", "VESPA_LOCAL",
+    "VESPA_PYTHON", "VESPA_VENV", "VESPA_WORKER_EXTRAS", "VESPA_WORKER_PYTHON",
+    "VESPA_SOAK_SECONDS"})
+_SCRIPT_PREFIXES = ("VESPA_RELIABILITY_",)
+
+
 class _Reader:
     """Reads one variable at a time from a mapping, converting and validating it."""
 
     def __init__(self, env: Mapping[str, str]):
         self.env = env
+        self.asked: set[str] = set()
+
+    def unknown(self) -> tuple[str, ...]:
+        """A warning for each VESPA_* variable set that nothing reads (a typo, or a setting
+        Vespa does not have), with the closest real name when there is one."""
+        known = self.asked | SCRIPT_SETTINGS
+        warnings = []
+        for name in sorted(self.env):
+            if not name.startswith("VESPA_") or name in known or name in _BACKEND_ENV_NAMES \
+                    or name.startswith(_BACKEND_ENV_PREFIXES + _SCRIPT_PREFIXES):
+                continue
+            # compared without the common VESPA_ prefix, which makes every name look alike
+            close = difflib.get_close_matches(name[6:], [k[6:] for k in known
+                                                         if k.startswith("VESPA_")], n=1)
+            warnings.append(f"{name} is not a Vespa setting and is ignored"
+                            + (f" (did you mean VESPA_{close[0]}?)" if close else ""))
+        return tuple(warnings)
 
     def raw(self, *names: str) -> tuple[str, str] | None:
+        self.asked.update(names)
         for name in names:
             value = self.env.get(name)
             if value is not None and value.strip() != "":
@@ -301,7 +330,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
                               f"unset or {launched}, where VESPA_BACKEND={backend} launches the "
                               "backend (VESPA_BACKEND=none fronts a backend you run)")
         backend_url = launched
-    return Settings(
+    settings = Settings(
         backend_url=backend_url,
         backend=backend,
         log_secrets=tuple(value for name in SECRET_VARIABLES
@@ -388,3 +417,4 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
                                          minimum=0),
         insight_interval=read.number("VESPA_INSIGHT_INTERVAL", d.insight_interval),
     )
+    return dataclasses.replace(settings, unknown_settings=read.unknown())

@@ -80,4 +80,6 @@ def main() -> None:
         raise SystemExit(2) from None
     setup_logging(settings.log_level, settings.log_format,
                   secrets=settings.log_secrets)
+    for warning in settings.unknown_settings:
+        log.warning("%s", warning)
     run(settings)

@@ -106,7 +106,8 @@ async def test_backend_killed_mid_stream_and_mid_queue_then_restarted(signed, ba
 
 async def test_supervised_backend_restarts_under_steady_traffic(signed, measure, tmp_path):
     from ..conftest import PYTHON, free_port
-    f = await signed("http://127.0.0.1:1", VESPA_BACKEND_PORT=str(free_port()),
+    port = free_port()  # the launched backend's, so its URL is the one given
+    f = await signed(f"http://127.0.0.1:{port}", VESPA_BACKEND_PORT=str(port),
                      VESPA_BACKEND_COMMAND=f"{PYTHON} tests/procs/backend_proc.py --port {{port}}",
                      VESPA_BACKEND_RESTARTS="2", VESPA_BACKEND_LOG=str(tmp_path / "backend.log"),
                      VESPA_HEALTHCHECK_FAILURES="1")
