@@ -151,16 +151,14 @@ class BoundedBody:
 def end_to_end(raw_headers: list[tuple[bytes, bytes]], drop: frozenset[bytes]
                ) -> tuple[list[tuple[bytes, bytes]], dict[bytes, bytes]]:
     """The headers to pass on: all but those in ``drop`` (which must hold ``connection``) and
-    those the Connection header names; and the dropped ones (lower-case name -> value, repeated
-    lines joined with ", " as RFC 9110 §5.3 allows)."""
+    those the Connection header names; and the dropped ones (lower-case name -> last value)."""
     kept = []
     dropped = {}
     tokens = None
     for pair in raw_headers:
         lowered = pair[0].lower()
         if lowered in drop:
-            seen = dropped.get(lowered)
-            dropped[lowered] = pair[1] if seen is None else seen + b", " + pair[1]
+            dropped[lowered] = pair[1]
             if lowered == b"connection":
                 tokens = (tokens or set()) | {t.strip().lower() for t in pair[1].split(b",")}
             continue
@@ -179,6 +177,9 @@ def request_head(request: Request, target: str, host: bytes, request_id: str,
     for name, value in kept:
         lines += (name, b": ", value, b"\r\n")
     forwarded_for = dropped.get(b"x-forwarded-for")
+    if forwarded_for is not None:  # every line of it, in order (RFC 9110 §5.3)
+        forwarded_for = b", ".join(value for name, value in request.raw_headers
+                                   if name.lower() == b"x-forwarded-for")
     peer = request.conn.peer.encode()
     lines += (b"X-Forwarded-For: ", forwarded_for + b", " + peer if forwarded_for else peer,
               b"\r\nX-Forwarded-Proto: ", request.conn.scheme.encode(),

@@ -142,7 +142,8 @@ class Reporter:
     async def report_status(self, force: bool = False) -> bool:
         load, window = self.ledger.load_fields()
         disk_used = psutil.disk_usage("/").used
-        body = status_body(self.identity, self.state, load, (disk_used - self.disk_used) / 1e9)
+        # additional_disk_usage in GiB, as Vast's own worker counts it
+        body = status_body(self.identity, self.state, load, (disk_used - self.disk_used) / 2**30)
         # new work since the last report always goes out; its counts are per window, so two
         # windows with the same traffic have equal bodies
         news = window.new_load or window.rej_load or window.cur_perf \

@@ -197,7 +197,10 @@ def check_ledger(run: LoadRun, extra_served: list[Seen] = ()) -> dict:
     total = {k: math.fsum(r[k] for r in reports) for k in ("cur_perf", "rej_load", "new_load")}
     assert math.isclose(total["cur_perf"], workload((200,)), rel_tol=1e-9), total
     assert math.isclose(total["rej_load"], workload((429, 403)), rel_tol=1e-9), total
-    assert math.isclose(total["new_load"], workload((200, 500)), rel_tol=1e-9, abs_tol=1e-6), \
+    # new_load never goes below 0 in a report (as Vast's own worker): what was cancelled or
+    # rejected after the report that carried its receipt is not taken off a later one
+    net = workload((200, 500))
+    assert net - 1e-6 <= total["new_load"] <= net + workload(("cancelled", 429, 403)) + 1e-6, \
         total
     assert sum(r["num_requests_recieved"] for r in reports) == len(deleted)
     last = reports[-1]
