@@ -43,6 +43,19 @@ async def test_a_legacy_request_without_request_idx_is_served_and_counted(fleet)
     assert f.emulator.validation_errors == []
 
 
+async def test_a_signed_request_turned_away_for_overload_is_told_to_route_again(fleet):
+    """Its signature is spent (a replay is refused): the 429 says to route it again."""
+    f = await fleet("full", VESPA_MAX_THROUGHPUT="1", VESPA_MAX_WAIT_TIME="1")
+    await ready(f)
+    slow = asyncio.create_task(f.post("/hang", f.auth_data(await f.route(cost=5)), {}))
+    await wait_until(lambda: f.worker.ledger.in_flight)
+    response = await f.post("/echo", f.auth_data(await f.route(cost=5)), {})
+    assert response.status == 429 and response.headers["Retry-After"]
+    assert "through the autoscaler's /route/" in (await response.json())["error"]
+    slow.cancel()
+    await asyncio.gather(slow, return_exceptions=True)
+
+
 @pytest.mark.parametrize("field,value", [
     ("cost", 43), ("cost", 42.0), ("endpoint", "other"), ("reqnum", 999999),
     ("request_idx", 123456), ("url", "http://127.0.0.1:1"), ("signature", "AAAA"),

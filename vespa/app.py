@@ -172,7 +172,10 @@ class Worker:
             except Overloaded as exc:
                 outcome, status = Outcome.REJECTED, 429
                 self.metrics.rejected(exc.rejection.reason)
-                return json_error(429, exc.rejection.message, rid,
+                message = exc.rejection.message
+                if envelope.auth_data is not None:  # this signature was used: a retry needs another
+                    message += " through the autoscaler's /route/ (a signature is good once)"
+                return json_error(429, message, rid,
                                   {"Retry-After": str(exc.rejection.retry_after)})
             visit.started_at = now = time.time()
             self.ledger.start(entry, now)
