@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 import aiohttp
 
@@ -68,11 +68,22 @@ async def run_benchmark(session: aiohttp.ClientSession, path: str, make_body: Ma
     if runs < 1 or concurrency < 1 or max_tokens < 1:
         raise ValueError("runs, concurrency and max_tokens must be positive")
     model = await served_model(session)
-    await completion_tokens(session, path, make_body(model, PROMPTS[0], max_tokens))
+
+    async def generate(prompt: str) -> int:
+        return await completion_tokens(session, path, make_body(model, prompt, max_tokens))
+
+    return await timed_runs(generate, runs=runs, concurrency=concurrency)
+
+
+async def timed_runs(generate: Callable[[str], Awaitable[int]], *, runs: int,
+                     concurrency: int) -> float:
+    """Mean tokens/s over `runs` runs of `concurrency` simultaneous `generate(prompt)` calls (each
+    returns the tokens it generated), after one warm-up call."""
+    await generate(PROMPTS[0])
     rates = []
     for _ in range(runs):
-        bodies = [make_body(model, PROMPTS[i % len(PROMPTS)], max_tokens) for i in range(concurrency)]
         started = time.perf_counter()
-        tokens = await asyncio.gather(*(completion_tokens(session, path, b) for b in bodies))
+        tokens = await asyncio.gather(*(generate(PROMPTS[i % len(PROMPTS)])
+                                        for i in range(concurrency)))
         rates.append(sum(tokens) / (time.perf_counter() - started))
     return sum(rates) / len(rates)
