@@ -286,6 +286,15 @@ async def behind_raw(make_worker):
         await server.wait_closed()
 
 
+async def test_a_second_response_to_one_request_never_mixes_into_the_first(behind_raw):
+    client, worker = await behind_raw(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-First: 1\r\n\r\nok"
+                                      b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\nX-Evil: 1\r\n\r\nevil")
+    response = await client.get("/anything")
+    assert response.status == 200 and await response.read() == b"ok"
+    assert response.headers["X-First"] == "1" and "X-Evil" not in response.headers
+    assert not worker.upstream.pool.idle  # that connection is not sane: never reused
+
+
 async def test_interim_103_is_skipped_and_the_final_response_relayed(behind_raw):
     client, _ = await behind_raw(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n"
                                  b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Final: 1\r\n\r\nfinal")

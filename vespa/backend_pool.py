@@ -179,7 +179,10 @@ class BackendConnection(asyncio.Protocol):
         self.response.reason += status  # llhttp hands the reason over in pieces across reads
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.response.raw_headers.append((name, value))
+        response = self.response
+        if response.done:  # a second response to one request: it must not mix into the first
+            raise MalformedResponse("backend sent a response nobody asked for")
+        response.raw_headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         response = self.response
