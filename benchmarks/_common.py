@@ -46,17 +46,23 @@ async def served_model(session: aiohttp.ClientSession) -> str:
     return models[0]["id"]
 
 
-async def completion_tokens(session: aiohttp.ClientSession, path: str, body: dict[str, Any]) -> int:
-    """Sends one request, reads the response to the end, returns its usage.completion_tokens."""
+async def post_json(session: aiohttp.ClientSession, path: str, body: dict[str, Any]) -> Any:
+    """POSTs one request, reads the answer to the end, returns its JSON (BenchmarkError when it
+    fails or is not a 200 with JSON)."""
     try:
         async with session.post(path, json=body, timeout=REQUEST_TIMEOUT) as resp:
             text = await resp.text()
             if resp.status != 200:
                 raise BenchmarkError(f"POST {path} answered {resp.status}: {text[:300]}")
-            data = await resp.json(content_type=None)
-    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            return await resp.json(content_type=None)
+    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
         raise BenchmarkError(f"POST {path} failed: {exc!r}") from exc
-    tokens = (data.get("usage") or {}).get("completion_tokens")
+
+
+async def completion_tokens(session: aiohttp.ClientSession, path: str, body: dict[str, Any]) -> int:
+    """Sends one request, reads the response to the end, returns its usage.completion_tokens."""
+    data = await post_json(session, path, body)
+    tokens = ((data.get("usage") if isinstance(data, dict) else None) or {}).get("completion_tokens")
     if not isinstance(tokens, int) or tokens <= 0:
         raise BenchmarkError(f"POST {path} returned no completion tokens (usage={data.get('usage')!r})")
     return tokens

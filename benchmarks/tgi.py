@@ -7,12 +7,9 @@ that fails or reports no tokens is a BenchmarkError, never a made-up number.
 
 from __future__ import annotations
 
-import asyncio
-
 import aiohttp
 
-from benchmarks._common import (CONCURRENCY, MAX_TOKENS, REQUEST_TIMEOUT, RUNS, BenchmarkError,
-                                timed_runs)
+from benchmarks._common import CONCURRENCY, MAX_TOKENS, RUNS, BenchmarkError, post_json, timed_runs
 
 PATH = "/generate"
 
@@ -24,14 +21,7 @@ def request_body(prompt: str, max_tokens: int) -> dict:
 
 async def generated_tokens(session: aiohttp.ClientSession, body: dict) -> int:
     """Sends one /generate request, reads it to the end, returns details.generated_tokens."""
-    try:
-        async with session.post(PATH, json=body, timeout=REQUEST_TIMEOUT) as resp:
-            text = await resp.text()
-            if resp.status != 200:
-                raise BenchmarkError(f"POST {PATH} answered {resp.status}: {text[:300]}")
-            data = await resp.json(content_type=None)
-    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
-        raise BenchmarkError(f"POST {PATH} failed: {exc!r}") from exc
+    data = await post_json(session, PATH, body)
     details = data.get("details") if isinstance(data, dict) else None
     tokens = details.get("generated_tokens") if isinstance(details, dict) else None
     if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens <= 0:
