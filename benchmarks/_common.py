@@ -62,9 +62,10 @@ async def post_json(session: aiohttp.ClientSession, path: str, body: dict[str, A
 async def completion_tokens(session: aiohttp.ClientSession, path: str, body: dict[str, Any]) -> int:
     """Sends one request, reads the response to the end, returns its usage.completion_tokens."""
     data = await post_json(session, path, body)
-    tokens = ((data.get("usage") if isinstance(data, dict) else None) or {}).get("completion_tokens")
+    usage = data.get("usage") if isinstance(data, dict) else None
+    tokens = (usage or {}).get("completion_tokens")
     if not isinstance(tokens, int) or tokens <= 0:
-        raise BenchmarkError(f"POST {path} returned no completion tokens (usage={data.get('usage')!r})")
+        raise BenchmarkError(f"POST {path} returned no completion tokens (usage={usage!r})")
     return tokens
 
 

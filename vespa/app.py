@@ -173,7 +173,7 @@ class Worker:
                 outcome, status = Outcome.REJECTED, 429
                 self.metrics.rejected(exc.rejection.reason)
                 message = exc.rejection.message
-                if envelope.auth_data is not None:  # this signature was used: a retry needs another
+                if envelope.auth_data is not None:  # its signature is spent: route again
                     message += " through the autoscaler's /route/ (a signature is good once)"
                 return json_error(429, message, rid,
                                   {"Retry-After": str(exc.rejection.retry_after)})

@@ -7,10 +7,10 @@ naming the variable and what it accepts; ``vespa.app.main`` turns that into one 
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 import os
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, TypeVar
