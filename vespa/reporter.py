@@ -129,11 +129,11 @@ class Reporter:
                         if 200 <= response.status < 300:
                             return True
                         log.warning("%s%s answered %d", addr, path, response.status)
-                except aiohttp.ConnectionTimeoutError as exc:  # nothing was sent: retry
-                    log.warning("%s%s failed: %s", addr, path, exc or type(exc).__name__)
                 except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                     log.warning("%s%s failed: %s", addr, path, exc or type(exc).__name__)
-                    if path == "/worker_status/" and isinstance(exc, asyncio.TimeoutError):
+                    late = isinstance(exc, asyncio.TimeoutError) \
+                        and not isinstance(exc, aiohttp.ConnectionTimeoutError)  # sent nothing
+                    if late and path == "/worker_status/":
                         return False  # it may have arrived: the next report carries its counts
                 if attempt + 1 < self.attempts:
                     await asyncio.sleep(0.2 * 2 ** attempt)
