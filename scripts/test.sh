@@ -13,16 +13,6 @@ if [[ "${1:-}" == "--fast" ]]; then fast=1; shift; fi
 
 VESPA_WORKER_EXTRAS=test source scripts/worker_env.sh  # .venvs/worker, exports VESPA_PYTHON
 
-if [[ $fast == 1 ]]; then
-  set -- -m "not slow" "$@"
-else
-  command -v openssl >/dev/null || { apt-get update -qq && apt-get install -y -qq openssl; }
-  bash backends/setup_tts.sh --with-espeak
-  bash backends/setup_vllm.sh
-  # the whole run holds the autoscaler down for a full minute (the fast run and the 3.10 pass: 3 s)
-  outage="${VESPA_RELIABILITY_OUTAGE_SECONDS:-60}"
-fi
-
 python310() {  # a Python 3.10 on this machine (the oldest the worker supports), if there is one
   local candidate
   for candidate in python3.10 "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.10*/bin/python3.10; do
@@ -44,7 +34,12 @@ run_pytest() {  # PYTHON ARGS...: pytest's status; "no tests collected" (5) is a
 }
 
 oldest=0
-if [[ $fast == 0 ]]; then
+if [[ $fast == 1 ]]; then
+  set -- -m "not slow" "$@"
+else
+  command -v openssl >/dev/null || { apt-get update -qq && apt-get install -y -qq openssl; }
+  bash backends/setup_tts.sh --with-espeak
+  bash backends/setup_vllm.sh
   # The fast suite once more on Python 3.10 (pyproject promises >= 3.10), before the main run
   # so the main run's reliability numbers are the ones left in tests/reliability/RESULTS.md.
   py310="$(python310)"
@@ -56,10 +51,11 @@ if [[ $fast == 0 ]]; then
   else
     echo "test.sh: no Python 3.10 here: the 3.10 pass is skipped" >&2
   fi
+  # the whole run holds the autoscaler down for a full minute (the fast run and the 3.10 pass: 3 s)
+  export VESPA_RELIABILITY_OUTAGE_SECONDS="${VESPA_RELIABILITY_OUTAGE_SECONDS:-60}"
 fi
 
 status=0
-if [[ $fast == 0 ]]; then export VESPA_RELIABILITY_OUTAGE_SECONDS="$outage"; fi
 run_pytest "$VESPA_PYTHON" -m pytest "$@" || status=$?
 if [[ $status == 0 && $oldest != 0 ]]; then
   echo "test.sh: the fast suite failed on Python 3.10" >&2
