@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from .front import JSON_TYPE, Reply, http_date
+from .front import JSON_TYPE, Request, http_date
 
 
 class Answer:
@@ -15,7 +15,10 @@ class Answer:
         self.headers = headers  # without framing (Content-Length) and Date
         self.body = body
 
-    def send(self, reply: Reply) -> None:
+    def send(self, request: Request) -> None:
+        """Answer ``request`` (one being served) with this."""
+        reply = request.reply
+        assert reply is not None
         reply.send(self.status, [*((n.encode("latin-1"), v.encode("latin-1"))
                                    for n, v in self.headers), (b"Date", http_date())],
                    self.body)

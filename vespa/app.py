@@ -111,7 +111,7 @@ class Worker:
         try:
             answer = visit.response = await self.walk(request, target, visit)
             if answer is not None:
-                answer.send(request.reply)
+                answer.send(request)
         finally:
             self.account(request, visit, target)
 
@@ -158,6 +158,7 @@ class Worker:
         outcome, status = Outcome.CANCELLED, CLIENT_CLOSED
         try:
             if self.backend_queue_full():
+                assert self.insight is not None
                 outcome, status = Outcome.REJECTED, 429
                 self.metrics.rejected("backend_queue")
                 return json_error(429, "backend's own queue is full ("
@@ -224,7 +225,7 @@ class Worker:
             else request.path
         self.metrics.request_done(request.method, path, visit.status, upstream, ttfb,
                                   exchange.bytes_in, exchange.bytes_out)
-        if visit.record:
+        if visit.record and self.recorder is not None:
             self.recorder.record(record_entry(request, visit, ttfb))
         if access_log.isEnabledFor(logging.INFO):  # VESPA_LOG_LEVEL=DEBUG
             access_log.info('%s "%s %s HTTP/%s" %d %d', request.remote, request.method,
@@ -344,12 +345,14 @@ class Worker:
         except ValueError:
             return json_error(400, f"limit must be a whole number from 1 up, not {raw_limit!r}",
                               request_id(request.header(b"x-request-id")))
+        assert self.recorder is not None  # logs_refusal said so
         return json_answer(200, {"records": await self.recorder.list(limit)})
 
     async def log_record(self, request: Request, wanted: str) -> Answer:
         refusal = self.logs_refusal(request)
         if refusal is not None:
             return refusal
+        assert self.recorder is not None  # logs_refusal said so
         record = await self.recorder.get(wanted)
         if record is None:
             return json_error(404, f"no request record with id {wanted!r} (records are kept "
@@ -374,7 +377,7 @@ class Worker:
 
     async def answer_own(self, request: Request, path: str) -> None:
         answer = await self.own_route(request, path)
-        answer.send(request.reply)
+        answer.send(request)
 
     async def own_route(self, request: Request, path: str) -> Answer:
         if request.method in ("GET", "HEAD"):
@@ -433,6 +436,7 @@ class Worker:
             self.state.fail(problem)
             log.error(problem)
             return
+        assert self.settings.backend_log is not None  # config sets it for a launched backend
         self.supervisor = Supervisor(spec, self.settings.backend_log,
                                      restarts=self.settings.backend_restarts,
                                      on_exit=self.state.fail,
@@ -480,13 +484,16 @@ class Worker:
         if self.recorder is not None:
             await self.recorder.stop()
         await self.upstream.close()
-        await self.session.close()
+        if self.session is not None:
+            await self.session.close()
 
     async def final_report(self, timeout: float = 5.0) -> None:
         """Tell the autoscaler about the last finished requests before the process ends."""
+        reporter = self.reporter
+        assert reporter is not None
         try:
-            await asyncio.wait_for(asyncio.gather(self.reporter.report_finished(),
-                                                  self.reporter.report_status(force=True)),
+            await asyncio.wait_for(asyncio.gather(reporter.report_finished(),
+                                                  reporter.report_status(force=True)),
                                    timeout)
         except asyncio.TimeoutError:
             log.warning("final report to the autoscaler timed out")

@@ -116,15 +116,22 @@ class BackendResponse:
         return b"".join(parts)
 
 
-class BackendConnection(asyncio.Protocol):
-    """One keep-alive connection; carries one request at a time."""
+def ends_at_close(response: BackendResponse) -> bool:
+    """A response without length or chunking is complete when the backend closes."""
+    names = {name.lower() for name, _ in response.raw_headers}
+    return b"content-length" not in names and b"transfer-encoding" not in names
+
+
+class BackendConnection:
+    """One keep-alive connection; carries one request at a time. (An asyncio protocol by its
+    methods: no base class, so the compiled hot path can make it a native class.)"""
 
     def __init__(self, pool: "BackendPool"):
         self.pool = pool
         self.loop = pool.loop
-        self.transport: asyncio.Transport | None = None
+        self.transport: asyncio.Transport  # set by connection_made, before anything else
         self.parser = httptools.HttpResponseParser(self)
-        self.response: BackendResponse | None = None
+        self.response: BackendResponse | None = None  # the request in progress
         self.closed = False
         self.reused = False
         self.reading_paused = False
@@ -133,11 +140,15 @@ class BackendConnection(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None
 
     # -- asyncio protocol ----------------------------------------------------------------------
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+
+    def eof_received(self) -> bool | None:
+        return None  # the transport closes; connection_lost settles the response
 
     def data_received(self, data: bytes) -> None:
-        if self.response is None:  # bytes nobody asked for: this connection is not sane
+        response = self.response
+        if response is None:  # bytes nobody asked for: this connection is not sane
             self.close()
             return
         self.last_active = self.loop.time()
@@ -146,7 +157,7 @@ class BackendConnection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             if self.response is not None:
                 cause = exc.__context__  # what one of our callbacks refused, if it was that
-                self.response.fail(cause if isinstance(cause, MalformedResponse) else
+                response.fail(cause if isinstance(cause, MalformedResponse) else
                                    MalformedResponse(f"backend sent malformed HTTP: {exc}"))
             self.close()
 
@@ -155,7 +166,7 @@ class BackendConnection(asyncio.Protocol):
         self.cancel_timer()
         response = self.response
         if response is not None and not response.done:
-            if exc is None and response.head.done() and self.ends_at_close():
+            if exc is None and response.head.done() and ends_at_close(response):
                 response.finish()  # a body without length or chunking ends at a clean close
             else:
                 response.fail(BackendClosed("backend closed the connection"
@@ -174,18 +185,22 @@ class BackendConnection(asyncio.Protocol):
             self.writable.set_result(None)
         self.writable = None
 
-    # -- llhttp callbacks ----------------------------------------------------------------------
+    # -- llhttp callbacks (only while a response is expected: data_received checks) ------------
     def on_status(self, status: bytes) -> None:
-        self.response.reason += status  # llhttp hands the reason over in pieces across reads
+        response = self.response
+        assert response is not None
+        response.reason += status  # llhttp hands the reason over in pieces across reads
 
     def on_header(self, name: bytes, value: bytes) -> None:
         response = self.response
+        assert response is not None
         if response.done:  # a second response to one request: it must not mix into the first
             raise MalformedResponse("backend sent a response nobody asked for")
         response.raw_headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         response = self.response
+        assert response is not None
         status = self.parser.get_status_code()
         if status < 100:  # llhttp takes any three digits; 000-099 is no HTTP status
             raise MalformedResponse(f"backend sent malformed HTTP: status {status:03d} is not "
@@ -205,7 +220,9 @@ class BackendConnection(asyncio.Protocol):
             response.finish()
 
     def on_body(self, body: bytes) -> None:
-        self.response.feed(body)
+        response = self.response
+        assert response is not None
+        response.feed(body)
 
     def on_message_complete(self) -> None:
         response = self.response
@@ -217,11 +234,6 @@ class BackendConnection(asyncio.Protocol):
         response.finish()
 
     # -- helpers -------------------------------------------------------------------------------
-    def ends_at_close(self) -> bool:
-        """A response without length or chunking is complete when the backend closes."""
-        names = {name.lower() for name, _ in self.response.raw_headers}
-        return b"content-length" not in names and b"transfer-encoding" not in names
-
     def pause_reading(self) -> None:
         if not self.reading_paused and not self.closed:
             self.reading_paused = True
@@ -233,18 +245,19 @@ class BackendConnection(asyncio.Protocol):
             self.transport.resume_reading()
 
     def start(self, head_only: bool, read_timeout: float) -> BackendResponse:
-        self.response = BackendResponse(self, head_only)
+        response = self.response = BackendResponse(self, head_only)
         self.last_active = self.loop.time()
         # One timer outlives the requests of a keep-alive connection: one that is still pending
         # from an earlier request fires early, finds the connection active and re-arms for the
         # rest of the timeout (no timer made and cancelled per request).
         if self.timer is None:
             self.timer = self.loop.call_later(read_timeout, self.check_timeout, read_timeout)
-        return self.response
+        return response
 
     def check_timeout(self, read_timeout: float) -> None:
         idle = self.loop.time() - self.last_active
-        if self.response is None or self.response.done:
+        response = self.response
+        if response is None or response.done:
             self.timer = None
             return
         if idle < read_timeout and not self.reading_paused:
@@ -253,7 +266,7 @@ class BackendConnection(asyncio.Protocol):
         elif self.reading_paused:  # the client is slow, not the backend
             self.timer = self.loop.call_later(read_timeout, self.check_timeout, read_timeout)
         else:
-            self.response.fail(BackendTimeout(f"backend sent nothing for {read_timeout:g}s"))
+            response.fail(BackendTimeout(f"backend sent nothing for {read_timeout:g}s"))
             self.close()
 
     def cancel_timer(self) -> None:
@@ -368,8 +381,9 @@ class BackendPool:
         conn = self._idle_connection()
         if conn is not None:
             return conn
-        _, conn = await asyncio.wait_for(
-            self.loop.create_connection(lambda: BackendConnection(self), self.host, self.port,
+        conn = BackendConnection(self)
+        await asyncio.wait_for(
+            self.loop.create_connection(lambda: conn, self.host, self.port,  # type: ignore[type-var]
                                         ssl=self.ssl),
             self.connect_timeout)
         self.open.add(conn)

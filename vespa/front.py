@@ -206,8 +206,8 @@ class Request:
         self.keep_alive = True
         self.content_length: int | None = None
         self.chunked = False
-        self.body: Body = None  # type: ignore[assignment]  (set with the head)
-        self.reply: Reply = None  # type: ignore[assignment]  (made when it is served)
+        self.body: Body | None = None  # set with the head: every request served has one
+        self.reply: Reply | None = None  # while it is served
 
     def header(self, name: bytes) -> str | None:
         """The first value of a header (``name`` in lower case), or None."""
@@ -239,6 +239,7 @@ class Request:
         what is buffered and what still arrives is dropped."""
         self.keep_alive = False
         body = self.body
+        assert body is not None
         body.discard = True
         body.chunks.clear()
         body.buffered = 0
@@ -246,6 +247,7 @@ class Request:
     def give_up(self) -> None:
         """The body stalled: close right after the answer, without reading the rest."""
         self.close_after()
+        assert self.body is not None
         self.body.abandoned = True
 
 
@@ -272,7 +274,9 @@ class Reply:
         lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason or REASONS.get(status, b""))]
         for name, value in headers:
             lines += (name, b": ", value, b"\r\n")
-        if not request.body.complete:
+        body = request.body
+        assert body is not None
+        if not body.complete:
             request.close_after()  # the rest of an unread body is dropped, then we close
         if not request.keep_alive or request.conn.server.closing:
             request.keep_alive = False
@@ -356,14 +360,16 @@ def error_answer(status: int, message: str) -> bytes:
                status, REASONS.get(status, b""), JSON_TYPE, len(body), http_date(), body)
 
 
-class Connection(asyncio.Protocol):
-    """One client connection: parses requests and serves them one at a time, in order."""
+class Connection:
+    """One client connection: parses requests and serves them one at a time, in order. (An
+    asyncio protocol by its methods: no base class, so the compiled hot path can make it a
+    native class.)"""
 
     def __init__(self, server: "FrontServer"):
         self.server = server
         self.loop = server.loop
         self.parser = httptools.HttpRequestParser(self)
-        self.transport: asyncio.Transport | None = None
+        self.transport: asyncio.Transport  # set by connection_made, before anything else
         self.peer = ""
         self.scheme = "http"
         self.parsing: Request | None = None  # the request whose head or body is arriving
@@ -382,8 +388,8 @@ class Connection(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None
 
     # -- asyncio protocol ----------------------------------------------------------------------
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if isinstance(peer, (tuple, list)) else str(peer or "")
         if transport.get_extra_info("sslcontext") is not None:
@@ -453,6 +459,7 @@ class Connection(asyncio.Protocol):
         if self.parsing is not None and self.parsing.body is not None:
             self.parsing.body.fail(gone)
         for request in self.waiting:
+            assert request.body is not None  # its head is whole
             request.body.fail(gone)
         self.parsing = None
         self.waiting.clear()  # requests point back at us: drop them, no cycle is left behind
@@ -489,6 +496,7 @@ class Connection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         request = self.parsing
+        assert request is not None  # llhttp calls back between on_message_begin and its end
         self.progress = True
         self.head_size += len(name) + len(value) + 4
         if self.head_size > MAX_HEAD or len(request.raw_headers) >= MAX_FIELDS:
@@ -504,6 +512,7 @@ class Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         request, parser = self.parsing, self.parser
+        assert request is not None
         request.target = self.url.decode("utf-8", "surrogateescape")  # as aiohttp's parser does
         request.method = parser.get_method().decode("ascii")
         request.version = parser.get_http_version()
@@ -533,10 +542,12 @@ class Connection(asyncio.Protocol):
 
     def on_body(self, data: bytes) -> None:
         self.progress = True
+        assert self.parsing is not None and self.parsing.body is not None
         self.parsing.body.feed(data)
 
     def on_message_complete(self) -> None:
         request, self.parsing = self.parsing, None
+        assert request is not None and request.body is not None
         request.body.finish()
         if request.body.discard and self.task is None:
             self.refused = HttpError(0, "")  # its answer is out: close, serve nothing more
@@ -577,7 +588,7 @@ class Connection(asyncio.Protocol):
             else:
                 reply.send_json(500, {"error": "internal error in the worker; see its log"})
         finally:
-            reply.request = None
+            request.reply = None
         if self.writable is not None:  # a slow client takes the answer before the next request
             try:
                 await self.drain()
@@ -592,6 +603,7 @@ class Connection(asyncio.Protocol):
         self.waiting.popleft()
         if not request.keep_alive:
             body = request.body
+            assert body is not None
             if body.complete or body.abandoned or body.error is not None \
                     or self.refused is not None or self.transport.is_closing():
                 self.close()

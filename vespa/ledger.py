@@ -159,7 +159,7 @@ class Ledger:
 
     def take_finished(self, limit: int) -> list[FinishedRequest]:
         """Up to ``limit`` finished records, oldest first, removed from the outbox."""
-        batch = []
+        batch: list[FinishedRequest] = []
         while self.outbox and len(batch) < limit:
             batch.append(self.outbox.popleft())
         return batch

@@ -72,7 +72,9 @@ def route_template(path: str, templates: Sequence[str] = DEFAULT_ROUTES) -> str:
     if not templates:
         return OTHER_ROUTE
     match = compiled_routes(templates).match(path)
-    return OTHER_ROUTE if match is None else templates[int(match.lastgroup[1:])]
+    if match is None or match.lastgroup is None:
+        return OTHER_ROUTE
+    return templates[int(match.lastgroup[1:])]
 
 
 class Histogram:

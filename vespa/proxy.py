@@ -61,6 +61,7 @@ class Exchange:
     def keep(self, chunk: bytes) -> None:
         if self.body is None:
             self.body = bytearray()
+        assert self.capture is not None  # kept only when recorded
         room = self.capture + 1 - len(self.body)  # one byte more shows it was cut
         if room > 0:
             self.body += chunk[:room]
@@ -98,9 +99,11 @@ async def read_chunk(request: Request, timeout: float) -> bytes:
     """More bytes of the request body (whatever has arrived), b"" at its end. When none arrive
     for ``timeout`` seconds the connection is given up (closed after the answer, the rest of
     the body ignored) and ``BodyStalled`` is raised."""
+    body = request.body
+    assert body is not None  # a request is served once its head is whole
     try:
         async with timeouts.timeout(timeout):
-            return await request.body.read()
+            return await body.read()
     except asyncio.TimeoutError:
         request.give_up()
         raise BodyStalled(timeout) from None
@@ -109,6 +112,7 @@ async def read_chunk(request: Request, timeout: float) -> bytes:
 def arrived_body(request: Request) -> bytes | None:
     """The whole request body when all of it arrived with the head (taken out), else None."""
     body = request.body
+    assert body is not None
     if body.complete and body.error is None and not body.expects_continue:
         return body.take()
     return None
@@ -234,6 +238,8 @@ class Upstream:
         """Send ``request`` (or ``body`` instead of its own) upstream and relay the answer;
         returns the backend's status."""
         exchange = exchange if exchange is not None else Exchange()
+        pool, reply = self.pool, request.reply
+        assert pool is not None and reply is not None
         if body is None:
             try:
                 body = await self._body(request)
@@ -263,12 +269,12 @@ class Upstream:
                 exchange.bytes_out = len(payload)
                 if exchange.capture:
                     exchange.keep(payload)
-                request.reply.send(response.status, headers, payload, response.reason)
+                reply.send(response.status, headers, payload, response.reason)
             else:
-                await self._stream(request.reply, response, headers, length, exchange)
+                await self._stream(reply, response, headers, length, exchange)
             return response.status
         finally:
-            self.pool.release(conn, reusable=True)
+            pool.release(conn, reusable=True)
 
     async def _body(self, request: Request):
         """The request body: bytes when small, else a bounded stream."""
@@ -287,13 +293,15 @@ class Upstream:
         """Write the request and wait for the response head; an idempotent request is sent
         once more when a reused keep-alive connection turns out closed (RFC 9110 §9.2.2: a
         POST the backend may have started on is never sent twice)."""
+        pool = self.pool
+        assert pool is not None, "Upstream.start() was not awaited"
         head_only = method == "HEAD"
         replayable = method in IDEMPOTENT_METHODS and not isinstance(body, BoundedBody)
         for attempt in (1, 2):
-            conn = self.pool.acquire_idle()
+            conn = pool.acquire_idle()
             if conn is None:
                 try:
-                    conn = await self.pool.acquire()
+                    conn = await pool.acquire()
                 except (OSError, asyncio.TimeoutError) as exc:
                     raise ProxyError(502, f"backend unreachable at {self.base_url}: "
                                           f"{exc or type(exc).__name__}") from None
@@ -303,7 +311,7 @@ class Upstream:
                     conn.transport.write(head if body is None else head + body)
                     exchange.bytes_in = 0 if body is None else len(body)
                 else:
-                    exchange.bytes_in = await self._upload(conn, head, body)
+                    exchange.bytes_in = await self._upload(conn, response, head, body)
                 await response.head
                 return conn, response
             except BackendClosed as exc:
@@ -312,7 +320,7 @@ class Upstream:
                     else exc
                 if problem is None:
                     return conn, response  # it answered before taking the whole upload: relay
-                self.pool.release(conn, reusable=False)
+                pool.release(conn, reusable=False)
                 if isinstance(problem, BackendTimeout):  # it stopped reading the upload
                     raise self._timed_out() from None
                 if attempt == 1 and conn.reused and replayable:
@@ -320,23 +328,23 @@ class Upstream:
                 raise ProxyError(502, f"backend at {self.base_url} closed the connection "
                                       f"without answering: {exc}") from None
             except BodyStalled as exc:  # the backend got part of a body: cut it off
-                self.pool.release(conn, reusable=False)
+                pool.release(conn, reusable=False)
                 raise ProxyError(408, str(exc)) from None
             except BodyError as exc:  # the client's framing broke mid-upload
-                self.pool.release(conn, reusable=False)
+                pool.release(conn, reusable=False)
                 raise ProxyError(400, f"request body cannot be read: {exc}") from None
             except BodyTooLarge:
-                self.pool.release(conn, reusable=False)
+                pool.release(conn, reusable=False)
                 raise ProxyError(413, f"request body exceeds the {self.max_body_bytes}-byte "
                                       "limit (VESPA_MAX_BODY_BYTES)") from None
             except BackendTimeout:
-                self.pool.release(conn, reusable=False)
+                pool.release(conn, reusable=False)
                 raise self._timed_out() from None
             except MalformedResponse as exc:
-                self.pool.release(conn, reusable=False)
+                pool.release(conn, reusable=False)
                 raise ProxyError(502, str(exc)) from None
             except BaseException:
-                self.pool.release(conn, reusable=False)
+                pool.release(conn, reusable=False)
                 raise
         raise AssertionError("unreachable")
 
@@ -345,13 +353,14 @@ class Upstream:
                                "(VESPA_REQUEST_TIMEOUT)")
 
     @staticmethod
-    async def _upload(conn: BackendConnection, head: bytes, body: BoundedBody) -> int:
+    async def _upload(conn: BackendConnection, response: BackendResponse, head: bytes,
+                      body: BoundedBody) -> int:
         """Write the request with a streamed body; returns the body bytes sent."""
         transport = conn.transport
         transport.write(head)
         chunked = body.length is None
         sent = 0
-        answered = conn.response.head
+        answered = response.head
         async for chunk in body:
             if conn.closed:
                 raise BackendClosed("backend closed the connection during the upload")
@@ -362,7 +371,7 @@ class Upstream:
             if answered.done():
                 # It answered before taking the whole body (e.g. a 413) and may never read the
                 # rest: stop here, relay the answer, and never reuse this connection.
-                conn.response.keep_alive = False
+                response.keep_alive = False
                 return sent
         if chunked:
             transport.write(b"0\r\n\r\n")
