@@ -86,8 +86,13 @@ on_vast() {
   local use_ssl="${VESPA_USE_SSL:-${USE_SSL:-true}}"
   export VESPA_USE_SSL="$use_ssl"
   export WORKER_PORT="${WORKER_PORT:-3000}"
-  source scripts/worker_env.sh || report_failure_forever "worker env set-up failed"
+  local compile="${VESPA_COMPILE:-1}"
+  VESPA_COMPILE=0 source scripts/worker_env.sh || report_failure_forever "worker env set-up failed"
+  # about a minute on a fresh instance: hidden behind the backend's set-up
+  [[ "$compile" == 0 ]] || compile_request_path &
+  local compiling=$!
   setup_backend || report_failure_forever "backend set-up failed for VESPA_BACKEND=$VESPA_BACKEND"
+  wait "$compiling" || true  # a worker that could not be compiled runs as plain Python
   if [[ "${use_ssl,,}" =~ ^(true|1|yes|on)$ ]]; then
     sign_certificate || report_failure_forever "TLS certificate signing failed"
   fi

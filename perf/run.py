@@ -464,9 +464,13 @@ def machine_info(wrk: str) -> dict:
     except ImportError:
         aiohttp_version = None
     wrk_version = subprocess.run([wrk, "-v"], capture_output=True, text=True).stdout.split("\n")[0]
+    # compiled or plain Python (vespa/compiled.py), as the worker started here will see it
+    request_path = subprocess.run([sys.executable, "-c", "import vespa; print(vespa.HOT_PATH)"],
+                                  cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
     return {"cpus": os.cpu_count(), "loadavg_at_start": os.getloadavg(),
             "platform": platform.platform(), "python": platform.python_version(),
-            "aiohttp": aiohttp_version, "wrk": wrk_version.strip()}
+            "aiohttp": aiohttp_version, "wrk": wrk_version.strip(),
+            "vespa_request_path": request_path or "unknown"}
 
 
 def write_json(path: Path, payload: dict) -> None:
@@ -578,7 +582,8 @@ def run(args: argparse.Namespace, procs: Processes, tmp: Path) -> int:
     scripts = write_scripts(tmp)
     info = machine_info(wrk)
     print(f"{info['cpus']} CPUs, load average {info['loadavg_at_start'][0]:.2f}, "
-          f"{info['wrk']}, aiohttp {info['aiohttp']}")
+          f"{info['wrk']}, aiohttp {info['aiohttp']}; vespa's request path: "
+          f"{info['vespa_request_path']}")
     direct = start_backend(procs)
     proxies = start_proxies(procs, args, direct.base_url, tmp)
     targets = [direct] + proxies

@@ -3,7 +3,8 @@
 # never holds torch, vLLM or TTS engines (each backend gets its own env under .venvs/).
 # VESPA_WORKER_EXTRAS=test also installs the test tools; VESPA_WORKER_PYTHON picks the interpreter
 # (default python3) and VESPA_VENV the env's directory. Returns non-zero on failure (set -e or
-# not), so callers can report it.
+# not), so callers can report it. Then it compiles the request path with mypyc (once, and again
+# after those modules change; VESPA_COMPILE=0 skips it): see scripts/compile.py.
 VESPA_VENV="${VESPA_VENV:-$PWD/.venvs/worker}"
 _extras="${VESPA_WORKER_EXTRAS:-}"
 _spec="."
@@ -19,3 +20,18 @@ if [[ ! -f "$_stamp" ]]; then
     && rm -f "$VESPA_VENV"/.installed-* && touch "$_stamp" || return 1
 fi
 export VESPA_PYTHON="$VESPA_VENV/bin/python"
+# The compiled request path: without a C compiler (installed here as root on Debian/Ubuntu) the
+# worker runs as plain Python, same behaviour, slower. start_server.sh runs it alongside the
+# backend's set-up (VESPA_COMPILE=0 here, then compile_request_path in the background).
+compile_request_path() {
+  "$VESPA_PYTHON" scripts/compile.py --check 2>/dev/null && return 0
+  local cc
+  cc="$("$VESPA_PYTHON" -c 'import sysconfig; print((sysconfig.get_config_var("CC") or "cc").split()[0])')"
+  if ! command -v "$cc" >/dev/null && [[ $EUID == 0 ]] && command -v apt-get >/dev/null; then
+    { apt-get update -qq && apt-get install -y -qq gcc; } >&2 || true
+  fi
+  "$VESPA_PYTHON" scripts/compile.py || echo "worker env: the worker runs as plain Python" >&2
+}
+if [[ "${VESPA_COMPILE:-1}" != 0 ]]; then
+  compile_request_path
+fi

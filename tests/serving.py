@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from aiohttp.test_utils import BaseTestServer
 
-from vespa.app import Worker, WorkerRunner
+from vespa.app import Worker
+from vespa.runner import WorkerRunner
 
 
 class WorkerTestServer(BaseTestServer):

@@ -29,6 +29,7 @@ def start_script(tmp_path, **env: str) -> subprocess.Popen:
                           "VESPA_SSL_CERT": str(tmp_path / "instance.crt"),
                           "VESPA_SSL_KEY": str(tmp_path / "instance.key"),
                           "VESPA_VENV": os.path.dirname(os.path.dirname(sys.executable)),
+                          "VESPA_COMPILE": "0",  # the tests' own set-up compiled it, or not
                           **env}))
 
 

@@ -18,7 +18,6 @@ from collections.abc import Awaitable
 from urllib.parse import parse_qs
 
 import aiohttp
-from aiohttp import web
 
 from .admission import Admission, workload_of
 from .auth import ReplayWindow, verify
@@ -38,6 +37,7 @@ from .metrics import DEFAULT_ROUTES, Metrics
 from .proxy import (SMALL_BODY, BodyStalled, BodyTooLarge, ProxyError, Upstream, UpstreamBroken,
                     arrived_body, read_body)
 from .records import RequestRecorder, check_logs_token
+from .runner import WorkerRunner
 from .reporter import Identity, Reporter
 from .request_ids import request_id
 from .status import worker_status
@@ -127,16 +127,16 @@ class Worker:
                 rid))
         try:
             envelope = visit.envelope = await self.open(request, target)
-        except EnvelopeError as exc:
-            return self.refuse(visit, "envelope", json_error(422, str(exc), rid,
-                                                             problems=exc.problems))
+        except EnvelopeError as invalid:
+            return self.refuse(visit, "envelope", json_error(422, str(invalid), rid,
+                                                             problems=invalid.problems))
         except BodyTooLarge:
             return self.refuse(visit, "body_size", self.too_large(rid, "request body"))
-        except BodyStalled as exc:  # the connection closes after this answer
-            return self.refuse(visit, "body_stalled", json_error(408, str(exc), rid))
-        except BodyError as exc:  # malformed framing: the connection closes after this answer
+        except BodyStalled as stalled:  # the connection closes after this answer
+            return self.refuse(visit, "body_stalled", json_error(408, str(stalled), rid))
+        except BodyError as broken:  # malformed framing: the connection closes after this answer
             return self.refuse(visit, "body_malformed",
-                               json_error(400, f"request body cannot be read: {exc}", rid))
+                               json_error(400, f"request body cannot be read: {broken}", rid))
         if envelope.auth_data is not None and not self.settings.unsecured:
             problem = await self.check_signature(envelope.auth_data)
             if problem is not None:
@@ -170,14 +170,14 @@ class Worker:
                 ticket = self.gate.admit(workload)
                 if not ticket.started:
                     await self.gate.wait(ticket)
-            except Overloaded as exc:
+            except Overloaded as overload:
                 outcome, status = Outcome.REJECTED, 429
-                self.metrics.rejected(exc.rejection.reason)
-                message = exc.rejection.message
+                self.metrics.rejected(overload.rejection.reason)
+                message = overload.rejection.message
                 if envelope.auth_data is not None:  # its signature is spent: route again
                     message += " through the autoscaler's /route/ (a signature is good once)"
                 return json_error(429, message, rid,
-                                  {"Retry-After": str(exc.rejection.retry_after)})
+                                  {"Retry-After": str(overload.rejection.retry_after)})
             visit.started_at = now = time.time()
             self.ledger.start(entry, now)
             try:
@@ -185,12 +185,12 @@ class Worker:
                                                      envelope.path_qs, visit.exchange)
                 outcome = Outcome.SUCCESS if status < 500 else Outcome.ERROR
                 return None
-            except ProxyError as exc:
-                outcome, status = Outcome.ERROR, exc.status
-                return json_error(exc.status, exc.message, rid)
-            except UpstreamBroken as exc:
+            except ProxyError as failure:
+                outcome, status = Outcome.ERROR, failure.status
+                return json_error(failure.status, failure.message, rid)
+            except UpstreamBroken as broken:
                 outcome, status = Outcome.ERROR, 502
-                log.warning("request %s: %s", rid, exc)
+                log.warning("request %s: %s", rid, broken)
                 return None
             finally:
                 self.gate.leave(ticket)
@@ -389,7 +389,7 @@ class Worker:
         return await self.unknown_own_route(request, path)
 
     # -- assembly and life ---------------------------------------------------------------------
-    def runner(self, **kwargs) -> "WorkerRunner":
+    def runner(self, **kwargs) -> WorkerRunner:
         """The runner that serves this worker (kwargs: aiohttp runner options, keepalive_timeout)."""
         return WorkerRunner(self, **kwargs)
 
@@ -469,6 +469,7 @@ class Worker:
             if self.reporter is not None:
                 self.reporter.wake.set()
 
+        assert self.session is not None  # made by on_startup
         return Lifecycle(plan, self.state, self.session,
                          key_ready=self.keyring.ready if self.keyring else None,
                          on_throughput=set_throughput, on_change=wake_reporter)
@@ -510,31 +511,3 @@ class Worker:
             except asyncio.TimeoutError:
                 log.warning("drain timeout: %d request(s) still in flight are cut",
                             len(self.ledger.in_flight))
-
-
-
-class WorkerRunner(web.BaseRunner):
-    """Serves a ``Worker`` with ``front.FrontServer`` on aiohttp's runner and sites (listening
-    sockets, TLS). The worker's start-up and clean-up run where an AppRunner would run the
-    app's signals. Of aiohttp's server options only ``keepalive_timeout`` applies; a client that
-    goes away always cancels its request, one that takes nothing of an answer for
-    VESPA_REQUEST_TIMEOUT seconds is cut.
-    """
-
-    def __init__(self, worker: Worker, *, handle_signals: bool = False, **kwargs):
-        super().__init__(handle_signals=handle_signals, **kwargs)
-        self.worker = worker
-
-    async def _make_server(self) -> FrontServer:
-        await self.worker.on_startup()
-        settings = self.worker.settings
-        return FrontServer(self.worker.dispatch,
-                           keepalive_timeout=self._kwargs.get("keepalive_timeout",
-                                                              settings.keepalive_timeout),
-                           write_timeout=settings.request_timeout)
-
-    async def shutdown(self) -> None:
-        pass
-
-    async def _cleanup_server(self) -> None:
-        await self.worker.on_cleanup()

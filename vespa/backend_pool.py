@@ -12,21 +12,26 @@ from __future__ import annotations
 import asyncio
 import ssl as ssl_module
 from collections import deque
+from typing import Any
 
 import httptools
+from mypy_extensions import mypyc_attr
 
 HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
 
 
+@mypyc_attr(native_class=False)  # a builtin exception's subclass stays a Python class
 class BackendClosed(ConnectionError):
     """The backend closed or broke the connection before the response was complete."""
 
 
+@mypyc_attr(native_class=False)  # a builtin exception's subclass stays a Python class
 class BackendTimeout(TimeoutError):
     """The backend sent nothing for longer than the read timeout."""
 
 
+@mypyc_attr(native_class=False)  # a builtin exception's subclass stays a Python class
 class MalformedResponse(ConnectionError):
     """The backend's bytes are not valid HTTP."""
 
@@ -130,7 +135,8 @@ class BackendConnection:
         self.pool = pool
         self.loop = pool.loop
         self.transport: asyncio.Transport  # set by connection_made, before anything else
-        self.parser = httptools.HttpResponseParser(self)
+        # None once the connection is lost (it holds our callbacks: a cycle for the GC)
+        self.parser: Any = httptools.HttpResponseParser(self)
         self.response: BackendResponse | None = None  # the request in progress
         self.closed = False
         self.reused = False

@@ -13,6 +13,8 @@ import math
 from typing import NamedTuple
 from urllib.parse import unquote_plus
 
+from mypy_extensions import mypyc_attr
+
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 QUERY_PREFIX = "serverless_"
 AUTH_FIELDS = ("cost", "endpoint", "reqnum", "request_idx", "signature", "url")
@@ -22,6 +24,7 @@ REQUIRED_FIELDS = tuple(name for name in AUTH_FIELDS if name != "request_idx")
 _NUMERIC_QUERY_FIELDS = frozenset({"cost", "reqnum", "request_idx"})
 
 
+@mypyc_attr(native_class=False)  # a builtin exception's subclass stays a Python class
 class EnvelopeError(ValueError):
     """The request is not a valid envelope; ``problems`` has one message per field."""
 

@@ -35,9 +35,11 @@ import logging
 import socket
 import time
 from collections import deque
+from typing import Any
 from email.utils import formatdate
 
 import httptools
+from mypy_extensions import mypyc_attr
 
 from . import timeouts
 
@@ -101,6 +103,7 @@ class RefusalLog:
                     " ".join(error.message.split())[:200], more)
 
 
+@mypyc_attr(native_class=False)  # a builtin exception's subclass stays a Python class
 class BodyError(ConnectionError):
     """The request body cannot be read to its end: malformed framing, or the client left."""
 
@@ -368,7 +371,8 @@ class Connection:
     def __init__(self, server: "FrontServer"):
         self.server = server
         self.loop = server.loop
-        self.parser = httptools.HttpRequestParser(self)
+        # None once the connection is lost (it holds our callbacks: a cycle for the GC)
+        self.parser: Any = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport  # set by connection_made, before anything else
         self.peer = ""
         self.scheme = "http"

@@ -9,7 +9,7 @@ Memory is bounded: counters, the requests in flight, and a bounded outbox of fin
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 
 
@@ -138,7 +138,7 @@ class Ledger:
 
     def load_fields(self) -> tuple[dict, LoadWindow]:
         """The load fields of a worker_status body, and the window they report."""
-        sent = LoadWindow(**vars(self.window))
+        sent = replace(self.window)  # a copy
         fields = {
             "cur_load": self.cur_load,
             # received minus cancelled since the last report; a request received before it and

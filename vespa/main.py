@@ -11,6 +11,7 @@ import sys
 
 from aiohttp import web
 
+from . import HOT_PATH
 from .app import Worker
 from .config import ConfigError, Settings, load_settings
 from .logging_setup import setup_logging
@@ -45,9 +46,9 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     # (each walked every module, class and setting: ~13 ms a pass, several a second under load)
     gc.collect()  # start-up's own garbage goes first, not into the frozen generation
     gc.freeze()
-    log.info("vespa listening on %s://%s:%d, backend %s%s", "https" if context else "http",
-             settings.host, settings.worker_port, settings.backend_url,
-             " (unsecured)" if settings.unsecured else "")
+    log.info("vespa listening on %s://%s:%d, backend %s%s; request path: %s",
+             "https" if context else "http", settings.host, settings.worker_port,
+             settings.backend_url, " (unsecured)" if settings.unsecured else "", HOT_PATH)
     try:
         await stop.wait()
         await worker.drain()

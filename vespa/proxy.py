@@ -142,14 +142,19 @@ class BoundedBody:
         self.limit = limit
         self.idle_timeout = idle_timeout
         self.length = request.content_length
+        self.read = 0
 
-    async def __aiter__(self):
-        sent = 0
-        while chunk := await read_chunk(self.request, self.idle_timeout):
-            sent += len(chunk)
-            if sent > self.limit:
-                raise BodyTooLarge()
-            yield chunk
+    def __aiter__(self) -> BoundedBody:
+        return self
+
+    async def __anext__(self) -> bytes:  # a class, not an async generator: mypyc has none
+        chunk = await read_chunk(self.request, self.idle_timeout)
+        if not chunk:
+            raise StopAsyncIteration
+        self.read += len(chunk)
+        if self.read > self.limit:
+            raise BodyTooLarge()
+        return chunk
 
 
 def end_to_end(raw_headers: list[tuple[bytes, bytes]], drop: frozenset[bytes]
@@ -240,23 +245,24 @@ class Upstream:
         exchange = exchange if exchange is not None else Exchange()
         pool, reply = self.pool, request.reply
         assert pool is not None and reply is not None
-        if body is None:
+        upload: bytes | BoundedBody | None = body
+        if upload is None:
             try:
-                body = await self._body(request)
+                upload = await self._body(request)
             except BodyStalled as exc:
                 raise ProxyError(408, str(exc)) from None
         target = self.base_path + (path_qs if path_qs is not None else request.target)
-        if isinstance(body, bytes):
-            framing = b"Content-Length: %d\r\n" % len(body)
-        elif body is None:
+        if isinstance(upload, bytes):
+            framing = b"Content-Length: %d\r\n" % len(upload)
+        elif upload is None:
             framing = b"Content-Length: 0\r\n" if request.method in _BODY_METHODS else b""
-        elif body.length is not None:
-            framing = b"Content-Length: %d\r\n" % body.length
+        elif upload.length is not None:
+            framing = b"Content-Length: %d\r\n" % upload.length
         else:
             framing = b"Transfer-Encoding: chunked\r\n"
         head = request_head(request, target, self.host_header, request_id, framing)
         exchange.sent_at = perf_counter()
-        conn, response = await self._exchange(request.method, head, body, exchange)
+        conn, response = await self._exchange(request.method, head, upload, exchange)
         exchange.head_at = perf_counter()
         exchange.status = response.status
         try:
@@ -276,7 +282,7 @@ class Upstream:
         finally:
             pool.release(conn, reusable=True)
 
-    async def _body(self, request: Request):
+    async def _body(self, request: Request) -> bytes | BoundedBody | None:
         """The request body: bytes when small, else a bounded stream."""
         if not request.has_body:
             return None
@@ -288,8 +294,8 @@ class Upstream:
                 raise ProxyError(400, f"request body cannot be read: {exc}") from None
         return BoundedBody(request, self.max_body_bytes, self.body_read_timeout)
 
-    async def _exchange(self, method: str, head: bytes, body, exchange: Exchange
-                        ) -> tuple[BackendConnection, BackendResponse]:
+    async def _exchange(self, method: str, head: bytes, body: bytes | BoundedBody | None,
+                        exchange: Exchange) -> tuple[BackendConnection, BackendResponse]:
         """Write the request and wait for the response head; an idempotent request is sent
         once more when a reused keep-alive connection turns out closed (RFC 9110 §9.2.2: a
         POST the backend may have started on is never sent twice)."""
@@ -302,9 +308,9 @@ class Upstream:
             if conn is None:
                 try:
                     conn = await pool.acquire()
-                except (OSError, asyncio.TimeoutError) as exc:
+                except (OSError, asyncio.TimeoutError) as unreachable:
                     raise ProxyError(502, f"backend unreachable at {self.base_url}: "
-                                          f"{exc or type(exc).__name__}") from None
+                                          f"{unreachable or type(unreachable).__name__}") from None
             response = conn.start(head_only, self.read_timeout)
             try:
                 if body is None or isinstance(body, bytes):  # one write, nothing to wait for
@@ -314,10 +320,10 @@ class Upstream:
                     exchange.bytes_in = await self._upload(conn, response, head, body)
                 await response.head
                 return conn, response
-            except BackendClosed as exc:
+            except BackendClosed as closed:
                 answered = response.head
                 problem = answered.exception() if answered.done() and not answered.cancelled() \
-                    else exc
+                    else closed
                 if problem is None:
                     return conn, response  # it answered before taking the whole upload: relay
                 pool.release(conn, reusable=False)
@@ -326,13 +332,13 @@ class Upstream:
                 if attempt == 1 and conn.reused and replayable:
                     continue  # the backend closed an idle keep-alive connection: try a new one
                 raise ProxyError(502, f"backend at {self.base_url} closed the connection "
-                                      f"without answering: {exc}") from None
-            except BodyStalled as exc:  # the backend got part of a body: cut it off
+                                      f"without answering: {closed}") from None
+            except BodyStalled as stalled:  # the backend got part of a body: cut it off
                 pool.release(conn, reusable=False)
-                raise ProxyError(408, str(exc)) from None
-            except BodyError as exc:  # the client's framing broke mid-upload
+                raise ProxyError(408, str(stalled)) from None
+            except BodyError as broken:  # the client's framing broke mid-upload
                 pool.release(conn, reusable=False)
-                raise ProxyError(400, f"request body cannot be read: {exc}") from None
+                raise ProxyError(400, f"request body cannot be read: {broken}") from None
             except BodyTooLarge:
                 pool.release(conn, reusable=False)
                 raise ProxyError(413, f"request body exceeds the {self.max_body_bytes}-byte "
@@ -340,9 +346,9 @@ class Upstream:
             except BackendTimeout:
                 pool.release(conn, reusable=False)
                 raise self._timed_out() from None
-            except MalformedResponse as exc:
+            except MalformedResponse as malformed:
                 pool.release(conn, reusable=False)
-                raise ProxyError(502, str(exc)) from None
+                raise ProxyError(502, str(malformed)) from None
             except BaseException:
                 pool.release(conn, reusable=False)
                 raise

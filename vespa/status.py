@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 
-from . import __version__
+from . import HOT_PATH, __version__
 from .admission import Admission
 from .insight import BackendInsight
 from .ledger import Ledger
@@ -38,6 +38,7 @@ def worker_status(*, state: WorkerState, admission: Admission, ledger: Ledger,
     queued = admission.queued_workload
     status = {
         "version": __version__,
+        "hot_path": HOT_PATH,
         "state": state.phase.value,
         "ready": state.ready,
         "error": state.error_msg or None,

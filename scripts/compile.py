@@ -1,0 +1,124 @@
+"""Compile the worker's request path with mypyc, for the interpreter that runs this script.
+
+    .venvs/worker/bin/python scripts/compile.py            # build (about a minute), if needed
+    .venvs/worker/bin/python scripts/compile.py --check    # exit 0 when the build is current
+    .venvs/worker/bin/python scripts/compile.py --remove   # back to plain Python
+
+The hot modules (``vespa.compiled.HOT_MODULES``) are compiled into ``<env>/vespa-compiled`` with
+a stamp of their source; the package loads them only while the source matches the stamp (see
+vespa/compiled.py), so an edit never runs stale code. It needs mypy (``pip install -e .[compile]``,
+installed here when missing) and a C compiler with the Python headers; without them it says what
+is missing, and the worker runs as plain Python. ``scripts/worker_env.sh`` runs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from vespa import compiled  # noqa: E402  (vespa/compiled.py imports nothing of the package)
+
+PACKAGE = ROOT / "vespa"
+
+
+def missing_tools() -> str | None:
+    """What the build lacks that this script cannot install, or None."""
+    compiler = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    if shutil.which(compiler) is None:
+        return (f"no C compiler ({compiler}); on Debian/Ubuntu: apt-get install -y gcc")
+    header = Path(sysconfig.get_paths()["include"]) / "Python.h"
+    if not header.exists():
+        version = f"{sys.version_info.major}.{sys.version_info.minor}"
+        return f"no Python headers ({header}); on Debian/Ubuntu: apt-get install -y python{version}-dev"
+    return None
+
+
+def ensure_mypy() -> None:
+    try:
+        import mypyc  # noqa: F401
+    except ImportError:
+        print("compile: installing mypy (the compile extra)", file=sys.stderr)
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "-e",
+                        f"{ROOT}[compile]"], check=True)
+
+
+SETUP = """
+import sys
+from setuptools import setup
+from mypyc.build import mypycify
+paths, group, out, tmp = sys.argv[1].split(","), sys.argv[2], sys.argv[3], sys.argv[4]
+setup(name=group, ext_modules=mypycify(
+          ["--ignore-missing-imports", "--follow-imports=silent", *paths],
+          opt_level="3", group_name=group),
+      script_args=["build_ext", "--build-lib", out, "--build-temp", tmp])
+"""
+
+
+class BuildFailed(Exception):
+    """mypyc or the C compiler failed; the message is the end of their output."""
+
+
+def build(target: Path) -> None:
+    """Compile into a fresh directory, then swap it in whole."""
+    paths = [f"vespa/{name}.py" for name in compiled.HOT_MODULES]
+    stamp = compiled.stamp_for(PACKAGE)  # what is compiled is what was read here
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="vespa-compile-", dir=target.parent) as tmp:
+        out = Path(tmp) / "out"
+        done = subprocess.run([sys.executable, "-c", SETUP, ",".join(paths), compiled.GROUP,
+                               str(out), str(Path(tmp) / "build")], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        if done.returncode != 0:
+            raise BuildFailed("\n".join(done.stdout.splitlines()[-30:]))
+        if compiled.stamp_for(PACKAGE) != stamp:
+            raise SystemExit("compile: the source changed during the build; run it again")
+        (out / compiled.STAMP).write_text(json.dumps(stamp, indent=1))
+        old = Path(tmp) / "old"
+        if target.exists():
+            target.rename(old)
+        out.rename(target)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true", help="exit 0 when the build is current")
+    parser.add_argument("--remove", action="store_true", help="delete the build")
+    args = parser.parse_args()
+    target = compiled.build_dir()
+    if args.remove:
+        shutil.rmtree(target, ignore_errors=True)
+        print(f"compile: removed {target}", file=sys.stderr)
+        return 0
+    current, why = compiled.check(PACKAGE, target, environ={})
+    if args.check or current:
+        print(f"compile: {why}", file=sys.stderr)
+        return 0 if current else 1
+    problem = missing_tools()
+    if problem is not None:
+        print(f"compile: cannot compile the request path: {problem}. The worker runs as "
+              "plain Python (slower, same behaviour).", file=sys.stderr)
+        return 1
+    ensure_mypy()
+    print(f"compile: compiling {len(compiled.HOT_MODULES)} modules with mypyc into {target} "
+          "(about a minute)", file=sys.stderr)
+    try:
+        build(target)
+    except BuildFailed as exc:
+        print(f"{exc}\ncompile: the build failed (above); the worker runs as plain Python",
+              file=sys.stderr)
+        return 1
+    print(f"compile: {compiled.check(PACKAGE, target, environ={})[1]}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
