@@ -25,10 +25,14 @@ export VESPA_PYTHON="$VESPA_VENV/bin/python"
 # backend's set-up (VESPA_COMPILE=0 here, then compile_request_path in the background).
 compile_request_path() {
   "$VESPA_PYTHON" scripts/compile.py --check 2>/dev/null && return 0
-  local cc
+  local cc headers packages=()
   cc="$("$VESPA_PYTHON" -c 'import sysconfig; print((sysconfig.get_config_var("CC") or "cc").split()[0])')"
-  if ! command -v "$cc" >/dev/null && [[ $EUID == 0 ]] && command -v apt-get >/dev/null; then
-    { apt-get update -qq && apt-get install -y -qq gcc; } >&2 || true
+  headers="$("$VESPA_PYTHON" -c 'import sys, sysconfig; print(sysconfig.get_paths()["include"])')"
+  command -v "$cc" >/dev/null || packages+=(gcc)
+  # a Debian/Ubuntu system Python keeps its headers in python3.X-dev
+  [[ -f "$headers/Python.h" ]] || packages+=("python$("$VESPA_PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')-dev")
+  if (( ${#packages[@]} )) && [[ $EUID == 0 ]] && command -v apt-get >/dev/null; then
+    { apt-get update -qq && apt-get install -y -qq "${packages[@]}"; } >&2 || true
   fi
   "$VESPA_PYTHON" scripts/compile.py || echo "worker env: the worker runs as plain Python" >&2
 }
