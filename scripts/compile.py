@@ -5,8 +5,8 @@
     .venvs/worker/bin/python scripts/compile.py --remove   # back to plain Python
 
 The hot modules (``vespa.compiled.HOT_MODULES``) are compiled into ``<env>/vespa-compiled`` with
-a stamp of their source; the package loads them only while the source matches the stamp (see
-vespa/compiled.py), so an edit never runs stale code. It needs mypy (``pip install -e .[compile]``,
+a stamp of the package's source; the package loads them only while its source matches the stamp
+(see vespa/compiled.py), so an edit never runs stale code. One build runs at a time in an env. It needs mypy (``pip install -e .[compile]``,
 installed here when missing) and a C compiler with the Python headers; without them it says what
 is missing, and the worker runs as plain Python. ``scripts/worker_env.sh`` runs it.
 """
@@ -14,6 +14,7 @@ is missing, and the worker runs as plain Python. ``scripts/worker_env.sh`` runs 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import shutil
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+from importlib import metadata
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,7 +34,7 @@ PACKAGE = ROOT / "vespa"
 
 def missing_tools() -> str | None:
     """What the build lacks that this script cannot install, or None."""
-    compiler = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    compiler = (os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc").split()[0]
     if shutil.which(compiler) is None:
         return (f"no C compiler ({compiler}); on Debian/Ubuntu: apt-get install -y gcc")
     header = Path(sysconfig.get_paths()["include"]) / "Python.h"
@@ -42,10 +44,15 @@ def missing_tools() -> str | None:
     return None
 
 
+MYPY_SERIES = "2.4."  # as pinned by the compile extra in pyproject.toml
+
+
 def ensure_mypy() -> None:
     try:
-        import mypyc  # noqa: F401
-    except ImportError:
+        installed = metadata.version("mypy")
+    except metadata.PackageNotFoundError:
+        installed = ""
+    if not installed.startswith(MYPY_SERIES):
         print("compile: installing mypy (the compile extra)", file=sys.stderr)
         subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "-e",
                         f"{ROOT}[compile]"], check=True)
@@ -58,7 +65,7 @@ from mypyc.build import mypycify
 paths, group, out, tmp = sys.argv[1].split(","), sys.argv[2], sys.argv[3], sys.argv[4]
 setup(name=group, ext_modules=mypycify(
           ["--ignore-missing-imports", "--follow-imports=silent", *paths],
-          opt_level="3", group_name=group),
+          opt_level="3", group_name=group, target_dir=tmp + "/c"),
       script_args=["build_ext", "--build-lib", out, "--build-temp", tmp])
 """
 
@@ -82,9 +89,8 @@ def build(target: Path) -> None:
         if compiled.stamp_for(PACKAGE) != stamp:
             raise SystemExit("compile: the source changed during the build; run it again")
         (out / compiled.STAMP).write_text(json.dumps(stamp, indent=1))
-        old = Path(tmp) / "old"
         if target.exists():
-            target.rename(old)
+            target.rename(Path(tmp) / "old")  # deleted with the temporary directory
         out.rename(target)
 
 
@@ -94,14 +100,33 @@ def main() -> int:
     parser.add_argument("--remove", action="store_true", help="delete the build")
     args = parser.parse_args()
     target = compiled.build_dir()
-    if args.remove:
-        shutil.rmtree(target, ignore_errors=True)
-        print(f"compile: removed {target}", file=sys.stderr)
-        return 0
-    current, why = compiled.check(PACKAGE, target, environ={})
-    if args.check or current:
+    if args.check:
+        current, why = compiled.check(PACKAGE, target, environ={})
         print(f"compile: {why}", file=sys.stderr)
         return 0 if current else 1
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / "vespa-compiled.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one build (or removal) at a time in this env
+        if args.remove:
+            remove(target)
+            print(f"compile: removed {target}", file=sys.stderr)
+            return 0
+        return compile_once(target)
+
+
+def remove(target: Path) -> None:
+    """Out of the way in one step, then deleted: never a half-deleted build in place."""
+    if target.exists():
+        doomed = target.with_name(f"{target.name}.removed-{os.getpid()}")
+        target.rename(doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+
+
+def compile_once(target: Path) -> int:
+    current, why = compiled.check(PACKAGE, target, environ={})
+    if current:  # perhaps built while this one waited for the lock
+        print(f"compile: {why}", file=sys.stderr)
+        return 0
     problem = missing_tools()
     if problem is not None:
         print(f"compile: cannot compile the request path: {problem}. The worker runs as "

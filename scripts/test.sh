@@ -46,7 +46,8 @@ else
   if [[ -n "$py310" ]]; then
     echo "test.sh: the fast suite on $("$py310" --version) first" >&2
     # not compiled: this pass is also the plain-Python run of the request path
-    (VESPA_WORKER_PYTHON="$py310" VESPA_VENV="$PWD/.venvs/worker-py310" VESPA_COMPILE=0 \
+    (export VESPA_COMPILE=0
+     VESPA_WORKER_PYTHON="$py310" VESPA_VENV="$PWD/.venvs/worker-py310" \
        VESPA_WORKER_EXTRAS=test source scripts/worker_env.sh \
        && run_pytest "$VESPA_PYTHON" -m pytest -q -m "not slow" -p no:cacheprovider) || oldest=$?
   else

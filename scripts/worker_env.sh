@@ -26,15 +26,19 @@ export VESPA_PYTHON="$VESPA_VENV/bin/python"
 compile_request_path() {
   "$VESPA_PYTHON" scripts/compile.py --check 2>/dev/null && return 0
   local cc headers packages=()
-  cc="$("$VESPA_PYTHON" -c 'import sysconfig; print((sysconfig.get_config_var("CC") or "cc").split()[0])')"
+  cc="$("$VESPA_PYTHON" -c 'import os, sysconfig; print((os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc").split()[0])')"
   headers="$("$VESPA_PYTHON" -c 'import sys, sysconfig; print(sysconfig.get_paths()["include"])')"
   command -v "$cc" >/dev/null || packages+=(gcc)
   # a Debian/Ubuntu system Python keeps its headers in python3.X-dev
   [[ -f "$headers/Python.h" ]] || packages+=("python$("$VESPA_PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')-dev")
   if (( ${#packages[@]} )) && [[ $EUID == 0 ]] && command -v apt-get >/dev/null; then
-    { apt-get update -qq && apt-get install -y -qq "${packages[@]}"; } >&2 || true
+    { timeout 300 apt-get update -qq \
+        && DEBIAN_FRONTEND=noninteractive timeout 300 apt-get install -y -qq "${packages[@]}"
+    } >&2 || true
   fi
-  "$VESPA_PYTHON" scripts/compile.py || echo "worker env: the worker runs as plain Python" >&2
+  # bounded: a stuck mirror or compiler never holds the worker's start for long
+  timeout 900 "$VESPA_PYTHON" scripts/compile.py \
+    || echo "worker env: the worker runs as plain Python" >&2
 }
 if [[ "${VESPA_COMPILE:-1}" != 0 ]]; then
   compile_request_path

@@ -387,13 +387,12 @@ class BackendPool:
         conn = self._idle_connection()
         if conn is not None:
             return conn
-        conn = BackendConnection(self)
-        await asyncio.wait_for(
-            self.loop.create_connection(lambda: conn, self.host, self.port,  # type: ignore[type-var]
-                                        ssl=self.ssl),
+        _, made = await asyncio.wait_for(
+            self.loop.create_connection(  # type: ignore[type-var]  # a protocol by its methods
+                lambda: BackendConnection(self), self.host, self.port, ssl=self.ssl),
             self.connect_timeout)
-        self.open.add(conn)
-        return conn
+        self.open.add(made)
+        return made
 
     def release(self, conn: BackendConnection, reusable: bool) -> None:
         """Give the connection back: into the idle pool when its response was read to the end."""

@@ -3,9 +3,9 @@
 ``scripts/compile.py`` compiles ``HOT_MODULES`` with mypyc into ``<env>/vespa-compiled``, next to
 the interpreter that will load them, with a stamp of the source it compiled. When this package is
 imported, ``activate`` puts that build ahead of the source on the package's path, but only when
-every hot module's source is byte for byte what was compiled: an edited file makes the whole
-worker run as plain Python (the compiled modules call each other directly, so they go together)
-until it is compiled again. ``VESPA_PURE_PYTHON=1`` turns the build off. The source stays plain,
+the build is whole and every module of the package's top level is byte for byte what it was
+compiled against: an edited file makes the whole worker run as plain Python (the compiled
+modules call each other directly, so they go together) until it is compiled again. ``VESPA_PURE_PYTHON=1`` turns the build off. The source stays plain,
 typed Python; the build is an optimisation, never a requirement.
 
 What compiled code asks of the source: types mypy accepts with strict optional checking, no
@@ -39,20 +39,27 @@ def build_dir() -> Path:
 
 
 def source_digest(package_dir: Path) -> dict[str, str]:
-    """sha256 of each hot module's source."""
-    return {name: hashlib.sha256((package_dir / f"{name}.py").read_bytes()).hexdigest()
-            for name in HOT_MODULES}
+    """sha256 of every module at the package's top level: the hot modules, and those whose
+    types they were compiled against (a compiled module checks the types it was built with)."""
+    return {path.name: hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(package_dir.glob("*.py"))}
 
 
 def stamp_for(package_dir: Path) -> dict:
     """What a build of ``package_dir`` for this interpreter records, and what a load checks."""
-    return {"ext_suffix": sysconfig.get_config_var("EXT_SUFFIX"),
-            "modules": source_digest(package_dir)}
+    return {"ext_suffix": sysconfig.get_config_var("EXT_SUFFIX"), "group": GROUP,
+            "compiled": list(HOT_MODULES), "sources": source_digest(package_dir)}
+
+
+def built_files(build: Path, ext_suffix: str) -> list[Path]:
+    """The files a whole build holds: one per hot module, and the shared library."""
+    return [build / "vespa" / f"{name}{ext_suffix}" for name in HOT_MODULES] + [
+        build / f"{GROUP}__mypyc{ext_suffix}"]
 
 
 def check(package_dir: Path, build: Path, environ=os.environ) -> tuple[bool, str]:
-    """(use the build, why): the build is used only when it was made by this interpreter from
-    exactly this source."""
+    """(use the build, why): the build is used only when it is whole and was made by this
+    interpreter from exactly this source."""
     if environ.get(OFF_SWITCH, "").strip().lower() in ("1", "true", "yes", "on"):
         return False, f"plain Python ({OFF_SWITCH} is set)"
     try:
@@ -65,13 +72,22 @@ def check(package_dir: Path, build: Path, environ=os.environ) -> tuple[bool, str
         current = stamp_for(package_dir)
     except OSError as exc:
         return False, f"plain Python (cannot read the source to compare with the build: {exc})"
-    if built.get("ext_suffix") != current["ext_suffix"]:
+    if not isinstance(built, dict) or built.get("ext_suffix") != current["ext_suffix"]:
         return False, "plain Python (the build is for another Python: run scripts/compile.py)"
-    changed = sorted(name for name, digest in current["modules"].items()
-                     if built.get("modules", {}).get(name) != digest)
-    if changed:
-        return False, (f"plain Python ({', '.join(m + '.py' for m in changed)} changed since "
-                       "the build: run scripts/compile.py again)")
+    if built.get("group") != GROUP or built.get("compiled") != current["compiled"]:
+        return False, "plain Python (the build compiled other modules: run scripts/compile.py)"
+    sources = built.get("sources")
+    if sources != current["sources"]:
+        sources = sources if isinstance(sources, dict) else {}
+        changed = sorted(name for name in set(sources) | set(current["sources"])
+                         if sources.get(name) != current["sources"].get(name))
+        return False, (f"plain Python ({', '.join(changed)} changed since the build: run "
+                       "scripts/compile.py again)")
+    missing = [path.name for path in built_files(build, current["ext_suffix"])
+               if not path.exists()]
+    if missing:
+        return False, (f"plain Python (the build is incomplete, {', '.join(missing)} missing: "
+                       "run scripts/compile.py again)")
     return True, f"compiled (mypyc, {len(HOT_MODULES)} modules)"
 
 
