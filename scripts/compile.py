@@ -3,12 +3,14 @@
     .venvs/worker/bin/python scripts/compile.py            # build (about a minute), if needed
     .venvs/worker/bin/python scripts/compile.py --check    # exit 0 when the build is current
     .venvs/worker/bin/python scripts/compile.py --remove   # back to plain Python
+    .venvs/worker/bin/python scripts/compile.py --apt-packages  # what apt must add first
 
 The hot modules (``vespa.compiled.HOT_MODULES``) are compiled into ``<env>/vespa-compiled`` with
 a stamp of the package's source; the package loads them only while its source matches the stamp
-(see vespa/compiled.py), so an edit never runs stale code. One build runs at a time in an env. It needs mypy (``pip install -e .[compile]``,
-installed here when missing) and a C compiler with the Python headers; without them it says what
-is missing, and the worker runs as plain Python. ``scripts/worker_env.sh`` runs it.
+(see vespa/compiled.py), so an edit never runs stale code. One build runs at a time in an env.
+It needs mypy (``pip install -e .[compile]``, installed here when missing) and a C compiler with
+the Python headers; without them it says what is missing, and the worker runs as plain Python.
+``scripts/worker_env.sh`` runs it (and installs those first, as root with apt).
 """
 
 from __future__ import annotations
@@ -32,16 +34,18 @@ from vespa import compiled  # noqa: E402  (vespa/compiled.py imports nothing of 
 PACKAGE = ROOT / "vespa"
 
 
-def missing_tools() -> str | None:
-    """What the build lacks that this script cannot install, or None."""
+def missing_tools() -> dict[str, str]:
+    """What the build lacks that this script cannot install: the Debian/Ubuntu package that
+    brings it -> what is missing."""
+    missing = {}
     compiler = (os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc").split()[0]
     if shutil.which(compiler) is None:
-        return (f"no C compiler ({compiler}); on Debian/Ubuntu: apt-get install -y gcc")
+        missing["gcc"] = f"no C compiler ({compiler})"
     header = Path(sysconfig.get_paths()["include"]) / "Python.h"
-    if not header.exists():
+    if not header.exists():  # a Debian/Ubuntu system Python keeps them in python3.X-dev
         version = f"{sys.version_info.major}.{sys.version_info.minor}"
-        return f"no Python headers ({header}); on Debian/Ubuntu: apt-get install -y python{version}-dev"
-    return None
+        missing[f"python{version}-dev"] = f"no Python headers ({header})"
+    return missing
 
 
 MYPY_SERIES = "2.4."  # as pinned by the compile extra in pyproject.toml
@@ -78,7 +82,6 @@ def build(target: Path) -> None:
     """Compile into a fresh directory, then swap it in whole."""
     paths = [f"vespa/{name}.py" for name in compiled.HOT_MODULES]
     stamp = compiled.stamp_for(PACKAGE)  # what is compiled is what was read here
-    target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="vespa-compile-", dir=target.parent) as tmp:
         out = Path(tmp) / "out"
         done = subprocess.run([sys.executable, "-c", SETUP, ",".join(paths), compiled.GROUP,
@@ -98,8 +101,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="exit 0 when the build is current")
     parser.add_argument("--remove", action="store_true", help="delete the build")
+    parser.add_argument("--apt-packages", action="store_true",
+                        help="print the Debian/Ubuntu packages the build lacks")
     args = parser.parse_args()
     target = compiled.build_dir()
+    if args.apt_packages:
+        print(" ".join(missing_tools()))
+        return 0
     if args.check:
         current, why = compiled.check(PACKAGE, target, environ={})
         print(f"compile: {why}", file=sys.stderr)
@@ -127,9 +135,10 @@ def compile_once(target: Path) -> int:
     if current:  # perhaps built while this one waited for the lock
         print(f"compile: {why}", file=sys.stderr)
         return 0
-    problem = missing_tools()
-    if problem is not None:
-        print(f"compile: cannot compile the request path: {problem}. The worker runs as "
+    missing = missing_tools()
+    if missing:
+        print(f"compile: cannot compile the request path: {'; '.join(missing.values())} (on "
+              f"Debian/Ubuntu: apt-get install -y {' '.join(missing)}). The worker runs as "
               "plain Python (slower, same behaviour).", file=sys.stderr)
         return 1
     ensure_mypy()

@@ -25,12 +25,8 @@ export VESPA_PYTHON="$VESPA_VENV/bin/python"
 # backend's set-up (VESPA_COMPILE=0 here, then compile_request_path in the background).
 compile_request_path() {
   "$VESPA_PYTHON" scripts/compile.py --check 2>/dev/null && return 0
-  local cc headers packages=()
-  cc="$("$VESPA_PYTHON" -c 'import os, sysconfig; print((os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc").split()[0])')"
-  headers="$("$VESPA_PYTHON" -c 'import sys, sysconfig; print(sysconfig.get_paths()["include"])')"
-  command -v "$cc" >/dev/null || packages+=(gcc)
-  # a Debian/Ubuntu system Python keeps its headers in python3.X-dev
-  [[ -f "$headers/Python.h" ]] || packages+=("python$("$VESPA_PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')-dev")
+  local packages
+  read -r -a packages <<< "$("$VESPA_PYTHON" scripts/compile.py --apt-packages)"  # gcc, headers
   if (( ${#packages[@]} )) && [[ $EUID == 0 ]] && command -v apt-get >/dev/null; then
     { timeout 300 apt-get update -qq \
         && DEBIAN_FRONTEND=noninteractive timeout 300 apt-get install -y -qq "${packages[@]}"

@@ -37,9 +37,9 @@ from .metrics import DEFAULT_ROUTES, Metrics
 from .proxy import (SMALL_BODY, BodyStalled, BodyTooLarge, ProxyError, Upstream, UpstreamBroken,
                     arrived_body, read_body)
 from .records import RequestRecorder, check_logs_token
-from .runner import WorkerRunner
 from .reporter import Identity, Reporter
 from .request_ids import request_id
+from .runner import WorkerRunner
 from .status import worker_status
 from .supervisor import Supervisor
 from .target import origin_form, path_of, spellings

@@ -161,10 +161,9 @@ class BackendConnection:
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            if self.response is not None:
-                cause = exc.__context__  # what one of our callbacks refused, if it was that
-                response.fail(cause if isinstance(cause, MalformedResponse) else
-                                   MalformedResponse(f"backend sent malformed HTTP: {exc}"))
+            cause = exc.__context__  # what one of our callbacks refused, if it was that
+            response.fail(cause if isinstance(cause, MalformedResponse) else
+                          MalformedResponse(f"backend sent malformed HTTP: {exc}"))
             self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:

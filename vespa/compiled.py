@@ -5,13 +5,15 @@ the interpreter that will load them, with a stamp of the source it compiled. Whe
 imported, ``activate`` puts that build ahead of the source on the package's path, but only when
 the build is whole and every module of the package's top level is byte for byte what it was
 compiled against: an edited file makes the whole worker run as plain Python (the compiled
-modules call each other directly, so they go together) until it is compiled again. ``VESPA_PURE_PYTHON=1`` turns the build off. The source stays plain,
-typed Python; the build is an optimisation, never a requirement.
+modules call each other directly, so they go together) until it is compiled again.
+``VESPA_PURE_PYTHON=1`` turns the build off. The source stays plain, typed Python; the build is
+an optimisation, never a requirement.
 
-What compiled code asks of the source: types mypy accepts with strict optional checking, no
-async generators, and no ``vars()`` of its objects. Its exception classes stay Python classes
-(``@mypyc_attr(native_class=False)``): mypyc gives a variable one type per function, so
-``except A as exc`` followed by ``except B as exc`` would refuse a B at run time otherwise.
+What compiled code asks of the source: types mypy accepts with strict optional checking; no
+async generators; no ``vars()`` of its objects; exception classes derived from a built-in
+exception kept as Python classes (``@mypyc_attr(native_class=False)``); and a name of its own
+for each kind of exception caught in one function: mypyc gives a variable one type per
+function, so ``except A as exc`` followed by ``except B as exc`` would refuse a B at run time.
 
 This module is never compiled itself and imports nothing of the package.
 """

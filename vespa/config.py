@@ -137,7 +137,8 @@ SCRIPT_SETTINGS = frozenset({
     "VESPA_AUTOSCALER_PORT", "VESPA_CERT_SIGN_URL", "VESPA_DEV_API_KEY", "VESPA_LOCAL",
     "VESPA_PYTHON", "VESPA_VENV", "VESPA_WORKER_EXTRAS", "VESPA_WORKER_PYTHON",
     "VESPA_SOAK_SECONDS", "VESPA_COMPILE",
-    "VESPA_PURE_PYTHON"})  # read when the package is imported (vespa/compiled.py)
+    # read when the package is imported (vespa/compiled.py), before any setting
+    "VESPA_PURE_PYTHON"})
 _SCRIPT_PREFIXES = ("VESPA_RELIABILITY_",)
 
 

@@ -35,8 +35,8 @@ import logging
 import socket
 import time
 from collections import deque
-from typing import Any
 from email.utils import formatdate
+from typing import Any
 
 import httptools
 from mypy_extensions import mypyc_attr
