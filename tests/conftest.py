@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from vespa.app import Worker
+from vespa.worker import Worker
 from vespa.config import load_settings
 
 from .backend import make_backend

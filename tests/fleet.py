@@ -9,7 +9,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 from Crypto.PublicKey import RSA
 
-from vespa.app import Worker
+from vespa.worker import Worker
 from vespa.config import load_settings
 from vespa.devtools.autoscaler import AutoscalerEmulator
 

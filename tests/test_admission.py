@@ -8,8 +8,8 @@ import math
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from vespa.admission import MAX_WORKLOAD, Admission, Rejection, Ticket, workload_of
-from vespa.gate import Gate, Overloaded
+from vespa.corridor.admission import MAX_WORKLOAD, Admission, Rejection, Ticket, workload_of
+from vespa.corridor.gate import Gate, Overloaded
 
 from .conftest import wait_until
 

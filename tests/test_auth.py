@@ -11,8 +11,8 @@ from Crypto.PublicKey import RSA
 from Crypto.Signature import pkcs1_15
 from hypothesis import given, settings, strategies as st
 
-from vespa import auth
-from vespa.auth import PublicKey, ReplayWindow, verify
+from vespa.corridor import auth
+from vespa.corridor.auth import PublicKey, ReplayWindow, verify
 
 URL = "http://203.0.113.7:41234"
 AUTH = {"cost": 100, "endpoint": "my-endpoint", "reqnum": 7, "request_idx": 3, "url": URL}

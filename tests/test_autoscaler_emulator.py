@@ -8,7 +8,7 @@ import time
 import aiohttp
 import pytest
 
-from vespa import auth
+from vespa.corridor import auth
 from vespa.devtools.autoscaler import WORKER_STATUS_FIELDS
 from vespa.devtools.signing import Signer
 

@@ -15,10 +15,11 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from vespa.benchmarking import (BenchmarkCache, BenchmarkError, cache_key, load_benchmark,
+from vespa.backend.benchmarking import (BenchmarkCache, BenchmarkError, cache_key, load_benchmark,
                                 run_benchmark)
-from vespa.lifecycle import Lifecycle, Phase, StartupError, StartupPlan, WorkerState
-from vespa.logwatch import LogWatch
+from vespa.backend.lifecycle import Lifecycle, StartupError, StartupPlan
+from vespa.state import Phase, WorkerState
+from vespa.backend.logwatch import LogWatch
 
 from .conftest import free_port, wait_until
 

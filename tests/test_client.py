@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
-from vespa.app import Worker
+from vespa.worker import Worker
 from vespa.client import RoutePolicy, VastClient
 from vespa.client.keys import KeyLookupError
 from vespa.config import load_settings

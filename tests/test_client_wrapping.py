@@ -1,6 +1,6 @@
 """The client proxy's pure parts: workload estimates, the worker request, headers, backoff.
 
-The worker's own envelope parser (``vespa.envelope``) reads back what the client wraps, so the
+The worker's own envelope parser (``vespa.corridor.envelope``) reads back what the client wraps, so the
 two ends of the protocol are checked against each other, not against a copy of the spec.
 """
 
@@ -16,7 +16,7 @@ from vespa.client.routing import backoff, describe_workers, error_detail, retrya
 from vespa.client.wrapping import (CallerRequest, WrapError, build_worker_request,
                                    estimate_workload, forward_request_headers,
                                    read_caller_request, relay_response_headers, with_query_auth)
-from vespa.envelope import open_body, open_query
+from vespa.corridor.envelope import open_body, open_query
 
 ROUTE = {"cost": 100, "endpoint": "my-endpoint", "reqnum": 12, "request_idx": 34,
          "signature": "ab+/cd==", "url": "http://10.0.0.5:40000", "__request_id": "r-1"}

@@ -131,10 +131,10 @@ def test_activate_puts_the_build_ahead_of_the_source(tmp_path, monkeypatch):
 
 
 def imported(env: dict[str, str], cwd: Path = REPO) -> tuple[bool, str, str]:
-    """(COMPILED, HOT_PATH, vespa.front's file) in a fresh interpreter."""
+    """(COMPILED, HOT_PATH, vespa.http.server's file) in a fresh interpreter."""
     out = subprocess.run(
-        [PYTHON, "-c", "import vespa, vespa.front; "
-                       "print(vespa.COMPILED); print(vespa.HOT_PATH); print(vespa.front.__file__)"],
+        [PYTHON, "-c", "import vespa, vespa.http.server; "
+                       "print(vespa.COMPILED); print(vespa.HOT_PATH); print(vespa.http.server.__file__)"],
         env=env, cwd=cwd, capture_output=True, text=True, timeout=60, check=True).stdout
     flag, why, front = out.strip().split("\n")
     return flag == "True", why, front
@@ -164,7 +164,7 @@ def test_an_edited_checkout_never_runs_the_stale_build(tmp_path):
 
 def test_status_and_the_package_name_the_request_path_that_runs():
     assert vespa.HOT_PATH.startswith("compiled" if vespa.COMPILED else "plain Python")
-    from vespa import status
+    from vespa.observability import status
     assert status.HOT_PATH == vespa.HOT_PATH
 
 

@@ -8,7 +8,7 @@ from urllib.parse import quote, quote_plus
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from vespa.envelope import (AUTH_FIELDS, PASSTHROUGH, REQUIRED_FIELDS, Envelope, EnvelopeError, check_auth_data,
+from vespa.corridor.envelope import (AUTH_FIELDS, PASSTHROUGH, REQUIRED_FIELDS, Envelope, EnvelopeError, check_auth_data,
                             open_body, open_envelope, open_query)
 
 AUTH = {"cost": 100, "endpoint": "my-endpoint", "reqnum": 7, "request_idx": 42,

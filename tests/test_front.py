@@ -9,8 +9,9 @@ import time
 
 import pytest
 
-from vespa import timeouts
-from vespa.front import HEAD_SLICE, MAX_PIPELINED, BodyError, FrontServer, Request
+from vespa.http import timeouts
+from vespa.http.messages import BodyError, Request
+from vespa.http.server import HEAD_SLICE, MAX_PIPELINED, FrontServer
 
 from .conftest import left_to_the_gc, wait_until
 

@@ -8,7 +8,7 @@ import asyncio
 import aiohttp
 import pytest
 
-from vespa.insight import BackendInsight, parse_vllm_metrics
+from vespa.backend.insight import BackendInsight, parse_vllm_metrics
 
 from .conftest import free_port, wait_until
 from .fake_vllm import OLD_VLLM_METRICS, VLLM_METRICS, vllm_server  # noqa: F401  (fixture)

@@ -7,7 +7,7 @@ from hypothesis import given, settings, strategies as st
 from hypothesis.stateful import (Bundle, RuleBasedStateMachine, consumes, invariant, rule,
                                  initialize)
 
-from vespa.ledger import FinishedRequest, Ledger, LoadWindow, Outcome
+from vespa.corridor.ledger import FinishedRequest, Ledger, LoadWindow, Outcome
 
 LOAD_FIELDS = {"cur_load", "new_load", "rej_load", "cur_perf", "num_requests_working",
                "num_requests_recieved", "working_request_idxs"}

@@ -8,8 +8,8 @@ import json
 import logging
 
 import pytest
-from vespa.front import FrontServer, Request
-from vespa.logging_setup import current_request_id, mask, setup_logging
+from vespa.http.server import FrontServer, Request
+from vespa.observability.logs import current_request_id, mask, setup_logging
 
 MASTER_TOKEN = "mt-5f1e9c2d7a3b4e6f8a0b1c2d3e4f5a6b"
 LOGS_TOKEN = "logs-secret-0123456789"

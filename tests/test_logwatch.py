@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from vespa.logwatch import LogWatch
+from vespa.backend.logwatch import LogWatch
 
 from .conftest import wait_until
 

@@ -10,8 +10,9 @@ import pytest
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.parser import text_string_to_metric_families
 
-from vespa import metrics as metrics_module
-from vespa.metrics import DEFAULT_ROUTES, LATENCY_BUCKETS, Metrics, route_template
+from vespa.corridor.refusal import Reason
+from vespa.observability import metrics as metrics_module
+from vespa.observability.metrics import DEFAULT_ROUTES, LATENCY_BUCKETS, Metrics, route_template
 
 
 def scrape(metrics: Metrics) -> dict[tuple[str, tuple], float]:
@@ -36,10 +37,9 @@ def test_counters_after_a_known_sequence_of_calls():
     m.request_done("POST", "/v1/chat/completions", 429, None, None, 10, 0)
     m.request_done("GET", "/history/abc-123", 200, 0.01, 0.01, 0, 7)
     m.request_done("get", "/secret/user/42?token=x", 404, 0.01, 0.01, 0, 3)
-    m.rejected("overload")
-    m.rejected("overload")
-    m.rejected("signature")
-    m.rejected("made-up reason")
+    m.rejected(Reason.OVERLOAD)
+    m.rejected(Reason.OVERLOAD)
+    m.rejected(Reason.SIGNATURE)
     m.report("worker_status", True)
     m.report("worker_status", False)
     m.report("delete_requests", True)
@@ -54,8 +54,9 @@ def test_counters_after_a_known_sequence_of_calls():
     }
     assert got[("vespa_rejected_total", labels(reason="overload"))] == 2
     assert got[("vespa_rejected_total", labels(reason="signature"))] == 1
-    assert got[("vespa_rejected_total", labels(reason="other"))] == 1
     assert got[("vespa_rejected_total", labels(reason="draining"))] == 0  # present at zero
+    rejected = {k[1] for k in got if k[0] == "vespa_rejected_total"}
+    assert rejected == {labels(reason=reason.value) for reason in Reason}  # every one, no other
     assert got[("vespa_bytes_relayed_total", labels(direction="in"))] == 160
     assert got[("vespa_bytes_relayed_total", labels(direction="out"))] == 1510
     reports = ("vespa_autoscaler_reports_total")
@@ -196,3 +197,11 @@ def test_openmetrics_when_the_scraper_asks_for_it():
     assert content_type.startswith("application/openmetrics-text; version=1.0.0")
     assert body.endswith(b"# EOF\n")
     assert b"vespa_backend_restarts_total 1.0" in body
+
+
+def test_an_unknown_reason_cannot_be_written():
+    """A refusal's reason is a ``Reason``: a typo is an error, never a silent "other"."""
+    with pytest.raises(ValueError):
+        Reason("made-up reason")
+    with pytest.raises(KeyError):
+        Metrics().rejected("made-up reason")  # type: ignore[arg-type]

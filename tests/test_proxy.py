@@ -16,8 +16,8 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDict
 
-from vespa import timeouts
-from vespa.app import Worker
+from vespa.http import timeouts
+from vespa.worker import Worker
 from vespa.config import load_settings
 
 from .conftest import free_port, left_to_the_gc, wait_until
@@ -440,10 +440,9 @@ async def test_client_gone_mid_stream_is_a_cancellation_without_error_log(backen
     error traceback."""
     worker = Worker(load_settings({"VESPA_UNSECURED": "true",
                                    "VESPA_BACKEND_URL": str(backend.make_url("")).rstrip("/")}))
-    runner = worker.runner()
-    await runner.setup()
+    await worker.start()
     port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    await worker.listen("127.0.0.1", port)
     try:
         async with aiohttp.ClientSession() as session:
             response = await session.get(f"http://127.0.0.1:{port}/slow-stream?name=s&n=100"
@@ -454,7 +453,7 @@ async def test_client_gone_mid_stream_is_a_cancellation_without_error_log(backen
             await asyncio.wait_for(backend.log.cancel_seen.wait(), 2)
         await asyncio.sleep(0.1)
     finally:
-        await runner.cleanup()
+        await worker.stop()
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert errors == [], [r.getMessage() for r in errors]
     assert not worker.ledger.in_flight
@@ -464,9 +463,8 @@ async def test_a_client_that_does_not_read_a_small_answer_holds_no_slot(make_wor
     """A whole small answer is handed to the client's socket; waiting for a client that does not
     read it happens after the request is finished, so the slot and the ledger are free."""
     client, worker = await make_worker(VESPA_MAX_CONCURRENCY="1", VESPA_MAX_WAIT_TIME="2")
-    for site in client.server.runner.sites:  # accepted sockets inherit a tiny send buffer
-        for sock in site._server.sockets:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    for sock in worker.listener.sockets:  # accepted sockets inherit a tiny send buffer
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     reader, writer = await asyncio.open_connection(client.host, client.port)
     writer.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF,
                                                          4096)

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from vespa.records import (REDACTED, RequestRecorder, body_field, check_logs_token, file_name,
+from vespa.observability.records import (REDACTED, RequestRecorder, body_field, check_logs_token, file_name,
                            redact_headers)
 
 SENSITIVE = [

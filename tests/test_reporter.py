@@ -10,9 +10,9 @@ import aiohttp
 import pytest
 
 from vespa.devtools.autoscaler import AutoscalerEmulator, WORKER_STATUS_FIELDS
-from vespa.ledger import FinishedRequest, Ledger, Outcome
-from vespa.lifecycle import Phase, WorkerState
-from vespa.reporter import (NO_DELETE_ADDR, Identity, Reporter, addresses_for, delete_bodies,
+from vespa.corridor.ledger import FinishedRequest, Ledger, Outcome
+from vespa.state import Phase, WorkerState
+from vespa.autoscaler.reporter import (NO_DELETE_ADDR, Identity, Reporter, addresses_for, delete_bodies,
                             status_body)
 
 from .conftest import free_port, wait_until
@@ -504,7 +504,7 @@ async def test_dropped_records_are_logged_and_reset(emulator, make_reporter, cap
     for idx in range(5):
         ledger.reject(1.0, idx, 429, now=float(idx))
     reporter = make_reporter(emulator.url, ledger=ledger)
-    with caplog.at_level("ERROR", logger="vespa.reporter"):
+    with caplog.at_level("ERROR", logger="vespa.autoscaler.reporter"):
         await run_for(reporter, lambda: ledger.dropped == 0 and len(emulator.deleted) == 2)
     assert emulator.deleted_request_idxs() == [3, 4]
     assert any("3 finished-request records were dropped" in r.getMessage()

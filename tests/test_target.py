@@ -10,7 +10,7 @@ from urllib.parse import unquote
 import pytest
 from hypothesis import given, strategies as st
 
-from vespa.target import normal_path, origin_form, path_of, spellings
+from vespa.http.target import normal_path, origin_form, path_of, spellings
 
 
 @pytest.mark.parametrize("target", ["/", "/echo", "/../../etc/passwd", "//evil.example/echo",

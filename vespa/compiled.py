@@ -28,8 +28,11 @@ import sysconfig
 from pathlib import Path
 
 # The request's corridor, front door to backend and back; compiled together as one group.
-HOT_MODULES = ("admission", "answer", "app", "backend_pool", "envelope", "front", "gate",
-               "ledger", "metrics", "proxy", "request_ids", "visit")
+HOT_MODULES = ("corridor.admission", "corridor.answer", "corridor.handler", "corridor.doorway",
+               "corridor.refusal", "http.pool", "corridor.envelope", "http.server",
+               "http.messages", "http.flow", "http.body", "http.upstream", "corridor.gate",
+               "corridor.ledger", "observability.metrics", "corridor.request_ids",
+               "corridor.visit")
 GROUP = "vespa_hot"  # the shared library holding the compiled code: vespa_hot__mypyc
 STAMP = "stamp.json"
 OFF_SWITCH = "VESPA_PURE_PYTHON"

@@ -1,4 +1,4 @@
-"""The worker process: settings, TLS, the server, signals and drain; ``main()``."""
+"""The worker process: settings, TLS, signals, and ``serve``: the worker's life in order."""
 
 from __future__ import annotations
 
@@ -9,12 +9,10 @@ import signal
 import ssl
 import sys
 
-from aiohttp import web
-
 from . import HOT_PATH
-from .app import Worker
 from .config import ConfigError, Settings, load_settings
-from .logging_setup import setup_logging
+from .observability.logs import setup_logging
+from .worker import Worker
 
 log = logging.getLogger("vespa")
 
@@ -33,27 +31,23 @@ def ssl_context(settings: Settings) -> ssl.SSLContext | None:
 
 
 async def serve(settings: Settings, stop: asyncio.Event) -> None:
-    """Run the worker until ``stop`` is set, then drain and shut down."""
+    """The worker's life, in order: build, start, listen, serve until ``stop``, drain, stop."""
     context = ssl_context(settings)
     worker = Worker(settings)
-    # keepalive_timeout also closes connections that never send a whole request (slowloris)
-    runner = worker.runner(shutdown_timeout=1.0, keepalive_timeout=settings.keepalive_timeout)
-    await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.worker_port, backlog=2048,
-                       ssl_context=context)
-    await site.start()
-    # what start-up built lives as long as the process: keep it out of the GC's full passes
-    # (each walked every module, class and setting: ~13 ms a pass, several a second under load)
-    gc.collect()  # start-up's own garbage goes first, not into the frozen generation
-    gc.freeze()
-    log.info("vespa listening on %s://%s:%d, backend %s%s; request path: %s",
-             "https" if context else "http", settings.host, settings.worker_port,
-             settings.backend_url, " (unsecured)" if settings.unsecured else "", HOT_PATH)
     try:
+        await worker.start()
+        await worker.listen(settings.host, settings.worker_port, context)
+        # what start-up built lives as long as the process: keep it out of the GC's full
+        # passes (each walked every module, class and setting: ~13 ms, several a second)
+        gc.collect()  # start-up's own garbage goes first, not into the frozen generation
+        gc.freeze()
+        log.info("vespa listening on %s://%s:%d, backend %s%s; request path: %s",
+                 "https" if context else "http", settings.host, settings.worker_port,
+                 settings.backend_url, " (unsecured)" if settings.unsecured else "", HOT_PATH)
         await stop.wait()
         await worker.drain()
     finally:
-        await runner.cleanup()
+        await worker.stop()
 
 
 def run(settings: Settings) -> None:

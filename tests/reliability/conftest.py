@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
-from vespa.app import Worker
+from vespa.worker import Worker
 from vespa.config import load_settings
 from vespa.devtools.autoscaler import AutoscalerEmulator
 
@@ -134,7 +134,7 @@ async def signed():
             "VESPA_HEALTHCHECK_INTERVAL": "0.2", **env})
         worker = Worker(settings)
         server = WorkerTestServer(worker, host="127.0.0.1", port=port)
-        await server.start_server(keepalive_timeout=settings.keepalive_timeout)
+        await server.start_server()
         fleet = Fleet(emulator, None, worker, server, aiohttp.ClientSession())
         fleets.append(fleet)
         return fleet

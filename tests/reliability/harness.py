@@ -21,10 +21,10 @@ from urllib.parse import urlencode
 import aiohttp
 import psutil
 
-from vespa import auth
+from vespa.corridor import auth
 from vespa.devtools.autoscaler import AutoscalerEmulator
 from vespa.devtools.signing import Signer
-from vespa.supervisor import _die_with_parent
+from vespa.backend.supervisor import _die_with_parent
 
 from ..conftest import PYTHON, REPO, free_port, wait_until, worker_env
 

@@ -9,7 +9,7 @@ import threading
 import aiohttp
 from aiohttp.test_utils import TestServer
 
-from vespa.app import Worker
+from vespa.worker import Worker
 from vespa.config import load_settings
 from vespa.devtools.autoscaler import AutoscalerEmulator
 
@@ -79,7 +79,7 @@ class Stack:
         settings = load_settings(values)
         self.worker = Worker(settings)
         self.server = WorkerTestServer(self.worker, host="127.0.0.1", port=self.port)
-        await self.server.start_server(keepalive_timeout=settings.keepalive_timeout)
+        await self.server.start_server()
         self.session = aiohttp.ClientSession()
         await wait_until(lambda: self.worker.state.ready, timeout=20)
         return self

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 import aiohttp
 import pytest
 
-from vespa import timeouts
-from vespa.admission import workload_of
+from vespa.http import timeouts
+from vespa.corridor.admission import workload_of
 
 from ..conftest import wait_until
 from .harness import (MB, RssSampler, UrlSigner, check_reported_once, envelope, query_auth,

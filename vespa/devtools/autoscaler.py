@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from aiohttp import web
 from Crypto.PublicKey import RSA
 
-from vespa import auth
+from vespa.corridor import auth
 from vespa.devtools.signing import DEFAULT_ENDPOINT, Signer
 
 JSON_FAULT = {"error": "emulated autoscaler fault"}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from Crypto.PublicKey import RSA
 
-from vespa import auth
+from vespa.corridor import auth
 
 DEFAULT_ENDPOINT = "vespa-dev"
 

@@ -9,7 +9,7 @@ import time
 
 import aiohttp
 
-from .auth import PublicKey
+from ..corridor.auth import PublicKey
 
 log = logging.getLogger("vespa.keyring")
 

@@ -15,16 +15,16 @@ what the worker uses:
 - a connection with no request in progress for ``keepalive_timeout`` seconds is closed, also
   one that never finishes its request head;
 - bytes are parsed a slice at a time (16 KiB of body, 1 KiB otherwise): a request body is
-  buffered up to 256 KiB and 16 pipelined requests (plus one slice's worth) wait, then
-  nothing more is parsed or read until the handler catches up;
+  buffered up to ``flow.HIGH_WATER`` and 16 pipelined requests (plus one slice's worth) wait,
+  then nothing more is parsed or read until the handler catches up;
 - answers are written whole (one write) or streamed (chunked when the length is unknown), with
   backpressure; a client that takes nothing of an answer for ``write_timeout`` seconds is cut;
   a client that goes away cancels its request's task;
 - a body left unread when its answer is complete is read and dropped for up to 10 s before the
   connection closes, so the client gets the answer rather than a reset.
 
-It is a protocol factory with ``pre_shutdown``/``shutdown``, which is what aiohttp's runner and
-sites need of a server: listening sockets, TLS and the test server stay aiohttp's.
+``FrontServer`` is the protocol factory for ``loop.create_server`` (which brings the listening
+socket and TLS); its ``pre_shutdown``/``shutdown`` stop it gracefully.
 """
 
 from __future__ import annotations
@@ -35,20 +35,19 @@ import logging
 import socket
 import time
 from collections import deque
-from email.utils import formatdate
 from typing import Any
 
 import httptools
-from mypy_extensions import mypyc_attr
 
-from . import timeouts
+from .flow import HIGH_WATER, FlowControl
+from .messages import (JSON_TYPE, REASONS, Body, BodyError, HttpError, Reply, Request,
+                       http_date)
 
 log = logging.getLogger("vespa.front")
 
 MAX_TARGET = 8190
 MAX_HEAD = 64 * 1024
 MAX_FIELDS = 128
-BODY_HIGH_WATER = 256 * 1024
 MAX_PIPELINED = 16
 FEED_SLICE = 16 * 1024  # bytes handed to llhttp at a time, so a pause takes effect between them
 HEAD_SLICE = 1024  # ... outside bodies: one slice holds only a few dozen request heads
@@ -58,27 +57,14 @@ SINGLETON_FIELDS = frozenset({
     b"content-length", b"content-location", b"content-range", b"content-type", b"etag",
     b"host", b"max-forwards", b"server", b"transfer-encoding", b"user-agent",
 })
-BODYLESS_STATUSES = frozenset({204, 304})
-JSON_TYPE = b"application/json; charset=utf-8"
-REASONS = {
-    100: b"Continue", 200: b"OK", 201: b"Created", 202: b"Accepted", 204: b"No Content",
-    206: b"Partial Content", 301: b"Moved Permanently", 302: b"Found", 304: b"Not Modified",
-    400: b"Bad Request", 401: b"Unauthorized", 403: b"Forbidden", 404: b"Not Found",
-    405: b"Method Not Allowed", 408: b"Request Timeout", 413: b"Payload Too Large",
-    414: b"URI Too Long", 417: b"Expectation Failed", 422: b"Unprocessable Entity",
-    429: b"Too Many Requests", 431: b"Request Header Fields Too Large",
-    499: b"Client Closed Request", 500: b"Internal Server Error", 502: b"Bad Gateway",
-    503: b"Service Unavailable", 504: b"Gateway Timeout",
-}
 
 
-class HttpError(Exception):
-    """A request this server refuses before any handler sees it."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-        self.message = message
+def error_answer(status: int, message: str) -> bytes:
+    """A refusal the server writes itself (then closes the connection)."""
+    body = json.dumps({"error": message}).encode()
+    return b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nDate: %s\r\n" \
+           b"Connection: close\r\n\r\n%s" % (
+               status, REASONS.get(status, b""), JSON_TYPE, len(body), http_date(), body)
 
 
 class RefusalLog:
@@ -103,277 +89,17 @@ class RefusalLog:
                     " ".join(error.message.split())[:200], more)
 
 
-@mypyc_attr(native_class=False)  # a builtin exception's subclass stays a Python class
-class BodyError(ConnectionError):
-    """The request body cannot be read to its end: malformed framing, or the client left."""
 
-
-_date_second = -1
-_date_value = b""
-
-
-def http_date() -> bytes:
-    """The current time as an HTTP date, made at most once a second."""
-    global _date_second, _date_value
-    now = int(time.time())
-    if now != _date_second:
-        _date_second, _date_value = now, formatdate(now, usegmt=True).encode()
-    return _date_value
-
-
-class Body:
-    """A request body as it arrives; the handler takes it chunk by chunk or whole."""
-
-    __slots__ = ("conn", "chunks", "buffered", "complete", "error", "waiter", "expects_continue",
-                 "discard", "abandoned")
-
-    def __init__(self, conn: "Connection", complete: bool, expects_continue: bool):
-        self.conn = conn
-        self.chunks: deque[bytes] = deque()
-        self.buffered = 0
-        self.complete = complete
-        self.error: BaseException | None = None
-        self.waiter: asyncio.Future[None] | None = None
-        self.expects_continue = expects_continue and not complete
-        self.discard = False  # the answer is done: what still arrives is dropped
-        self.abandoned = False  # the client stalled: close without waiting for the rest
-
-    def feed(self, data: bytes) -> None:
-        if self.discard:
-            return
-        self.chunks.append(data)
-        self.buffered += len(data)
-        if self.buffered > BODY_HIGH_WATER:
-            self.conn.pause_reading()
-        self._wake()
-
-    def finish(self) -> None:
-        self.complete = True
-        self._wake()
-
-    def fail(self, error: BaseException) -> None:
-        if not self.complete:
-            self.error = error
-            self._wake()
-
-    def _wake(self) -> None:
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_result(None)
-
-    def take(self) -> bytes:
-        """Everything buffered so far (b"" when nothing is); reading resumes."""
-        chunks = self.chunks
-        if not chunks:
-            return b""
-        data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
-        chunks.clear()
-        self.buffered = 0
-        self.conn.resume_reading()
-        return data
-
-    async def read(self) -> bytes:
-        """The next bytes of the body (all that is buffered), b"" at its end; ``BodyError`` when
-        it cannot be read to its end."""
-        if self.expects_continue:
-            self.expects_continue = False
-            if not self.complete:
-                self.conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        while not self.chunks:
-            if self.error is not None:
-                raise self.error
-            if self.complete:
-                return b""
-            if self.discard:
-                raise BodyError("the answer went out before the request body was read")
-            self.waiter = self.conn.loop.create_future()
-            try:
-                await self.waiter
-            finally:
-                self.waiter = None
-        return self.take()
-
-
-class Request:
-    """One request's head and body, as the handler sees it."""
-
-    __slots__ = ("method", "target", "version", "raw_headers", "fields", "keep_alive",
-                 "content_length", "chunked", "body", "conn", "reply")
-
-    def __init__(self, conn: "Connection"):
-        self.conn = conn
-        self.method = ""
-        self.target = ""
-        self.version = "1.1"
-        self.raw_headers: list[tuple[bytes, bytes]] = []
-        self.fields: dict[bytes, bytes] = {}  # lower-case name -> first value
-        self.keep_alive = True
-        self.content_length: int | None = None
-        self.chunked = False
-        self.body: Body | None = None  # set with the head: every request served has one
-        self.reply: Reply | None = None  # while it is served
-
-    def header(self, name: bytes) -> str | None:
-        """The first value of a header (``name`` in lower case), or None."""
-        value = self.fields.get(name)
-        return None if value is None else value.decode("latin-1")
-
-    @property
-    def has_body(self) -> bool:
-        return self.chunked or bool(self.content_length)
-
-    @property
-    def path(self) -> str:
-        return self.target.partition("?")[0]
-
-    @property
-    def query_string(self) -> str:
-        return self.target.partition("?")[2]
-
-    @property
-    def remote(self) -> str:
-        return self.conn.peer
-
-    @property
-    def scheme(self) -> str:
-        return self.conn.scheme
-
-    def close_after(self) -> None:
-        """Close the connection after this answer (its body will not be read to the end):
-        what is buffered and what still arrives is dropped."""
-        self.keep_alive = False
-        body = self.body
-        assert body is not None
-        body.discard = True
-        body.chunks.clear()
-        body.buffered = 0
-
-    def give_up(self) -> None:
-        """The body stalled: close right after the answer, without reading the rest."""
-        self.close_after()
-        assert self.body is not None
-        self.body.abandoned = True
-
-
-class Reply:
-    """The answer to one request: written whole, or streamed with a head first (held until the
-    first piece of body or ``flush``, so a stream whose body is already there starts in one
-    write)."""
-
-    __slots__ = ("request", "started", "ended", "chunked", "bodyless", "held")
-
-    def __init__(self, request: Request):
-        self.request = request
-        self.started = False
-        self.ended = False
-        self.chunked = False
-        self.bodyless = False
-        self.held = b""  # a streamed answer's head, not written yet
-
-    def _head(self, status: int, reason: bytes, headers, framing: bytes) -> list[bytes]:
-        request = self.request
-        self.started = True
-        self.bodyless = request.method == "HEAD" or status in BODYLESS_STATUSES \
-            or status < 200
-        lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason or REASONS.get(status, b""))]
-        for name, value in headers:
-            lines += (name, b": ", value, b"\r\n")
-        body = request.body
-        assert body is not None
-        if not body.complete:
-            request.close_after()  # the rest of an unread body is dropped, then we close
-        if not request.keep_alive or request.conn.server.closing:
-            request.keep_alive = False
-            lines.append(b"Connection: close\r\n")
-        elif request.version == "1.0":
-            lines.append(b"Connection: keep-alive\r\n")
-        lines += (framing, b"\r\n")
-        return lines
-
-    def send(self, status: int, headers, body: bytes = b"", reason: bytes = b"") -> None:
-        """The whole answer in one write (``headers``: bytes pairs; framing is added here)."""
-        framing = b"" if status in BODYLESS_STATUSES or status < 200 else \
-            b"Content-Length: %d\r\n" % len(body)
-        lines = self._head(status, reason, headers, framing)
-        if not self.bodyless:
-            lines.append(body)
-        self.ended = True
-        self.request.conn.write(b"".join(lines))
-
-    def send_json(self, status: int, document, headers=()) -> None:
-        body = json.dumps(document).encode()
-        self.send(status, [(b"Content-Type", JSON_TYPE),
-                           (b"Date", http_date()), *headers], body)
-
-    def start(self, status: int, headers, length: int | None, reason: bytes = b"") -> None:
-        """The head of a streamed answer; ``length`` None streams chunked (HTTP/1.1) or until
-        the connection closes (HTTP/1.0)."""
-        if status in BODYLESS_STATUSES or status < 200:
-            framing = b""
-        elif length is not None:
-            framing = b"Content-Length: %d\r\n" % length
-        elif self.request.method == "HEAD":
-            framing = b""
-        elif self.request.version == "1.1":
-            framing = b"Transfer-Encoding: chunked\r\n"
-            self.chunked = True
-        else:
-            framing = b""
-            self.request.keep_alive = False  # the end of the body is the end of the connection
-        self.held = b"".join(self._head(status, reason, headers, framing))
-
-    def flush(self) -> None:
-        """Write the held head now (its body is not there yet)."""
-        if self.held:
-            self.request.conn.write(self.held)
-            self.held = b""
-
-    async def write(self, data: bytes) -> None:
-        """One piece of a streamed body; waits while the client is slow. ConnectionError when
-        the client is gone."""
-        if self.bodyless or not data:
-            return
-        conn = self.request.conn
-        if conn.lost:
-            raise ConnectionResetError("client closed the connection")
-        if self.chunked:
-            data = b"%x\r\n%s\r\n" % (len(data), data)
-        if self.held:
-            data, self.held = self.held + data, b""
-        conn.write(data)
-        await conn.drain()
-
-    def end(self) -> None:
-        if not self.ended:
-            self.ended = True
-            tail = b"0\r\n\r\n" if self.chunked else b""
-            if self.held or tail:
-                self.request.conn.write(self.held + tail)
-                self.held = b""
-
-    def abort(self) -> None:
-        """Cut the connection: the client must not take a broken answer for a whole one."""
-        self.request.keep_alive = False
-        self.request.conn.abort()
-
-
-def error_answer(status: int, message: str) -> bytes:
-    body = json.dumps({"error": message}).encode()
-    return b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nDate: %s\r\n" \
-           b"Connection: close\r\n\r\n%s" % (
-               status, REASONS.get(status, b""), JSON_TYPE, len(body), http_date(), body)
-
-
-class Connection:
+class Connection(FlowControl):
     """One client connection: parses requests and serves them one at a time, in order. (An
-    asyncio protocol by its methods: no base class, so the compiled hot path can make it a
-    native class.)"""
+    asyncio protocol by its methods: no asyncio base class, so the compiled hot path can make it
+    a native class.)"""
 
-    def __init__(self, server: "FrontServer"):
+    def __init__(self, server: FrontServer):
+        super().__init__(server.loop)
         self.server = server
-        self.loop = server.loop
         # None once the connection is lost (it holds our callbacks: a cycle for the GC)
         self.parser: Any = httptools.HttpRequestParser(self)
-        self.transport: asyncio.Transport  # set by connection_made, before anything else
         self.peer = ""
         self.scheme = "http"
         self.parsing: Request | None = None  # the request whose head or body is arriving
@@ -384,10 +110,7 @@ class Connection:
         self.progress = False  # a callback took bytes during the current feed
         self.waiting: deque[Request] = deque()  # heads complete, not yet served
         self.task: asyncio.Task | None = None  # serving the first request in line
-        self.lost = False
         self.refused: HttpError | None = None  # answered once the requests before it are
-        self.reading_paused = False
-        self.writable: asyncio.Future[None] | None = None
         self.idle_since = 0.0
         self.timer: asyncio.TimerHandle | None = None
 
@@ -420,7 +143,7 @@ class Connection:
         view = memoryview(data) if len(data) > HEAD_SLICE else data
         at = 0
         while at < len(data):
-            if self.refused is not None or self.lost:
+            if self.refused is not None or self.closed:
                 return
             if self.reading_paused:
                 self.backlog = bytes(view[at:])
@@ -453,7 +176,7 @@ class Connection:
         return None  # a half-closed client is gone: the transport closes, its request cancels
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = True
+        self.closed = True
         self.parser = None  # it holds our callbacks: without it the connection needs no GC
         self.server.connections.discard(self)
         if self.timer is not None:
@@ -469,18 +192,7 @@ class Connection:
         self.waiting.clear()  # requests point back at us: drop them, no cycle is left behind
         if self.task is not None and not self.task.done():
             self.task.cancel()
-        if self.writable is not None and not self.writable.done():
-            self.writable.set_exception(ConnectionResetError("client closed the connection"))
-            self.writable.exception()
-
-    def pause_writing(self) -> None:
-        if self.writable is None:
-            self.writable = self.loop.create_future()
-
-    def resume_writing(self) -> None:
-        if self.writable is not None and not self.writable.done():
-            self.writable.set_result(None)
-        self.writable = None
+        self.fail_writers(ConnectionResetError("client closed the connection"))
 
     # -- llhttp callbacks ----------------------------------------------------------------------
     def on_message_begin(self) -> None:
@@ -559,7 +271,7 @@ class Connection:
 
     # -- serving -------------------------------------------------------------------------------
     def serve_next(self) -> None:
-        if self.lost:
+        if self.closed:
             return
         if self.waiting:
             self.idle_since = 0.0  # busy: the idle timer lapses, go_idle arms it again
@@ -580,7 +292,7 @@ class Connection:
             if not reply.ended:
                 reply.abort()  # the handler left a stream unfinished: cut, never fake an end
         except asyncio.CancelledError:
-            if self.lost:  # the client went away: nothing left to answer
+            if self.closed:  # the client went away: nothing left to answer
                 return
             raise
         except Exception:
@@ -602,7 +314,7 @@ class Connection:
 
     def finished(self, request: Request) -> None:
         self.task = None
-        if self.lost:
+        if self.closed:
             return
         self.waiting.popleft()
         if not request.keep_alive:
@@ -651,7 +363,7 @@ class Connection:
 
     def check_idle(self) -> None:
         self.timer = None
-        if self.lost or not self.idle_since:
+        if self.closed or not self.idle_since:
             return  # busy: the timer is armed again when the connection is idle
         left = self.idle_since + self.server.keepalive_timeout - self.loop.time()
         if left > 0:
@@ -666,45 +378,39 @@ class Connection:
     # -- transport -----------------------------------------------------------------------------
     def write(self, data: bytes) -> None:
         transport = self.transport
-        if not self.lost and not transport.is_closing():
+        if not self.closed and not transport.is_closing():
             transport.write(data)
 
     async def drain(self) -> None:
         """Wait while the client is slow to take what was written; a client that takes nothing
         for ``write_timeout`` seconds is cut (ConnectionResetError)."""
-        if self.writable is not None:
-            try:
-                async with timeouts.timeout(self.server.write_timeout):
-                    await self.writable
-            except asyncio.TimeoutError:
-                self.abort()
-                raise ConnectionResetError(f"client took nothing for "
-                                           f"{self.server.write_timeout:g}s") from None
-
-    def pause_reading(self) -> None:
-        if not self.reading_paused and not self.lost:
-            self.reading_paused = True
-            self.transport.pause_reading()
+        try:
+            await self.writable_again(self.server.write_timeout)
+        except asyncio.TimeoutError:
+            self.abort()
+            raise ConnectionResetError(f"client took nothing for "
+                                       f"{self.server.write_timeout:g}s") from None
 
     def resume_reading(self) -> None:
-        if self.reading_paused and not self.lost:
+        """Read again, unless a request body is still over the high-water mark or too many
+        requests wait; parse what was held back first."""
+        if self.reading_paused and not self.closed:
             parsing = self.parsing
             if parsing is not None and parsing.body is not None \
-                    and parsing.body.buffered > BODY_HIGH_WATER:
+                    and parsing.body.buffered > HIGH_WATER:
                 return
             if len(self.waiting) > MAX_PIPELINED:
                 return
-            self.reading_paused = False
-            self.transport.resume_reading()
+            super().resume_reading()
             if self.backlog:
                 self.loop.call_soon(self.feed)  # before anything newer arrives
 
     def close(self) -> None:
-        if not self.lost:
+        if not self.closed:
             self.transport.close()
 
     def abort(self) -> None:
-        if not self.lost:
+        if not self.closed:
             self.transport.abort()
 
 

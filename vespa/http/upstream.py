@@ -2,10 +2,10 @@
 
 Hop-by-hop headers are stripped both ways (RFC 9110 §7.6.1 and those named in ``Connection``);
 bodies are relayed raw (no re-encoding, no decompression); streams are relayed chunk by chunk
-with backpressure. Failures before the response starts raise ``ProxyError`` (the caller answers
-502/504/413/408); a backend that breaks after the response started makes us cut the client's
-connection, never fake a clean end; a client that goes away is a cancellation. Request bodies
-are read with an idle timeout (``BodyStalled``). Connections come from ``BackendPool``.
+with backpressure. A backend that fails before the response starts raises ``ProxyError`` (the
+caller answers 502/504); a request body that cannot be read raises what ``body`` raises; a
+backend that breaks after the response started makes us cut the client's connection, never fake
+a clean end; a client that goes away is a cancellation. Connections come from ``BackendPool``.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from time import perf_counter
 
 from yarl import URL
 
-from . import timeouts
-from .backend_pool import (BackendClosed, BackendConnection, BackendPool, BackendResponse,
-                           BackendTimeout, MalformedResponse)
-from .front import BodyError, Reply, Request, http_date
+from .body import SMALL_BODY, BoundedBody, upload
+from .messages import BodyError, Reply, Request, http_date
+from .pool import (BackendClosed, BackendConnection, BackendPool, BackendResponse, BackendTimeout,
+                   MalformedResponse)
 
 HOP_BY_HOP = frozenset({
     b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization",
@@ -31,8 +31,6 @@ _REQUEST_DROP = HOP_BY_HOP | {b"host", b"content-length", b"expect", b"x-forward
 _RELAYED_DROP = HOP_BY_HOP | {b"content-length", b"x-request-id"}
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
-# Bodies up to this size are read whole: one write each way instead of a stream.
-SMALL_BODY = 256 * 1024
 
 
 class Exchange:
@@ -69,8 +67,7 @@ class Exchange:
 
 class ProxyError(Exception):
     """The exchange failed before anything was sent to the client: the backend could not be
-    reached or did not answer (502/504), or the client's body was too large (413) or stalled
-    (408)."""
+    reached, broke off or sent malformed HTTP (502), or did not answer in time (504)."""
 
     def __init__(self, status: int, message: str):
         super().__init__(message)
@@ -78,83 +75,8 @@ class ProxyError(Exception):
         self.message = message
 
 
-class BodyTooLarge(Exception):
-    """The request body grew past the configured limit while it was being streamed."""
-
-
 class UpstreamBroken(Exception):
     """The backend failed after the response had started; the client's connection was cut."""
-
-
-class BodyStalled(Exception):
-    """The client sent nothing of its request body for longer than the body read timeout."""
-
-    def __init__(self, timeout: float):
-        super().__init__(f"the request body stalled: nothing arrived for {timeout:g}s "
-                         "(VESPA_BODY_READ_TIMEOUT); send the whole body without pausing")
-        self.timeout = timeout
-
-
-async def read_chunk(request: Request, timeout: float) -> bytes:
-    """More bytes of the request body (whatever has arrived), b"" at its end. When none arrive
-    for ``timeout`` seconds the connection is given up (closed after the answer, the rest of
-    the body ignored) and ``BodyStalled`` is raised."""
-    body = request.body
-    assert body is not None  # a request is served once its head is whole
-    try:
-        async with timeouts.timeout(timeout):
-            return await body.read()
-    except asyncio.TimeoutError:
-        request.give_up()
-        raise BodyStalled(timeout) from None
-
-
-def arrived_body(request: Request) -> bytes | None:
-    """The whole request body when all of it arrived with the head (taken out), else None."""
-    body = request.body
-    assert body is not None
-    if body.complete and body.error is None and not body.expects_continue:
-        return body.take()
-    return None
-
-
-async def read_body(request: Request, limit: int, idle_timeout: float) -> bytes:
-    """The whole request body, refused past ``limit`` bytes even without a Content-Length;
-    ``BodyStalled`` when the client pauses for ``idle_timeout`` seconds before its end."""
-    whole = arrived_body(request)
-    if whole is not None:  # no timer, no await
-        return whole
-    parts, size = [], 0
-    while chunk := await read_chunk(request, idle_timeout):
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge()
-        parts.append(chunk)
-    return b"".join(parts)
-
-
-class BoundedBody:
-    """A request body streamed upstream chunk by chunk, stopped once it passes ``limit`` or
-    stalls for ``idle_timeout`` seconds."""
-
-    def __init__(self, request: Request, limit: int, idle_timeout: float):
-        self.request = request
-        self.limit = limit
-        self.idle_timeout = idle_timeout
-        self.length = request.content_length
-        self.read = 0
-
-    def __aiter__(self) -> BoundedBody:
-        return self
-
-    async def __anext__(self) -> bytes:  # a class, not an async generator: mypyc has none
-        chunk = await read_chunk(self.request, self.idle_timeout)
-        if not chunk:
-            raise StopAsyncIteration
-        self.read += len(chunk)
-        if self.read > self.limit:
-            raise BodyTooLarge()
-        return chunk
 
 
 def end_to_end(raw_headers: list[tuple[bytes, bytes]], drop: frozenset[bytes]
@@ -245,24 +167,20 @@ class Upstream:
         exchange = exchange if exchange is not None else Exchange()
         pool, reply = self.pool, request.reply
         assert pool is not None and reply is not None
-        upload: bytes | BoundedBody | None = body
-        if upload is None:
-            try:
-                upload = await self._body(request)
-            except BodyStalled as exc:
-                raise ProxyError(408, str(exc)) from None
+        sent = body if body is not None else await upload(request, self.max_body_bytes,
+                                                             self.body_read_timeout)
         target = self.base_path + (path_qs if path_qs is not None else request.target)
-        if isinstance(upload, bytes):
-            framing = b"Content-Length: %d\r\n" % len(upload)
-        elif upload is None:
+        if isinstance(sent, bytes):
+            framing = b"Content-Length: %d\r\n" % len(sent)
+        elif sent is None:
             framing = b"Content-Length: 0\r\n" if request.method in _BODY_METHODS else b""
-        elif upload.length is not None:
-            framing = b"Content-Length: %d\r\n" % upload.length
+        elif sent.length is not None:
+            framing = b"Content-Length: %d\r\n" % sent.length
         else:
             framing = b"Transfer-Encoding: chunked\r\n"
         head = request_head(request, target, self.host_header, request_id, framing)
         exchange.sent_at = perf_counter()
-        conn, response = await self._exchange(request.method, head, upload, exchange)
+        conn, response = await self._exchange(request.method, head, sent, exchange)
         exchange.head_at = perf_counter()
         exchange.status = response.status
         try:
@@ -281,18 +199,6 @@ class Upstream:
             return response.status
         finally:
             pool.release(conn, reusable=True)
-
-    async def _body(self, request: Request) -> bytes | BoundedBody | None:
-        """The request body: bytes when small, else a bounded stream."""
-        if not request.has_body:
-            return None
-        length = request.content_length
-        if length is not None and length <= SMALL_BODY:
-            try:
-                return await read_body(request, self.max_body_bytes, self.body_read_timeout)
-            except BodyError as exc:
-                raise ProxyError(400, f"request body cannot be read: {exc}") from None
-        return BoundedBody(request, self.max_body_bytes, self.body_read_timeout)
 
     async def _exchange(self, method: str, head: bytes, body: bytes | BoundedBody | None,
                         exchange: Exchange) -> tuple[BackendConnection, BackendResponse]:
@@ -333,16 +239,6 @@ class Upstream:
                     continue  # the backend closed an idle keep-alive connection: try a new one
                 raise ProxyError(502, f"backend at {self.base_url} closed the connection "
                                       f"without answering: {closed}") from None
-            except BodyStalled as stalled:  # the backend got part of a body: cut it off
-                pool.release(conn, reusable=False)
-                raise ProxyError(408, str(stalled)) from None
-            except BodyError as broken:  # the client's framing broke mid-upload
-                pool.release(conn, reusable=False)
-                raise ProxyError(400, f"request body cannot be read: {broken}") from None
-            except BodyTooLarge:
-                pool.release(conn, reusable=False)
-                raise ProxyError(413, f"request body exceeds the {self.max_body_bytes}-byte "
-                                      "limit (VESPA_MAX_BODY_BYTES)") from None
             except BackendTimeout:
                 pool.release(conn, reusable=False)
                 raise self._timed_out() from None
@@ -373,7 +269,7 @@ class Upstream:
             transport.write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
             sent += len(chunk)
             conn.last_active = conn.loop.time()  # silence is counted from the end of the upload
-            await conn.drain()  # also returns when the backend answers
+            await conn.writable_again()  # also returns when the backend answers
             if answered.done():
                 # It answered before taking the whole body (e.g. a 413) and may never read the
                 # rest: stop here, relay the answer, and never reuse this connection.

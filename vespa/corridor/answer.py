@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 
-from .front import JSON_TYPE, Request, http_date
+from ..http.messages import JSON_TYPE, Request, http_date
+from .refusal import Refused
 
 
 class Answer:
@@ -37,3 +38,8 @@ def json_error(status: int, message: str, rid: str, headers: dict | None = None,
     answer = json_answer(status, {"error": message, **extra}, headers)
     answer.headers.append(("X-Request-Id", rid))
     return answer
+
+
+def refusal_answer(refused: Refused, rid: str) -> Answer:
+    """The JSON answer to a refused request."""
+    return json_error(refused.status, refused.message, rid, refused.headers, **refused.extra)

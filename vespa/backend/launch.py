@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 
-from .config import REPO_ROOT, Settings
+from ..config import REPO_ROOT, Settings
 from .supervisor import ProcessSpec
 
 

@@ -1,7 +1,6 @@
 """The worker's life: wait for the backend, benchmark it (cached), become ready, watch its health.
 
-``WorkerState`` is what the routes and the reporter read; ``Lifecycle.run`` is the background task
-that moves it along. A start-up failure leaves the worker alive in the errored phase, so the
+``Lifecycle.run`` is the background task that moves the worker's ``state.WorkerState`` along. A start-up failure leaves the worker alive in the errored phase, so the
 reporter keeps telling the autoscaler why (it must not wait in silence).
 """
 
@@ -10,55 +9,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
-from enum import Enum
+from dataclasses import dataclass
 from typing import Callable
 
 import aiohttp
 
+from ..state import Phase, WorkerState
 from .benchmarking import BenchmarkCache, BenchmarkError, cache_key, gpu_name, run_benchmark
 from .logwatch import LogWatch
 
 log = logging.getLogger("vespa.lifecycle")
-
-
-class Phase(str, Enum):
-    LOADING = "loading"
-    BENCHMARKING = "benchmarking"
-    READY = "ready"
-    ERRORED = "errored"
-    DRAINING = "draining"
-
-
-@dataclass
-class WorkerState:
-    phase: Phase = Phase.LOADING
-    error_msg: str = ""
-    backend_healthy: bool = False
-    started_at: float = field(default_factory=time.monotonic)
-    ready_at: float | None = None
-    max_perf: float = 0.0
-    loadtime_unsent: float | None = None  # seconds from start to ready, until reported once
-
-    @property
-    def draining(self) -> bool:
-        return self.phase is Phase.DRAINING
-
-    @property
-    def ready(self) -> bool:
-        """Ready for work: started up, the backend answers its health check, not shutting down."""
-        return self.phase is Phase.READY and self.backend_healthy and not self.error_msg
-
-    def become_ready(self, now: float) -> None:
-        self.phase = Phase.READY
-        self.backend_healthy = True
-        self.ready_at = now
-        self.loadtime_unsent = max(now - self.started_at, 1e-3)
-
-    def fail(self, message: str) -> None:
-        if not self.draining:
-            self.phase = Phase.ERRORED
-        self.error_msg = message
 
 
 class StartupError(RuntimeError):

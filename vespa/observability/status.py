@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import time
 
-from . import HOT_PATH, __version__
-from .admission import Admission
-from .insight import BackendInsight
-from .ledger import Ledger
-from .lifecycle import WorkerState
+from .. import HOT_PATH, __version__
+from ..autoscaler.reporter import Reporter
+from ..backend.insight import BackendInsight
+from ..backend.supervisor import Supervisor
+from ..corridor.admission import Admission
+from ..corridor.ledger import Ledger
+from ..state import WorkerState
 from .records import RequestRecorder
-from .reporter import Reporter
-from .supervisor import Supervisor
 
 HIDDEN_REPORT_FIELDS = frozenset({"mtoken"})
 

@@ -21,6 +21,8 @@ from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.utils import floatToGoString
 
+from ..corridor.refusal import Reason
+
 log = logging.getLogger("vespa.metrics")
 
 DEFAULT_ROUTES: tuple[str, ...] = (
@@ -42,9 +44,6 @@ DEFAULT_ROUTES: tuple[str, ...] = (
 OTHER_ROUTE = "other"
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 OTHER_METHOD = "OTHER"
-REJECT_REASONS = ("overload", "queue_timeout", "backend_queue", "signature", "body_size",
-                  "body_stalled", "body_malformed", "blocked", "draining", "envelope",
-                  "target")
 REPORT_KINDS = ("worker_status", "delete_requests")
 # Upstream latency spans a 1 ms health check to a minutes-long generation.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -106,7 +105,7 @@ class Metrics:
         self.routes = tuple(routes)
         self.route_cache: dict[str, str] = {}
         self.requests: dict[tuple[str, str, int], int] = {}
-        self.rejections = {reason: 0 for reason in REJECT_REASONS}
+        self.rejections = {reason: 0 for reason in Reason}
         self.reports = {(kind, ok): 0 for kind in REPORT_KINDS for ok in (True, False)}
         self.backend_restarts = 0
         self.bytes_in = 0
@@ -147,13 +146,9 @@ class Metrics:
         self.bytes_in += bytes_in
         self.bytes_out += bytes_out
 
-    def rejected(self, reason: str) -> None:
-        """A request refused before reaching the backend; reason is one of REJECT_REASONS."""
-        rejections = self.rejections
-        if reason in rejections:
-            rejections[reason] += 1
-        else:
-            rejections["other"] = rejections.get("other", 0) + 1
+    def rejected(self, reason: Reason) -> None:
+        """A request the worker answered itself (``corridor.refusal``), by its reason."""
+        self.rejections[reason] += 1
 
     def report(self, kind: str, ok: bool) -> None:
         """One report to the autoscaler sent (ok) or given up on (failed)."""
@@ -214,10 +209,10 @@ class MetricsCollector:
             value = read_gauge(name, source)
             if value is not None:
                 yield GaugeMetricFamily(name, text, value=value)
-        rejected = CounterMetricFamily("vespa_rejected", "Requests refused, by reason.",
-                                       labels=["reason"])
+        rejected = CounterMetricFamily("vespa_rejected", "Requests the worker answered itself "
+                                       "instead of the backend, by reason.", labels=["reason"])
         for reason, count in list(m.rejections.items()):
-            rejected.add_metric([reason], count)
+            rejected.add_metric([reason.value], count)
         yield rejected
         for name, histogram, text in (
                 ("vespa_upstream_latency_seconds", m.upstream_latency,

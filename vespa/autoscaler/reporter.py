@@ -14,9 +14,9 @@ from typing import Callable
 import aiohttp
 import psutil
 
-from . import __version__
-from .ledger import FinishedRequest, Ledger
-from .lifecycle import WorkerState
+from .. import __version__
+from ..corridor.ledger import FinishedRequest, Ledger
+from ..state import WorkerState
 
 log = logging.getLogger("vespa.reporter")
 NO_DELETE_ADDR = "https://cloud.vast.ai/api/v0"  # takes worker_status, not delete_requests

@@ -1,40 +1,17 @@
-"""One request's walk through the worker: what metrics and request records need of it.
-
-A ``Visit`` is filled in along the corridor (envelope, admission, upstream exchange) and read
-once when the request is answered; ``record_entry`` turns it into a request record's raw entry.
-"""
+"""A request record's raw entry, made from the request and its visit through the corridor
+(``records.RequestRecorder`` redacts, caps and writes it off the event loop)."""
 
 from __future__ import annotations
 
 import re
 import time
 
-from .answer import Answer
-from .envelope import PASSTHROUGH, Envelope
-from .front import Request
-from .ledger import Outcome
-from .proxy import Exchange
+from ..corridor.visit import Visit
+from ..http.messages import Request
 from .records import REDACTED
 
-CLIENT_CLOSED = 499  # nginx's code for "client closed the request"
 # a signature sent as a query parameter (GET auth), e.g. in a request refused before it was parsed
 QUERY_SIGNATURE = re.compile(r"(?i)((?:^|&)serverless_signature=)[^&]*")
-
-
-class Visit:
-    __slots__ = ("rid", "record", "received_at", "started_at", "envelope", "exchange",
-                 "status", "outcome", "response")
-
-    def __init__(self, rid: str, record: bool, capture: int):
-        self.rid = rid
-        self.record = record  # a request record is wanted
-        self.received_at = time.time()
-        self.started_at: float | None = None
-        self.envelope: Envelope = PASSTHROUGH
-        self.exchange = Exchange(capture if record else None)
-        self.status = CLIENT_CLOSED  # until something is answered
-        self.outcome: Outcome | None = None  # None: refused before admission
-        self.response: Answer | None = None  # the worker's own answer; None: relayed
 
 
 def header(pairs, name: str) -> str | None:

@@ -12,6 +12,8 @@ import math
 from collections import deque
 from dataclasses import dataclass
 
+from .refusal import Reason
+
 
 @dataclass(eq=False, slots=True)
 class Ticket:
@@ -26,7 +28,7 @@ class Ticket:
 class Rejection:
     """Why a request was turned away and when the client should try again."""
 
-    reason: str
+    reason: Reason
     retry_after: int
     message: str
 
@@ -80,7 +82,7 @@ class Admission:
         if wait is not None and wait > self.max_wait_time:
             retry_after = max(1, math.ceil(wait - self.max_wait_time))
             return Rejection(
-                "overload", retry_after,
+                Reason.OVERLOAD, retry_after,
                 f"worker overloaded: estimated wait {wait:.1f}s exceeds the "
                 f"{self.max_wait_time:g}s limit; retry in {retry_after}s")
         ticket = Ticket(workload)
@@ -119,6 +121,6 @@ class Admission:
         """The rejection for a request that waited in line for the whole max wait time."""
         retry_after = max(1, math.ceil(self.estimated_wait() or self.max_wait_time))
         return Rejection(
-            "queue_timeout", retry_after,
+            Reason.QUEUE_TIMEOUT, retry_after,
             f"worker busy: request waited {self.max_wait_time:g}s in line without starting; "
             f"retry in {retry_after}s")

@@ -6,15 +6,14 @@ handler sets) and replace each configured secret with a short prefix, so tokens 
 
 from __future__ import annotations
 
-import contextvars
 import json
 import logging
 import sys
 import time
 from typing import IO, Iterable
 
-current_request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "current_request_id", default=None)
+from ..corridor.request_ids import current_request_id
+
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s%(request_tag)s: %(message)s"
 MIN_SECRET_LENGTH = 4  # shorter values would garble every log line; nothing real is that short

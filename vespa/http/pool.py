@@ -17,8 +17,7 @@ from typing import Any
 import httptools
 from mypy_extensions import mypyc_attr
 
-HIGH_WATER = 256 * 1024
-LOW_WATER = 64 * 1024
+from .flow import FlowControl, Inbound
 
 
 @mypyc_attr(native_class=False)  # a builtin exception's subclass stays a Python class
@@ -36,43 +35,29 @@ class MalformedResponse(ConnectionError):
     """The backend's bytes are not valid HTTP."""
 
 
-class BackendResponse:
+class BackendResponse(Inbound):
     """One response as it arrives: head first, then body chunks until done or failed."""
 
-    __slots__ = ("conn", "status", "reason", "raw_headers", "head_only", "head", "chunks",
-                 "buffered", "waiter", "done", "error", "received_any", "keep_alive",
-                 "interim")
+    __slots__ = ("conn", "status", "reason", "raw_headers", "head_only", "head", "done", "error",
+                 "received_any", "keep_alive", "interim")
 
-    def __init__(self, conn: "BackendConnection", head_only: bool):
+    def __init__(self, conn: BackendConnection, head_only: bool):
+        super().__init__(conn)
         self.conn = conn
         self.status = 0
         self.reason = b""
         self.raw_headers: list[tuple[bytes, bytes]] = []
         self.head_only = head_only
         self.head: asyncio.Future[None] = conn.loop.create_future()
-        self.chunks: deque[bytes] = deque()
-        self.buffered = 0
-        self.waiter: asyncio.Future[None] | None = None
         self.done = False
         self.error: BaseException | None = None
         self.received_any = False
         self.keep_alive = False
         self.interim = False
 
-    def _wake(self) -> None:
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_result(None)
-
-    def feed(self, chunk: bytes) -> None:
-        self.chunks.append(chunk)
-        self.buffered += len(chunk)
-        if self.buffered > HIGH_WATER:
-            self.conn.pause_reading()
-        self._wake()
-
     def finish(self) -> None:
         self.done = True
-        self._wake()
+        self.wake()
 
     def fail(self, error: BaseException) -> None:
         if self.done:
@@ -81,7 +66,7 @@ class BackendResponse:
         if not self.head.done():
             self.head.set_exception(error)
             self.head.exception()  # mark retrieved: the caller may already be gone
-        self._wake()
+        self.wake()
 
     async def next_chunk(self) -> bytes | None:
         """All body bytes that arrived so far (at least one chunk), or None at the end.
@@ -94,25 +79,14 @@ class BackendResponse:
                 raise self.error
             if self.done:
                 return None
-            self.waiter = self.conn.loop.create_future()
-            await self.waiter
-            self.waiter = None
-        return self._take()
+            await self.arrival()
+        return self.take()
 
     def take_all(self) -> bytes | None:
         """The whole body when it has all arrived (taken out), else None."""
         if not self.done or self.error is not None:
             return None
-        return self._take()
-
-    def _take(self) -> bytes:
-        """What is buffered, taken out; reading resumes."""
-        chunks = self.chunks
-        data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
-        chunks.clear()
-        self.buffered = 0
-        self.conn.resume_reading()
-        return data
+        return self.take()
 
     async def read_all(self) -> bytes:
         parts = []
@@ -127,21 +101,17 @@ def ends_at_close(response: BackendResponse) -> bool:
     return b"content-length" not in names and b"transfer-encoding" not in names
 
 
-class BackendConnection:
+class BackendConnection(FlowControl):
     """One keep-alive connection; carries one request at a time. (An asyncio protocol by its
-    methods: no base class, so the compiled hot path can make it a native class.)"""
+    methods: no asyncio base class, so the compiled hot path can make it a native class.)"""
 
-    def __init__(self, pool: "BackendPool"):
+    def __init__(self, pool: BackendPool):
+        super().__init__(pool.loop)
         self.pool = pool
-        self.loop = pool.loop
-        self.transport: asyncio.Transport  # set by connection_made, before anything else
         # None once the connection is lost (it holds our callbacks: a cycle for the GC)
         self.parser: Any = httptools.HttpResponseParser(self)
         self.response: BackendResponse | None = None  # the request in progress
-        self.closed = False
         self.reused = False
-        self.reading_paused = False
-        self.writable: asyncio.Future[None] | None = None
         self.last_active = 0.0
         self.timer: asyncio.TimerHandle | None = None
 
@@ -176,19 +146,9 @@ class BackendConnection:
             else:
                 response.fail(BackendClosed("backend closed the connection"
                                             + (f": {exc}" if exc else "")))
-        if self.writable is not None and not self.writable.done():
-            self.writable.set_exception(BackendClosed("backend closed the connection"))
-            self.writable.exception()
+        self.fail_writers(BackendClosed("backend closed the connection"))
         self.pool.forget(self)
         self.parser = None  # it holds our callbacks: without it the connection needs no GC
-
-    def pause_writing(self) -> None:
-        self.writable = self.loop.create_future()
-
-    def resume_writing(self) -> None:
-        if self.writable is not None and not self.writable.done():
-            self.writable.set_result(None)
-        self.writable = None
 
     # -- llhttp callbacks (only while a response is expected: data_received checks) ------------
     def on_status(self, status: bytes) -> None:
@@ -219,15 +179,14 @@ class BackendConnection:
         response.keep_alive = self.parser.should_keep_alive()
         response.received_any = True
         response.head.set_result(None)
-        if self.writable is not None and not self.writable.done():
-            self.writable.set_result(None)  # an upload waiting to write sees the answer now
+        self.release_writers()  # an upload waiting to write sees the answer now
         if response.head_only:
             response.finish()
 
     def on_body(self, body: bytes) -> None:
         response = self.response
         assert response is not None
-        response.feed(body)
+        response.push(body)
 
     def on_message_complete(self) -> None:
         response = self.response
@@ -239,16 +198,6 @@ class BackendConnection:
         response.finish()
 
     # -- helpers -------------------------------------------------------------------------------
-    def pause_reading(self) -> None:
-        if not self.reading_paused and not self.closed:
-            self.reading_paused = True
-            self.transport.pause_reading()
-
-    def resume_reading(self) -> None:
-        if self.reading_paused and not self.closed:
-            self.reading_paused = False
-            self.transport.resume_reading()
-
     def start(self, head_only: bool, read_timeout: float) -> BackendResponse:
         response = self.response = BackendResponse(self, head_only)
         self.last_active = self.loop.time()
@@ -278,10 +227,6 @@ class BackendConnection:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-
-    async def drain(self) -> None:
-        if self.writable is not None:
-            await self.writable
 
     def close(self) -> None:
         if not self.closed:

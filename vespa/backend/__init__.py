@@ -1,0 +1,2 @@
+"""The model server behind the worker: launch, supervise, watch its log and health, benchmark
+it (cached), read vLLM's own queue. Never touches a request."""

@@ -1,0 +1,129 @@
+"""The doorway: what a request must pass before it counts as load, each "no" a ``Refused``.
+
+Its envelope is opened (the body read only when it may be one; 413 400 408 422), its signature
+checked (503 while there is no key, 401), and the door refuses what the worker will not take
+(503 draining, 403 a blocked path). Nothing here touches the ledger.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import re
+from typing import Protocol
+
+from ..http.body import arrived_body, check_length, is_small, read_body
+from ..http.messages import Request
+from ..http.target import path_of, spellings
+from .auth import PublicKey, ReplayWindow, verify
+from .envelope import BODY_METHODS, PASSTHROUGH, Envelope, EnvelopeError, open_envelope
+from .refusal import BODY_ERRORS, Reason, Refused, refused_body
+from .visit import Visit
+
+access_log = logging.getLogger("vespa.access")
+
+
+class KeySource(Protocol):
+    """The autoscaler's public key, as the key ring keeps it."""
+
+    key: PublicKey | None
+
+    async def refresh_after_failure(self) -> bool: ...
+
+
+def compile_patterns(patterns: tuple[str, ...]) -> re.Pattern | None:
+    if not patterns:
+        return None
+    return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns))
+
+
+class Doorway:
+    def __init__(self, *, unsecured: bool, max_body_bytes: int, body_read_timeout: float,
+                 signature_scheme: str, public_url: str | None, replay_window: int,
+                 blocked_paths: tuple[str, ...]):
+        self.unsecured = unsecured
+        self.max_body_bytes = max_body_bytes
+        self.body_read_timeout = body_read_timeout
+        self.signature_scheme = signature_scheme
+        self.public_url = public_url or None
+        self.replay = ReplayWindow(replay_window)
+        self.blocked = compile_patterns(blocked_paths)
+        self.keys: KeySource | None = None  # set in signed mode, once the key ring exists
+
+    # -- the envelope --------------------------------------------------------------------------
+    async def open(self, request: Request, target: str | None) -> Envelope:
+        """The envelope of ``request`` as sent to the origin-form ``target``; reads the body
+        only when it may be one. An absolute-form target (``http://host/path``) is opened and
+        forwarded as its path and query (``target``)."""
+        try:
+            check_length(request, self.max_body_bytes)
+            if target is None:  # e.g. OPTIONS * or CONNECT host:port: nothing to forward
+                raise Refused(Reason.TARGET, f"request target {request.target[:200]!r} has no "
+                                             "path: send /path?query")
+            envelope = self.open_without_body(request, target)
+            if envelope is None:  # the body may be an envelope: read it (usually all here)
+                body = arrived_body(request)
+                if body is None:
+                    body = await read_body(request, self.max_body_bytes, self.body_read_timeout)
+                envelope = open_envelope(request.method, target, body, unsecured=self.unsecured)
+                if envelope is PASSTHROUGH:
+                    envelope = Envelope(None, body=body)
+        except EnvelopeError as invalid:
+            raise Refused(Reason.ENVELOPE, str(invalid), problems=invalid.problems) from None
+        except BODY_ERRORS as unreadable:
+            raise refused_body(unreadable) from None
+        if envelope.path_qs is None and target != request.target:
+            envelope = envelope._replace(path_qs=target)
+        return envelope
+
+    def open_without_body(self, request: Request, target: str) -> Envelope | None:
+        """The envelope when the body cannot be one (no body, a method without an envelope
+        body, or in dev mode a large or streamed body); None when the body must be read."""
+        unsecured = self.unsecured
+        if request.method not in BODY_METHODS:
+            if unsecured and "serverless_" not in target:
+                return PASSTHROUGH
+            return open_envelope(request.method, target, None, unsecured=unsecured)
+        if not request.has_body:
+            return open_envelope(request.method, target, None, unsecured=unsecured)
+        if unsecured and not is_small(request):
+            return PASSTHROUGH  # a large or streamed body is never an envelope in dev mode
+        return None
+
+    # -- the signature -------------------------------------------------------------------------
+    async def check_signature(self, envelope: Envelope) -> None:
+        """``Refused`` unless the envelope is signed right (or the worker runs unsecured)."""
+        auth_data = envelope.auth_data
+        if auth_data is None or self.unsecured:
+            return
+        keys = self.keys
+        if keys is None or keys.key is None:
+            raise Refused(Reason.NO_KEY, "worker has not loaded the autoscaler's public key "
+                                         "yet; route the request again shortly")
+        verdict = verify(auth_data, keys.key, self.signature_scheme,
+                         expected_url=self.public_url, replay=self.replay)
+        if not verdict.ok and verdict.scheme is None and await keys.refresh_after_failure():
+            verdict = verify(auth_data, keys.key, self.signature_scheme,
+                             expected_url=self.public_url, replay=self.replay)
+        if not verdict.ok:
+            raise Refused(Reason.SIGNATURE, verdict.reason)
+
+    # -- the door ------------------------------------------------------------------------------
+    def refusal(self, target: str | None, draining: bool) -> Refused | None:
+        """Why a request signed right is turned away at the door, or None to let it in."""
+        if draining:
+            return Refused(Reason.DRAINING, "worker is shutting down; send the request to "
+                                            "another worker", {"Retry-After": "1"})
+        if self.blocked is not None and target is not None \
+                and any(map(self.blocked.match, spellings(target))):
+            return Refused(Reason.BLOCKED, f"path {path_of(target)} is blocked on this worker "
+                                           "(VESPA_BLOCKED_PATHS)")
+        return None
+
+
+def log_access(request: Request, visit: Visit) -> None:
+    """One access-log line (VESPA_LOG_LEVEL=DEBUG turns the logger on)."""
+    if access_log.isEnabledFor(logging.INFO):
+        access_log.info('%s "%s %s HTTP/%s" %d %d', request.remote, request.method,
+                        request.target[:200], request.version, visit.status,
+                        visit.exchange.bytes_out)

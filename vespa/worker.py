@@ -1,0 +1,258 @@
+"""Assembly: the worker's rooms built from its settings, and its life in four steps.
+
+``Worker(settings)`` builds the corridor, the upstream, the metrics and the own routes (no IO);
+``start`` starts the background rooms (key ring, reporter, backend, its insight and lifecycle);
+``listen`` opens the public socket; ``drain`` refuses new work and lets what is in flight finish;
+``stop`` closes the socket, the connections and every room, telling the autoscaler last.
+``main.serve`` runs them in that order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+
+import aiohttp
+
+from .autoscaler.keyring import KeyRing
+from .autoscaler.reporter import Identity, Reporter
+from .backend.insight import BackendInsight
+from .backend.launch import backend_process
+from .backend.lifecycle import Lifecycle, StartupPlan
+from .backend.logwatch import LogWatch
+from .backend.supervisor import Supervisor
+from .config import Settings
+from .corridor.admission import Admission
+from .corridor.doorway import Doorway
+from .corridor.gate import Gate
+from .corridor.handler import Corridor
+from .corridor.ledger import Ledger
+from .corridor.visit import Visit
+from .http.messages import Request
+from .http.server import FrontServer
+from .http.upstream import Upstream
+from .observability.metrics import DEFAULT_ROUTES, Metrics
+from .observability.recording import record_entry
+from .observability.records import RequestRecorder
+from .observability.routes import OwnRoutes
+from .observability.status import worker_status
+from .state import Phase, WorkerState
+
+log = logging.getLogger("vespa")
+
+
+class Worker:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.state = WorkerState()
+        self.ledger = Ledger()
+        self.admission = Admission(settings.concurrency_limit, settings.max_wait_time,
+                                   settings.max_throughput)
+        self.upstream = Upstream(settings.backend_url,
+                                 connection_limit=settings.connection_limit,
+                                 connect_timeout=settings.connect_timeout,
+                                 request_timeout=settings.request_timeout,
+                                 max_body_bytes=settings.max_body_bytes,
+                                 body_read_timeout=settings.body_read_timeout)
+        self.background: list[asyncio.Task] = []
+        self.session: aiohttp.ClientSession | None = None  # control plane: health, reports
+        self.keyring: KeyRing | None = None
+        self.reporter: Reporter | None = None
+        self.supervisor: Supervisor | None = None
+        self.insight: BackendInsight | None = None
+        self.server: FrontServer | None = None
+        self.listener: asyncio.Server | None = None
+        self.metrics = Metrics(settings.metrics_routes or DEFAULT_ROUTES,
+                               in_flight=lambda: len(self.ledger.in_flight),
+                               queued=lambda: self.admission.queued,
+                               estimated_wait=lambda: self.admission.estimated_wait() or 0.0,
+                               throughput=lambda: self.admission.max_throughput or 0.0)
+        self.recorder: RequestRecorder | None = None
+        if settings.request_log_dir:
+            self.recorder = RequestRecorder(
+                settings.request_log_dir, max_body_bytes=settings.request_log_max_body_bytes,
+                retention_hours=settings.request_log_retention_hours,
+                cleanup_interval=settings.request_log_cleanup_interval,
+                max_per_second=settings.request_log_max_per_second or None)
+        self.own_routes = OwnRoutes(self.state, self.metrics, self.status, self.recorder,
+                                    settings.logs_token, settings.request_log_retention_hours)
+        self.doorway = Doorway(unsecured=settings.unsecured,
+                               max_body_bytes=settings.max_body_bytes,
+                               body_read_timeout=settings.body_read_timeout,
+                               signature_scheme=settings.signature_scheme,
+                               public_url=settings.public_url,
+                               replay_window=settings.replay_window,
+                               blocked_paths=settings.blocked_paths)
+        self.corridor = Corridor(self.doorway, self.ledger, self.admission,
+                                 Gate(self.admission), self.upstream, self.metrics, self.state,
+                                 self.own_routes, settings.default_cost)
+        if self.recorder is not None:
+            self.corridor.wants_record = self.recorder.wanted
+            self.corridor.record = self.keep_record
+            self.corridor.capture = settings.request_log_max_body_bytes
+        if settings.admit_on_backend_queue:
+            self.corridor.backend_queue_full = self.backend_queue_full
+
+    # -- what the rooms ask of each other ------------------------------------------------------
+    def status(self) -> dict:
+        """The document of GET /_vespa/status."""
+        return worker_status(
+            state=self.state, admission=self.admission, ledger=self.ledger,
+            backend_url=self.settings.backend_url, backend=self.settings.backend,
+            reporter=self.reporter, supervisor=self.supervisor, insight=self.insight,
+            recorder=self.recorder)
+
+    def keep_record(self, request: Request, visit: Visit, ttfb: float | None) -> None:
+        assert self.recorder is not None  # set as the corridor's recorder only then
+        self.recorder.record(record_entry(request, visit, ttfb))
+
+    def backend_queue_full(self) -> str | None:
+        """With VESPA_ADMIT_ON_BACKEND_QUEUE: why vLLM's own waiting queue is too long."""
+        limit = self.settings.backend_queue_limit
+        if self.insight is None or not self.insight.overloaded(limit):
+            return None
+        return (f"backend's own queue is full ({self.insight.waiting} waiting, limit {limit}, "
+                "VESPA_BACKEND_QUEUE_LIMIT); retry in 1s")
+
+    # -- life ----------------------------------------------------------------------------------
+    def spawn(self, coroutine, name: str) -> None:
+        self.background.append(asyncio.create_task(coroutine, name=name))
+
+    async def start(self) -> None:
+        """Start every background room; the backend is launched when the settings say so."""
+        settings = self.settings
+        await self.upstream.start()
+        self.session = aiohttp.ClientSession()
+        if self.recorder is not None:
+            self.recorder.start()
+            log.info("request records: writing to %s (up to %g a second)",
+                     self.recorder.directory, settings.request_log_max_per_second)
+        if settings.backend == "vllm" or settings.admit_on_backend_queue:
+            self.insight = BackendInsight(settings.backend_url + "/metrics", self.session,
+                                          interval=settings.insight_interval)
+            self.spawn(self.insight.run(), "insight")
+        if settings.report_addrs and not settings.unsecured:
+            self.keyring = self.doorway.keys = KeyRing(settings.report_addrs, self.session)
+            self.spawn(self.keyring.run(), "pubkey")
+        if settings.report_addrs:
+            if settings.container_id is None:
+                log.warning("no CONTAINER_ID: not on a Vast instance, reporting as worker 0")
+            identity = Identity(settings.container_id or 0, settings.master_token,
+                                settings.public_url)
+            self.reporter = Reporter(settings.report_addrs, identity, self.ledger, self.state,
+                                     self.session, interval=settings.report_interval,
+                                     max_interval=settings.report_max_interval,
+                                     delete_format=settings.delete_requests_format,
+                                     on_report=self.metrics.report)
+            self.spawn(self.reporter.run(), "reporter")
+        else:
+            log.info("dev mode: no REPORT_ADDR, nothing is reported to an autoscaler")
+        if settings.unsecured:
+            log.warning("unsecured: requests are not signature-checked (VESPA_UNSECURED)")
+        if settings.backend is not None:
+            await self.launch_backend()
+        self.spawn(self.lifecycle().run(), "lifecycle")
+
+    async def listen(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None,
+                     backlog: int = 2048) -> None:
+        """Serve the corridor on ``host:port`` (TLS with ``ssl_context``)."""
+        settings = self.settings
+        self.server = FrontServer(self.corridor.dispatch,
+                                  keepalive_timeout=settings.keepalive_timeout,
+                                  write_timeout=settings.request_timeout)
+        loop = asyncio.get_running_loop()
+        self.listener = await loop.create_server(
+            self.server, host, port, ssl=ssl_context, backlog=backlog,  # type: ignore[arg-type]
+            reuse_address=True)
+
+    async def drain(self) -> None:
+        """Refuse new work, let what is in flight finish (up to the drain timeout)."""
+        self.state.phase = Phase.DRAINING
+        in_flight = len(self.ledger.in_flight)
+        log.info("draining: %d request(s) in flight, waiting up to %gs", in_flight,
+                 self.settings.drain_timeout)
+        if in_flight:
+            try:
+                await asyncio.wait_for(self.corridor.idle.wait(), self.settings.drain_timeout)
+            except asyncio.TimeoutError:
+                log.warning("drain timeout: %d request(s) still in flight are cut",
+                            len(self.ledger.in_flight))
+
+    async def stop(self, shutdown_timeout: float = 1.0) -> None:
+        """Close the socket and the connections, then every room; the last report goes out."""
+        if self.listener is not None:
+            self.listener.close()
+        if self.server is not None:
+            self.server.pre_shutdown()
+            await self.server.shutdown(shutdown_timeout)
+        if self.listener is not None:
+            await self.listener.wait_closed()
+        if self.supervisor is not None:
+            await self.supervisor.stop()
+        for task in self.background:
+            task.cancel()
+        await asyncio.gather(*self.background, return_exceptions=True)
+        if self.reporter is not None:
+            await self.final_report()
+        if self.recorder is not None:
+            await self.recorder.stop()
+        await self.upstream.close()
+        if self.session is not None:
+            await self.session.close()
+
+    async def final_report(self, timeout: float = 5.0) -> None:
+        """Tell the autoscaler about the last finished requests before the process ends."""
+        reporter = self.reporter
+        assert reporter is not None
+        try:
+            await asyncio.wait_for(asyncio.gather(reporter.report_finished(),
+                                                  reporter.report_status(force=True)),
+                                   timeout)
+        except asyncio.TimeoutError:
+            log.warning("final report to the autoscaler timed out")
+
+    # -- the backend ---------------------------------------------------------------------------
+    async def launch_backend(self) -> None:
+        spec, problem = await backend_process(self.settings)
+        if problem is not None:
+            self.state.fail(problem)
+            log.error(problem)
+            return
+        assert self.settings.backend_log is not None  # config sets it for a launched backend
+        self.supervisor = Supervisor(spec, self.settings.backend_log,
+                                     restarts=self.settings.backend_restarts,
+                                     on_exit=self.state.fail,
+                                     on_restart=self.metrics.backend_restart)
+        self.spawn(self.supervisor.run(), "supervisor")
+
+    def lifecycle(self) -> Lifecycle:
+        settings = self.settings
+        watch = None
+        if settings.backend_log:
+            watch = LogWatch(settings.backend_log, settings.backend_log_ready,
+                             settings.backend_log_error)
+        plan = StartupPlan(
+            backend_url=settings.backend_url,
+            health_url=settings.backend_url + settings.healthcheck_endpoint,
+            ready_timeout_initial=settings.ready_timeout_initial,
+            ready_timeout_resume=settings.ready_timeout_resume,
+            benchmark=settings.benchmark, benchmark_timeout=settings.benchmark_timeout,
+            benchmark_identity=settings.benchmark_identity, cache_path=settings.benchmark_cache,
+            fixed_throughput=settings.max_throughput,
+            throughput_required=bool(settings.report_addrs), log_watch=watch,
+            poll_interval=min(1.0, settings.healthcheck_interval),
+            health_interval=settings.healthcheck_interval,
+            failures_to_error=settings.healthcheck_failures)
+
+        def set_throughput(throughput: float) -> None:
+            self.admission.max_throughput = throughput
+
+        def wake_reporter() -> None:
+            if self.reporter is not None:
+                self.reporter.wake.set()
+
+        assert self.session is not None  # made by start
+        return Lifecycle(plan, self.state, self.session,
+                         key_ready=self.keyring.ready if self.keyring else None,
+                         on_throughput=set_throughput, on_change=wake_reporter)
