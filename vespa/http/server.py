@@ -30,64 +30,24 @@ socket and TLS); its ``pre_shutdown``/``shutdown`` stop it gracefully.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import socket
-import time
 from collections import deque
 from typing import Any
 
 import httptools
 
 from .flow import HIGH_WATER, FlowControl
-from .messages import (JSON_TYPE, REASONS, Body, BodyError, HttpError, Reply, Request,
-                       http_date)
+from .limits import (MAX_FIELDS, MAX_HEAD, MAX_TARGET, SINGLETON_FIELDS, RefusalLog,
+                     error_answer)
+from .messages import Body, BodyError, HttpError, Reply, Request
 
 log = logging.getLogger("vespa.front")
 
-MAX_TARGET = 8190
-MAX_HEAD = 64 * 1024
-MAX_FIELDS = 128
 MAX_PIPELINED = 16
 FEED_SLICE = 16 * 1024  # bytes handed to llhttp at a time, so a pause takes effect between them
 HEAD_SLICE = 1024  # ... outside bodies: one slice holds only a few dozen request heads
 LINGER_SECONDS = 10.0
-# repeated, these make a request ambiguous (which Host? which length?): refused, as aiohttp does
-SINGLETON_FIELDS = frozenset({
-    b"content-length", b"content-location", b"content-range", b"content-type", b"etag",
-    b"host", b"max-forwards", b"server", b"transfer-encoding", b"user-agent",
-})
-
-
-def error_answer(status: int, message: str) -> bytes:
-    """A refusal the server writes itself (then closes the connection)."""
-    body = json.dumps({"error": message}).encode()
-    return b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nDate: %s\r\n" \
-           b"Connection: close\r\n\r\n%s" % (
-               status, REASONS.get(status, b""), JSON_TYPE, len(body), http_date(), body)
-
-
-class RefusalLog:
-    """Requests refused as malformed are the client's fault: at most one WARNING line per
-    ``interval`` seconds, with how many there were, so a hostile client cannot flood the log."""
-
-    def __init__(self, interval: float = 60.0):
-        self.interval = interval
-        self.next_at = 0.0
-        self.suppressed = 0
-
-    def note(self, peer: str, error: HttpError) -> None:
-        now = time.monotonic()
-        if now < self.next_at:
-            self.suppressed += 1
-            return
-        self.next_at = now + self.interval
-        more = (f" ({self.suppressed} more in the last {self.interval:g}s)"
-                if self.suppressed else "")
-        self.suppressed = 0
-        log.warning("refused a malformed request from %s: %d %s%s", peer, error.status,
-                    " ".join(error.message.split())[:200], more)
-
 
 
 class Connection(FlowControl):
