@@ -17,7 +17,7 @@ from ..http.messages import Request
 from ..http.target import path_of, spellings
 from .auth import PublicKey, ReplayWindow, verify
 from .envelope import BODY_METHODS, PASSTHROUGH, Envelope, EnvelopeError, open_envelope
-from .refusal import BODY_ERRORS, Reason, Refused, refused_body
+from .refusal import BODY_ERRORS, Reason, Refused, refusal_for
 from .visit import Visit
 
 access_log = logging.getLogger("vespa.access")
@@ -71,7 +71,7 @@ class Doorway:
         except EnvelopeError as invalid:
             raise Refused(Reason.ENVELOPE, str(invalid), problems=invalid.problems) from None
         except BODY_ERRORS as unreadable:
-            raise refused_body(unreadable) from None
+            raise refusal_for(unreadable) from None
         if envelope.path_qs is None and target != request.target:
             envelope = envelope._replace(path_qs=target)
         return envelope
@@ -91,11 +91,14 @@ class Doorway:
         return None
 
     # -- the signature -------------------------------------------------------------------------
+    def must_verify(self, envelope: Envelope) -> bool:
+        """The envelope carries auth data and the worker checks signatures."""
+        return envelope.auth_data is not None and not self.unsecured
+
     async def check_signature(self, envelope: Envelope) -> None:
-        """``Refused`` unless the envelope is signed right (or the worker runs unsecured)."""
+        """``Refused`` unless the envelope is signed right (``must_verify`` said to check)."""
         auth_data = envelope.auth_data
-        if auth_data is None or self.unsecured:
-            return
+        assert auth_data is not None
         keys = self.keys
         if keys is None or keys.key is None:
             raise Refused(Reason.NO_KEY, "worker has not loaded the autoscaler's public key "

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 
 from ..http.messages import Request
 from ..http.target import origin_form, path_of
-from ..http.upstream import ProxyError, Upstream, UpstreamBroken
+from ..http.upstream import Upstream, UpstreamBroken
 from ..observability.metrics import Metrics
 from ..state import WorkerState
 from .admission import Admission, Ticket, workload_of
@@ -26,7 +26,7 @@ from .doorway import Doorway, log_access
 from .envelope import Envelope, EnvelopeError
 from .gate import Gate, Overloaded
 from .ledger import Ledger, Outcome
-from .refusal import BODY_ERRORS, Reason, Refused, refused_body, refused_upstream
+from .refusal import REFUSING, Reason, Refused, refusal_for
 from .request_ids import current_request_id, request_id
 from .visit import Visit
 
@@ -72,7 +72,8 @@ class Corridor:
         visit = Visit(rid, wants is not None and wants(), self.capture)
         try:
             envelope = visit.envelope = await self.doorway.open(request, target)
-            await self.doorway.check_signature(envelope)
+            if self.doorway.must_verify(envelope):
+                await self.doorway.check_signature(envelope)
             workload = workload_of(envelope.cost, self.default_cost)
             self.at_the_door(request, target, envelope, workload, visit)
             await self.serve(request, envelope, workload, visit)
@@ -97,25 +98,33 @@ class Corridor:
     async def serve(self, request: Request, envelope: Envelope, workload: float,
                     visit: Visit) -> None:
         """Admit, queue and proxy a request that is in the ledger from here on; it is finished
-        there exactly once, with how it ended (a client that left: cancelled, 499)."""
+        there exactly once, with how it ended (a client that left: cancelled, 499; a backend
+        that failed: an error, its status or 502 when it broke off mid-answer)."""
         if not self.ledger.in_flight:
             self.idle.clear()
         entry = self.ledger.receive(workload, envelope.request_idx, visit.received_at)
         visit.outcome = Outcome.CANCELLED
+        ticket = None
         try:
             ticket = self.admit(workload, envelope)
-            try:
-                if not ticket.started:
-                    await self.wait_turn(ticket, envelope)
-                visit.started_at = now = time.time()
-                self.ledger.start(entry, now)
-                await self.proxy(request, envelope, visit)
-            finally:
-                self.gate.leave(ticket)
-        except Refused as refused:
+            if not ticket.started:
+                await self.wait_turn(ticket, envelope)
+            visit.started_at = now = time.time()
+            self.ledger.start(entry, now)
+            status = await self.upstream.forward(request, visit.rid, envelope.body,
+                                                 envelope.path_qs, visit.exchange)
+            visit.outcome = Outcome.SUCCESS if status < 500 else Outcome.ERROR
+            visit.status = status
+        except UpstreamBroken as broken:  # its answer had started: the client's connection is cut
+            visit.outcome, visit.status = Outcome.ERROR, 502
+            log.warning("request %s: %s", visit.rid, broken)
+        except REFUSING as failure:  # refused, or the backend or the request body failed
+            refused = refusal_for(failure)
             visit.outcome, visit.status = refused.outcome, refused.status
-            raise
+            raise refused from None
         finally:
+            if ticket is not None:
+                self.gate.leave(ticket)
             self.ledger.finish(entry, visit.outcome, visit.status, time.time())
             if not self.ledger.in_flight:
                 self.idle.set()
@@ -143,22 +152,6 @@ class Corridor:
         if envelope.auth_data is not None:  # its signature is spent: route again
             message += " through the autoscaler's /route/ (a signature is good once)"
         return Refused(rejection.reason, message, {"Retry-After": str(rejection.retry_after)})
-
-    async def proxy(self, request: Request, envelope: Envelope, visit: Visit) -> None:
-        """Forward to the backend and relay its answer; the visit learns how it ended."""
-        try:
-            status = await self.upstream.forward(request, visit.rid, envelope.body,
-                                                 envelope.path_qs, visit.exchange)
-        except ProxyError as failure:
-            raise refused_upstream(failure) from None
-        except BODY_ERRORS as unreadable:
-            raise refused_body(unreadable) from None
-        except UpstreamBroken as broken:  # the client's connection was cut
-            visit.outcome, visit.status = Outcome.ERROR, 502
-            log.warning("request %s: %s", visit.rid, broken)
-            return
-        visit.outcome = Outcome.SUCCESS if status < 500 else Outcome.ERROR
-        visit.status = status
 
     def account(self, request: Request, visit: Visit, target: str | None) -> None:
         """Metrics (and, when on, a request record) for one answered request (``target``: its

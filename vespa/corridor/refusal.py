@@ -67,20 +67,21 @@ class Refused(Exception):
         self.extra = extra  # more fields of the JSON answer
 
 
-def refused_body(error: Exception) -> Refused:
-    """The refusal for a request body that could not be read (``http.body``'s errors)."""
+def refusal_for(error: Exception) -> Refused:
+    """The refusal for one of ``REFUSING``: a ``Refused`` as it is, a request body that could
+    not be read (``http.body``'s errors), or a backend that failed before its answer started."""
+    if isinstance(error, Refused):
+        return error
+    if isinstance(error, ProxyError):
+        return Refused(Reason.BACKEND_TIMEOUT if error.status == 504 else Reason.BACKEND_FAILED,
+                       error.message)
     if isinstance(error, BodyTooLarge):
         return Refused(Reason.BODY_SIZE, str(error))
     if isinstance(error, BodyStalled):  # the connection closes after this answer
         return Refused(Reason.BODY_STALLED, str(error))
-    # malformed framing: the connection closes after this answer
+    # malformed framing, or the client left mid-body: the connection closes after this answer
     return Refused(Reason.BODY_MALFORMED, f"request body cannot be read: {error}")
 
 
-def refused_upstream(error: ProxyError) -> Refused:
-    """The refusal for a backend that failed before its answer started."""
-    return Refused(Reason.BACKEND_TIMEOUT if error.status == 504 else Reason.BACKEND_FAILED,
-                   error.message)
-
-
 BODY_ERRORS = (BodyTooLarge, BodyStalled, BodyError)
+REFUSING = (Refused, ProxyError, *BODY_ERRORS)  # what ``refusal_for`` turns into a refusal
