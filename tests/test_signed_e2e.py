@@ -181,3 +181,50 @@ async def test_benchmark_result_is_used_and_cached(fleet, tmp_path, monkeypatch)
     third = await fleet("full", **{**env, "MODEL_NAME": "model-b"})
     await ready(third)
     assert counting_bench.calls == 2  # another model measures again
+
+
+ENDPOINT_KEY = "endpoint-key-0123456789abcdef"
+
+
+@pytest.mark.parametrize("scheme", ["full", "url"])
+async def test_the_endpoint_key_never_reaches_the_backend_a_log_or_a_record(
+        fleet, backend, scheme, caplog, tmp_path):
+    """Vast's client sends its endpoint key as ``?api_key=`` and ``Authorization: Bearer``: the
+    key spends the endpoint owner's money. The backend gets neither; the access log and the
+    request record show no key; the other query parameters pass byte for byte."""
+    caplog.set_level("INFO", logger="vespa.access")
+    f = await fleet(scheme, VESPA_LOG_LEVEL="DEBUG", VESPA_REQUEST_LOG_DIR=str(tmp_path),
+                    VESPA_LOGS_TOKEN="logs-token-for-the-test")
+    await ready(f)
+    auth_data = f.auth_data(await f.route(cost=5))
+    response = await f.session.post(
+        f"{f.url}/echo/chat?stream=1&api_key={ENDPOINT_KEY}&x=%20y",
+        json={"auth_data": auth_data, "payload": {"n": 1}},
+        headers={"Authorization": f"Bearer {ENDPOINT_KEY}", "X-Other": "kept"})
+    assert response.status == 200, await response.text()
+    seen = backend.log.requests[-1]
+    assert seen["raw_path"] == "/echo/chat?stream=1&x=%20y"
+    assert ("X-Other", "kept") in [tuple(pair) for pair in seen["headers"]]
+    assert ENDPOINT_KEY not in json.dumps(seen)
+    assert "authorization" not in {name.lower() for name, _ in seen["headers"]}
+    await wait_until(lambda: f.worker.recorder.written >= 1)
+    records = await f.session.get(f"{f.url}/_vespa/logs?limit=5",
+                                  headers={"x-vespa-logs-token": "logs-token-for-the-test"})
+    listed = await records.json()
+    one = await f.session.get(f"{f.url}/_vespa/logs/{listed['records'][0]['id']}",
+                              headers={"x-vespa-logs-token": "logs-token-for-the-test"})
+    assert ENDPOINT_KEY not in await one.text()
+    access = [r.getMessage() for r in caplog.records if r.name == "vespa.access"]
+    assert access and not any(ENDPOINT_KEY in line for line in access)
+
+
+async def test_in_dev_mode_the_key_passes_but_is_never_logged(make_worker, backend, caplog):
+    """Unsecured, the request is the backend's as it is; the access log still hides the key."""
+    caplog.set_level("INFO", logger="vespa.access")
+    client, worker = await make_worker(VESPA_LOG_LEVEL="DEBUG")
+    response = await client.get(f"/echo?api_key={ENDPOINT_KEY}&token=t0ken-secret-value")
+    assert response.status == 200
+    assert backend.log.requests[-1]["query_string"] == \
+        f"api_key={ENDPOINT_KEY}&token=t0ken-secret-value"
+    access = [r.getMessage() for r in caplog.records if r.name == "vespa.access"]
+    assert access and not any(ENDPOINT_KEY in line or "t0ken" in line for line in access)

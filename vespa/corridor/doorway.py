@@ -14,13 +14,16 @@ from typing import Protocol
 
 from ..http.body import arrived_body, check_length, is_small, read_body
 from ..http.messages import Request
-from ..http.target import path_of, spellings
+from ..http.target import path_of, redacted, spellings, without_params
 from .auth import PublicKey, ReplayWindow, verify
 from .envelope import BODY_METHODS, PASSTHROUGH, Envelope, EnvelopeError, open_envelope
 from .refusal import BODY_ERRORS, Reason, Refused, refusal_for
 from .visit import Visit
 
 access_log = logging.getLogger("vespa.access")
+# what Vast's client sends a worker besides the envelope: its endpoint key, which spends the
+# endpoint owner's money; a signed request's backend gets neither (``Authorization`` too)
+CLIENT_CREDENTIALS = frozenset({"api_key"})
 
 
 class KeySource(Protocol):
@@ -72,7 +75,10 @@ class Doorway:
             raise Refused(Reason.ENVELOPE, str(invalid), problems=invalid.problems) from None
         except BODY_ERRORS as unreadable:
             raise refusal_for(unreadable) from None
-        if envelope.path_qs is None and target != request.target:
+        if envelope.auth_data is not None:  # Vast's client adds its endpoint key: never passed on
+            envelope = envelope._replace(path_qs=without_params(envelope.path_qs or target,
+                                                                CLIENT_CREDENTIALS))
+        elif envelope.path_qs is None and target != request.target:
             envelope = envelope._replace(path_qs=target)
         return envelope
 
@@ -128,5 +134,5 @@ def log_access(request: Request, visit: Visit) -> None:
     """One access-log line (VESPA_LOG_LEVEL=DEBUG turns the logger on)."""
     if access_log.isEnabledFor(logging.INFO):
         access_log.info('%s "%s %s HTTP/%s" %d %d', request.remote, request.method,
-                        request.target[:200], request.version, visit.status,
+                        redacted(request.target)[:200], request.version, visit.status,
                         visit.exchange.bytes_out)

@@ -112,7 +112,8 @@ class Corridor:
             visit.started_at = now = time.time()
             self.ledger.start(entry, now)
             status = await self.upstream.forward(request, visit.rid, envelope.body,
-                                                 envelope.path_qs, visit.exchange)
+                                                 envelope.path_qs, visit.exchange,
+                                                 envelope.auth_data is not None)
             visit.outcome = Outcome.SUCCESS if status < 500 else Outcome.ERROR
             visit.status = status
         except UpstreamBroken as broken:  # its answer had started: the client's connection is cut

@@ -61,7 +61,7 @@ class Body(Inbound):
     __slots__ = ("conn", "complete", "error", "expects_continue", "discard", "abandoned")
 
     def __init__(self, conn: Connection, complete: bool, expects_continue: bool):
-        super().__init__(conn)
+        Inbound.__init__(self, conn)  # (not super(): one object less a request)
         self.conn = conn
         self.complete = complete
         self.error: BaseException | None = None

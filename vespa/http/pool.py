@@ -42,7 +42,7 @@ class BackendResponse(Inbound):
                  "received_any", "keep_alive", "interim")
 
     def __init__(self, conn: BackendConnection, head_only: bool):
-        super().__init__(conn)
+        Inbound.__init__(self, conn)  # (not super(): one object less a request)
         self.conn = conn
         self.status = 0
         self.reason = b""

@@ -41,6 +41,7 @@ from .flow import HIGH_WATER, FlowControl
 from .limits import (MAX_FIELDS, MAX_HEAD, MAX_TARGET, SINGLETON_FIELDS, RefusalLog,
                      error_answer)
 from .messages import Body, BodyError, HttpError, Reply, Request
+from .target import redacted
 
 log = logging.getLogger("vespa.front")
 
@@ -256,7 +257,7 @@ class Connection(FlowControl):
                 return
             raise
         except Exception:
-            log.exception("request %s %s failed", request.method, request.target[:200])
+            log.exception("request %s %s failed", request.method, redacted(request.target)[:200])
             if reply.ended:
                 pass  # the answer went out whole: the failure came after it
             elif reply.started:

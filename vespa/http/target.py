@@ -65,3 +65,28 @@ def spellings(target: str) -> tuple[str, ...]:
     decoded = unquote(path, errors="surrogateescape")
     normal = normal_path(path)
     return (decoded,) if decoded == normal else (decoded, normal)
+
+
+# query parameters whose values are credentials (an endpoint key, a token, a signature)
+_CREDENTIAL_PARAMS = re.compile(
+    r"(?i)((?:^|[?&;])(?:api_key|apikey|access_token|token|key|serverless_signature|signature)"
+    r"=)[^&;#]*")
+REDACTED = "[redacted]"
+
+
+def redacted(target: str) -> str:
+    """``target`` (or a query) with the values of credential query parameters (``api_key``,
+    ``token``, ``signature``, ...) replaced by ``[redacted]``: what logs and records show."""
+    if "=" not in target:
+        return target
+    return _CREDENTIAL_PARAMS.sub(rf"\g<1>{REDACTED}", target)
+
+
+def without_params(target: str, names: frozenset[str]) -> str:
+    """The origin-form ``target`` without the query parameters named in ``names``; the others
+    stay byte for byte, in order (a query left empty loses its ``?``)."""
+    path, mark, query = target.partition("?")
+    if not mark:
+        return target
+    kept = [part for part in query.split("&") if part.partition("=")[0] not in names]
+    return f"{path}?{'&'.join(kept)}" if kept else path

@@ -27,6 +27,8 @@ HOP_BY_HOP = frozenset({
 # Replaced by the proxy for the upstream request.
 _REQUEST_DROP = HOP_BY_HOP | {b"host", b"content-length", b"expect", b"x-forwarded-for",
                               b"x-forwarded-proto", b"x-request-id"}
+# ... and the client's credentials, when they are not the backend's (or the backend has its own)
+_CREDENTIALS_DROP = _REQUEST_DROP | {b"authorization"}
 # Ours replace the backend's X-Request-Id and framing.
 _RELAYED_DROP = HOP_BY_HOP | {b"content-length", b"x-request-id"}
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
@@ -100,9 +102,10 @@ def end_to_end(raw_headers: list[tuple[bytes, bytes]], drop: frozenset[bytes]
 
 
 def request_head(request: Request, target: str, host: bytes, request_id: str,
-                 framing: bytes) -> bytes:
-    """The upstream request line and headers: the client's minus hop-by-hop, plus ours."""
-    kept, dropped = end_to_end(request.raw_headers, _REQUEST_DROP)
+                 framing: bytes, drop: frozenset[bytes] = _REQUEST_DROP) -> bytes:
+    """The upstream request line and headers: the client's minus hop-by-hop (and ``drop``),
+    plus ours (``framing`` included)."""
+    kept, dropped = end_to_end(request.raw_headers, drop)
     lines = [b"%s %s HTTP/1.1\r\nHost: %s\r\n" % (
         request.method.encode(), target.encode("utf-8", "surrogateescape"), host)]
     for name, value in kept:
@@ -137,7 +140,7 @@ class Upstream:
 
     def __init__(self, base_url: str, *, connection_limit: int, connect_timeout: float,
                  request_timeout: float, max_body_bytes: int,
-                 body_read_timeout: float = 30.0):
+                 body_read_timeout: float = 30.0, authorization: str | None = None):
         url = URL(base_url)
         self.base_url = base_url.rstrip("/")
         self.base_path = url.raw_path.rstrip("/")
@@ -150,6 +153,9 @@ class Upstream:
         self.read_timeout = request_timeout
         self.max_body_bytes = max_body_bytes
         self.body_read_timeout = body_read_timeout
+        # the backend's own credentials, sent instead of any client's (e.g. vLLM's --api-key)
+        self.authorization = None if authorization is None else \
+            b"Authorization: Bearer %s\r\n" % authorization.encode("latin-1")
         self.pool: BackendPool | None = None
 
     async def start(self) -> None:
@@ -161,9 +167,11 @@ class Upstream:
             self.pool.close()
 
     async def forward(self, request: Request, request_id: str, body: bytes | None = None,
-                      path_qs: str | None = None, exchange: Exchange | None = None) -> int:
-        """Send ``request`` (or ``body`` instead of its own) upstream and relay the answer;
-        returns the backend's status."""
+                      path_qs: str | None = None, exchange: Exchange | None = None,
+                      strip_credentials: bool = False) -> int:
+        """Send ``request`` (or ``body`` instead of its own, to ``path_qs``) upstream and relay
+        the answer; returns the backend's status. ``strip_credentials``: the client's
+        ``Authorization`` is not for the backend."""
         exchange = exchange if exchange is not None else Exchange()
         pool, reply = self.pool, request.reply
         assert pool is not None and reply is not None
@@ -178,7 +186,11 @@ class Upstream:
             framing = b"Content-Length: %d\r\n" % sent.length
         else:
             framing = b"Transfer-Encoding: chunked\r\n"
-        head = request_head(request, target, self.host_header, request_id, framing)
+        if self.authorization is not None:  # the backend's own key replaces the client's
+            framing += self.authorization
+            strip_credentials = True
+        head = request_head(request, target, self.host_header, request_id, framing,
+                            _CREDENTIALS_DROP if strip_credentials else _REQUEST_DROP)
         exchange.sent_at = perf_counter()
         conn, response = await self._exchange(request.method, head, sent, exchange)
         exchange.head_at = perf_counter()

@@ -3,15 +3,13 @@
 
 from __future__ import annotations
 
-import re
 import time
 
 from ..corridor.visit import Visit
 from ..http.messages import Request
+from ..http.target import redacted
 from .records import REDACTED
 
-# a signature sent as a query parameter (GET auth), e.g. in a request refused before it was parsed
-QUERY_SIGNATURE = re.compile(r"(?i)((?:^|&)serverless_signature=)[^&]*")
 
 
 def header(pairs, name: str) -> str | None:
@@ -30,7 +28,7 @@ def record_entry(request: Request, visit: Visit, ttfb: float | None) -> dict:
     exchange, envelope, response = visit.exchange, visit.envelope, visit.response
     path_qs = envelope.path_qs or request.target
     path, _, query = path_qs.partition("?")
-    query = QUERY_SIGNATURE.sub(rf"\1{REDACTED}", query)
+    query = redacted(query)  # a signature (GET auth) or an endpoint key (api_key) in the query
     if exchange.headers is not None:  # relayed from the backend
         response_headers = exchange.headers
         response_body = bytes(exchange.body) if exchange.body is not None else None
