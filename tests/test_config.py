@@ -1,12 +1,17 @@
-"""Settings: defaults, Vast's names, .env files, and one clear line for a bad value."""
+"""Settings: defaults, Vast's names, .env files, one clear line for a bad value, and the
+declarations that the reader and the README's table both come from."""
 
 from __future__ import annotations
 
+import re
 import subprocess
+from collections.abc import Mapping
 
 import pytest
 
-from vespa.config import ConfigError, environment, load_settings
+from vespa.config import DECLARATIONS, ConfigError, environment, load_settings
+from vespa.config.readme import END, README, START, rewrite, settings_table, with_table
+from vespa.config.settings import DECLARED
 
 from .conftest import PYTHON, REPO, worker_env
 
@@ -61,6 +66,9 @@ def test_parallel_off_means_one_at_a_time():
     ("VESPA_LOG_LEVEL", "LOUD", "one of DEBUG"),
     ("VESPA_BODY_READ_TIMEOUT", "0", "a number > 0"),
     ("VESPA_BODY_READ_TIMEOUT", "soon", "a number > 0"),
+    ("VESPA_BACKEND_LOG_READY", "[ready", "a regular expression"),
+    ("VESPA_BACKEND_COMMAND", "serve 'unclosed", "a command line"),
+    ("VAST_TCP_PORT_3000", "0", "whole number from 1 to 65535"),
 ])
 def test_bad_values_name_the_variable_and_what_it_accepts(name, value, accepts):
     with pytest.raises(ConfigError) as caught:
@@ -135,3 +143,73 @@ def test_secrets_to_keep_out_of_logs_are_collected_from_their_variables():
                               "VESPA_LOGS_TOKEN": "lt-1"})
     assert set(settings.log_secrets) == {"mt-123456", "hf_abc", "lt-1"}
     assert load_settings({}).log_secrets == ()
+
+
+def test_the_readme_settings_table_is_made_from_the_declarations():
+    readme = README.read_text(encoding="utf-8")
+    assert f"{START}\n{settings_table()}\n{END}" in readme, \
+        "README.md's settings table is out of date: run python -m vespa.config --readme"
+    assert with_table(readme) == readme
+
+
+def test_the_readme_command_checks_and_rewrites_the_table(tmp_path):
+    check = subprocess.run([PYTHON, "-m", "vespa.config", "--check"], cwd=REPO,
+                           capture_output=True, text=True, timeout=30)
+    assert check.returncode == 0, check.stdout + check.stderr
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Vespa\n\n{START}\n| old | table |\n{END}\n\nmore\n")
+    assert rewrite(readme) is True and rewrite(readme) is False
+    assert readme.read_text() == f"# Vespa\n\n{START}\n{settings_table()}\n{END}\n\nmore\n"
+    with pytest.raises(ValueError, match="settings:start"):
+        with_table("# Vespa without the markers\n")
+
+
+def test_each_variable_is_declared_once_and_every_setting_documented():
+    variables = [s.variable for s in DECLARATIONS]
+    assert len(variables) == len(set(variables))
+    assert all(s.doc and "\n" not in s.doc for s in DECLARATIONS)
+
+
+def test_an_unset_variable_gives_the_declared_default_or_says_otherwise():
+    """A default derived from other settings is the declared one's only with no other set:
+    the README says how it is derived instead."""
+    settings = load_settings({})
+    derived = {s.variable for name, s in DECLARED.items() if getattr(settings, name) != s.default}
+    assert derived == {"VESPA_UNSECURED"}  # true without REPORT_ADDR
+    assert all(DECLARED[name].shown for name in ("unsecured", "benchmark", "backend_log",
+                                                  "public_url"))
+
+
+class _Watched(Mapping):
+    """An environment that notes every variable looked up by name."""
+
+    def __init__(self, env: dict[str, str]):
+        self.env, self.looked_up = env, set()
+
+    def __getitem__(self, name):
+        self.looked_up.add(name)
+        return self.env[name]
+
+    def get(self, name, default=None):
+        self.looked_up.add(name)
+        return self.env.get(name, default)
+
+    def __iter__(self):
+        return iter(self.env)
+
+    def items(self):  # a scan by prefix, not a look-up
+        return self.env.items()
+
+    def __len__(self):
+        return len(self.env)
+
+
+@pytest.mark.parametrize("env", [{}, {"VESPA_BACKEND": "vllm", "MODEL_NAME": "m"},
+                                 {"REPORT_ADDR": "http://127.0.0.1:8081", "USE_SSL": "1"}])
+def test_every_variable_the_worker_reads_is_declared(env):
+    watched = _Watched(env)
+    load_settings(watched)
+    undeclared = {name for name in watched.looked_up
+                  if not any(s.matches(name) or s.vast == name for s in DECLARATIONS)
+                  and not re.fullmatch(r"VAST_TCP_PORT_\d+", name)}
+    assert undeclared == set()

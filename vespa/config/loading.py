@@ -1,0 +1,145 @@
+"""Reading the declared settings from the environment: the only module that reads ``os.environ``
+(and an optional ``.env`` file), and the one that turns a bad value into ``ConfigError``."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from typing import Any, Mapping
+
+from dotenv import dotenv_values
+from yarl import URL
+
+from .settings import (BENCHMARK_IDENTITY, DECLARATIONS, DECLARED, DEFAULT_BENCHMARKS,
+                       PUBLIC_IPADDR, SCRIPT_PREFIXES, SCRIPT_SETTINGS, VAST_TCP_PORT,
+                       Setting, Settings)
+
+_UNSET = object()
+
+
+class ConfigError(ValueError):
+    """A setting has a value Vespa cannot use."""
+
+    def __init__(self, name: str, value: str, accepts: str):
+        super().__init__(f"invalid {name}={value!r}: expected {accepts}")
+        self.name = name
+
+
+def environment(dotenv_path: str | None = ".env") -> dict[str, str]:
+    """The process environment over the values of an optional ``.env`` file."""
+    merged: dict[str, str] = {}
+    if dotenv_path and os.path.isfile(dotenv_path):
+        merged.update({k: v for k, v in dotenv_values(dotenv_path).items() if v is not None})
+    merged.update(os.environ)
+    return merged
+
+
+class _Reader:
+    """Reads declared settings from an environment mapping, converting and validating them."""
+
+    def __init__(self, env: Mapping[str, str]):
+        self.env = env
+
+    def given(self, setting: Setting) -> tuple[str, str] | None:
+        """(variable, stripped text) of the first of our name and Vast's that is set."""
+        for name in (setting.variable, *([setting.vast] if setting.vast else [])):
+            value = self.env.get(name)
+            if value is not None and value.strip() != "":
+                return name, value.strip()
+        return None
+
+    def value(self, setting: Setting, default: Any = _UNSET) -> Any:
+        """The setting's value; its declared default (or ``default``) when it is not set."""
+        found = self.given(setting)
+        if found is None:
+            return setting.default if default is _UNSET else default
+        name, text = found
+        try:
+            return setting.kind.parse(text)
+        except (ValueError, TypeError):
+            raise ConfigError(name, text, setting.kind.accepts) from None
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+    """Build ``Settings`` from ``env`` (default: the environment and ``.env``)."""
+    read = _Reader(environment() if env is None else env)
+    values = {name: read.value(setting) for name, setting in DECLARED.items()}
+    backend = _backend(read, values["backend_command"])
+    values.update(
+        backend=backend,
+        backend_url=_backend_url(read, backend, values["backend_url"], values["backend_port"]),
+        # Without an autoscaler nobody signs requests: dev mode is unsecured unless told otherwise.
+        unsecured=read.value(DECLARED["unsecured"], default=not values["report_addrs"]),
+        public_url=values["public_url"] or _vast_public_url(read, values["worker_port"],
+                                                            values["use_ssl"]),
+        benchmark=read.value(DECLARED["benchmark"], default=DEFAULT_BENCHMARKS.get(backend or "")),
+        backend_log=read.value(DECLARED["backend_log"], default=os.path.join(
+            values["cache_dir"], "logs", f"{backend}.log") if backend else None),
+        benchmark_identity={name: read.env[name] for name in BENCHMARK_IDENTITY
+                            if read.env.get(name)},
+        backend_env={name: value for name, value in read.env.items() if _handed_to_backend(name)},
+        log_secrets=tuple(found[1] for setting in DECLARATIONS
+                          if setting.secret and (found := read.given(setting))),
+        unknown_settings=unknown_settings(read.env))
+    return Settings(**values)
+
+
+def _backend(read: _Reader, command: tuple[str, ...]) -> str | None:
+    """The backend Vespa launches: ``VESPA_BACKEND``, or ``command`` when only a command is
+    given; None (``none``) fronts ``VESPA_BACKEND_URL``."""
+    backend = read.value(DECLARED["backend"], default="command" if command else None)
+    if backend == "command" and not command:
+        raise ConfigError("VESPA_BACKEND_COMMAND", "", "a command line when VESPA_BACKEND=command")
+    return None if backend == "none" else backend
+
+
+def _backend_url(read: _Reader, backend: str | None, url: str, port: int) -> str:
+    """A launched backend is on ``port`` here: a URL elsewhere would be silently ignored."""
+    if backend is None:
+        return url
+    launched = f"http://127.0.0.1:{port}"
+    given = read.given(DECLARED["backend_url"])
+    if given is not None and not _is_local_port(url, port):
+        raise ConfigError("VESPA_BACKEND_URL", given[1],
+                          f"unset or {launched}, where VESPA_BACKEND={backend} launches the "
+                          "backend (VESPA_BACKEND=none fronts a backend you run)")
+    return launched
+
+
+def _is_local_port(url: str, port: int) -> bool:
+    """``url`` is plain http on this machine's loopback at ``port``."""
+    parsed = URL(url)
+    return parsed.scheme == "http" and parsed.port == port \
+        and parsed.host in ("127.0.0.1", "localhost", "::1") and parsed.path in ("", "/")
+
+
+def _vast_public_url(read: _Reader, port: int, use_ssl: bool) -> str:
+    """The public URL from Vast's ``PUBLIC_IPADDR`` and ``VAST_TCP_PORT_<port>``, when both
+    are set."""
+    ip = read.value(PUBLIC_IPADDR)
+    public_port = read.value(dataclasses.replace(VAST_TCP_PORT, variable=f"VAST_TCP_PORT_{port}"))
+    if ip is None or public_port is None:
+        return ""
+    return f"{'https' if use_ssl else 'http'}://{ip}:{public_port}"
+
+
+def _handed_to_backend(name: str) -> bool:
+    return any(s.backend and s.matches(name) for s in DECLARATIONS)
+
+
+def unknown_settings(env: Mapping[str, str]) -> tuple[str, ...]:
+    """A warning for each VESPA_* variable set that nothing reads (a typo, or a setting Vespa
+    does not have), with the closest declared name when there is one."""
+    known = {s.variable for s in DECLARATIONS if not s.variable.endswith("*")} | SCRIPT_SETTINGS
+    # compared without the common VESPA_ prefix, which makes every name look alike
+    candidates = sorted(name[6:] for name in known if name.startswith("VESPA_"))
+    warnings = []
+    for name in sorted(env):
+        if not name.startswith("VESPA_") or name in known or name.startswith(SCRIPT_PREFIXES) \
+                or _handed_to_backend(name):
+            continue
+        close = difflib.get_close_matches(name[6:], candidates, n=1)
+        warnings.append(f"{name} is not a Vespa setting and is ignored"
+                        + (f" (did you mean VESPA_{close[0]}?)" if close else ""))
+    return tuple(warnings)
