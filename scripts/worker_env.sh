@@ -1,5 +1,5 @@
 # Sourced by the project's scripts: create (once) and use the worker's virtual env.
-# The worker is light (aiohttp, httptools, pycryptodome, psutil, python-dotenv, uvloop); its env
+# The worker is light (aiohttp, httptools, pycryptodome, python-dotenv, uvloop); its env
 # never holds torch, vLLM or TTS engines (each backend gets its own env under .venvs/).
 # VESPA_WORKER_EXTRAS=test also installs the test tools; VESPA_WORKER_PYTHON picks the interpreter
 # (default python3) and VESPA_VENV the env's directory. Returns non-zero on failure (set -e or

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 
 import pytest
@@ -174,6 +175,31 @@ def test_property_fast_verify_agrees_with_pycryptodome(private_key, public_key, 
         expected = False
     with_signature = dict(auth_data, signature=base64.b64encode(raw).decode())
     assert verify(with_signature, public_key, "full").ok is expected
+
+
+def test_the_private_rsa_operation_verify_relies_on(private_key, public_key):
+    """PublicKey does one RSA operation per request, whatever the number of schemes tried, with
+    pycryptodome's private RsaKey._encrypt (the public pkcs1_15 verify does one per scheme:
+    perf/rsa_verify.py measures both). What that relies on, pinned so that a pycryptodome
+    release that changes it fails here: _encrypt is signature^e mod n, and of a valid signature
+    it gives the EMSA-PKCS1-v1_5 encoding of the SHA-256 digest (RFC 8017 section 9.2)."""
+    key = private_key.public_key()
+    assert public_key.raw_rsa == public_key.rsa_key._encrypt  # not the slower pow fallback
+    message = auth.full_message(AUTH).encode()
+    signature = pkcs1_15.new(private_key).sign(SHA256.new(message))
+    size = key.size_in_bytes()
+    digest_info = bytes.fromhex("3031300d060960864801650304020105000420")  # SHA-256, NULL params
+    encoded = digest_info + hashlib.sha256(message).digest()
+    expected = b"\x00\x01" + b"\xff" * (size - 3 - len(encoded)) + b"\x00" + encoded
+    tampered = bytearray(signature)
+    tampered[-1] ^= 0x01
+    for raw, valid in ((signature, True), (bytes(tampered), False)):
+        value = int.from_bytes(raw, "big")
+        recovered = key._encrypt(value)
+        assert int(recovered) == pow(value, key.e, key.n)
+        assert (int(recovered).to_bytes(size, "big") == expected) is valid
+        assert (public_key.recover_block(raw) == expected) is valid
+    assert public_key.block_matches(public_key.recover_block(signature), auth.full_message(AUTH))
 
 
 # -- malformed input: a failed verdict with a reason, never an exception -----------------------

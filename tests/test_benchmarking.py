@@ -153,10 +153,22 @@ def test_load_benchmark_from_module_function(bench):
     ("{bench}:missing", "has no function 'missing'"),
     ("{bench}:NOT_CALLABLE", "has no function 'NOT_CALLABLE'"),
     ("{bench}", "has no function ''"),
+    ("{bench}:", "has no function ''"),
 ])
 def test_load_benchmark_errors_say_what_is_wrong(bench, target, message):
     with pytest.raises(BenchmarkError, match=message.replace("(", r"\(")):
         load_benchmark(target.format(bench=bench))
+
+
+def test_a_module_failing_as_it_imports_is_not_a_missing_function(tmp_path, monkeypatch):
+    """An AttributeError raised by the module's own code is an import failure, not a name the
+    module lacks."""
+    name = f"broken_{uuid.uuid4().hex[:12]}"
+    (tmp_path / f"{name}.py").write_text("import math\nmath.no_such_constant\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(BenchmarkError, match=f"cannot import benchmark module '{name}': "
+                                             "module 'math' has no attribute 'no_such_constant'"):
+        load_benchmark(f"{name}:benchmark")
 
 
 # -- measuring and caching -------------------------------------------------------------------

@@ -10,7 +10,7 @@ import ssl
 import sys
 
 from . import HOT_PATH
-from .config import ConfigError, Settings, load_settings
+from .config import REPO_ROOT, ConfigError, Settings, load_settings
 from .observability.logs import setup_logging
 from .worker import Worker
 
@@ -66,7 +66,16 @@ def run(settings: Settings) -> None:
         uvloop.run(_main())
 
 
+def checkout_on_path() -> None:
+    """The checkout's ``benchmarks/`` (``VESPA_BENCHMARK``'s defaults) and ``backends/`` (the vLLM
+    launcher) are not installed with the package: a worker run from a checkout imports them from
+    the checkout's root whatever the working directory. Appended, so it shadows nothing."""
+    if (REPO_ROOT / "benchmarks").is_dir() and str(REPO_ROOT) not in sys.path:
+        sys.path.append(str(REPO_ROOT))
+
+
 def main() -> None:
+    checkout_on_path()
     try:
         settings = load_settings()
         ssl_context(settings)

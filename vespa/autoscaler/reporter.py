@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 import aiohttp
-import psutil
 
 from .. import __version__
 from ..corridor.ledger import FinishedRequest, Ledger
@@ -109,7 +109,7 @@ class Reporter:
         self.wake = asyncio.Event()
         self.last_sent: dict | None = None
         self.last_sent_at = float("-inf")
-        self.disk_used = psutil.disk_usage("/").used
+        self.disk_used = shutil.disk_usage("/").used
         self.sent = 0
         self.failed = 0
 
@@ -141,7 +141,7 @@ class Reporter:
 
     async def report_status(self, force: bool = False) -> bool:
         load, window = self.ledger.load_fields()
-        disk_used = psutil.disk_usage("/").used
+        disk_used = shutil.disk_usage("/").used
         # additional_disk_usage in GiB, as Vast's own worker counts it
         body = status_body(self.identity, self.state, load, (disk_used - self.disk_used) / 2**30)
         # new work since the last report always goes out; its counts are per window, so two

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import importlib
 import json
 import logging
 import math
 import os
+import pkgutil
 import shutil
+import sys
 from typing import Awaitable, Callable
 
 import aiohttp
@@ -30,10 +31,14 @@ class BenchmarkError(RuntimeError):
 def load_benchmark(target: str) -> Benchmark:
     module_name, _, function_name = target.partition(":")
     try:
-        module = importlib.import_module(module_name)
+        function = pkgutil.resolve_name(f"{module_name}:{function_name}")
     except Exception as exc:
-        raise BenchmarkError(f"cannot import benchmark module {module_name!r}: {exc}") from None
-    function = getattr(module, function_name, None)
+        # an AttributeError once the module is imported means the name is not in it; before
+        # (the module is not in sys.modules), the module's own code failed
+        if not (isinstance(exc, AttributeError) and module_name in sys.modules):
+            raise BenchmarkError(f"cannot import benchmark module {module_name!r}: {exc}") \
+                from None
+        function = None
     if not callable(function):
         raise BenchmarkError(f"{module_name} has no function {function_name!r}")
     return function

@@ -61,7 +61,10 @@ class PublicKey:
         self.size_bytes = self.rsa_key.size_in_bytes()
         self.modulus = int(self.rsa_key.n)
         exponent = int(self.rsa_key.e)
-        # pycryptodome's modexp is several times faster than Python's pow; keep pow as a fallback.
+        # pycryptodome's private _encrypt (signature^e mod n): its modexp is ~3x faster than
+        # Python's pow, kept as a fallback. The public pkcs1_15 verify would cost one RSA
+        # operation per scheme tried (perf/rsa_verify.py); tests/test_auth.py pins what this
+        # relies on.
         self.raw_rsa = getattr(self.rsa_key, "_encrypt", None) or (
             lambda value: pow(value, exponent, self.modulus))
         self.block_prefixes = tuple(
