@@ -5,9 +5,13 @@
     .venvs/worker/bin/python scripts/compile.py --remove   # back to plain Python
     .venvs/worker/bin/python scripts/compile.py --apt-packages  # what apt must add first
 
-The hot modules (``vespa.compiled.HOT_MODULES``) are compiled into ``<env>/vespa-compiled`` with
-a stamp of the package's source; the package loads them only while its source matches the stamp
-(see vespa/compiled.py), so an edit never runs stale code. One build runs at a time in an env.
+The request path (``vespa.compiled.hot_modules``: every module of vespa/http/ and
+vespa/corridor/, and vespa/observability/metrics.py) is compiled into ``<env>/vespa-compiled``,
+one extension module per module laid out like the package (``vespa/http/server.<EXT_SUFFIX>``)
+and a shared library, with a stamp of the sources the build depends on (those modules and what
+they import within the package); the package loads the build only while those sources match the
+stamp (see vespa/compiled.py), so an edit never runs stale code. One build runs at a time in an
+env, and an env holds one checkout's build: give each checkout its own env.
 It needs mypy (``pip install -e .[compile]``, installed here when missing) and a C compiler with
 the Python headers; without them it says what is missing, and the worker runs as plain Python.
 ``scripts/worker_env.sh`` runs it (and installs those first, as root with apt).
@@ -80,8 +84,8 @@ class BuildFailed(Exception):
 
 def build(target: Path) -> None:
     """Compile into a fresh directory, then swap it in whole."""
-    paths = [f"vespa/{name}.py" for name in compiled.HOT_MODULES]
     stamp = compiled.stamp_for(PACKAGE)  # what is compiled is what was read here
+    paths = [f"vespa/{'/'.join(name.split('.'))}.py" for name in stamp["compiled"]]
     with tempfile.TemporaryDirectory(prefix="vespa-compile-", dir=target.parent) as tmp:
         out = Path(tmp) / "out"
         done = subprocess.run([sys.executable, "-c", SETUP, ",".join(paths), compiled.GROUP,
@@ -142,8 +146,8 @@ def compile_once(target: Path) -> int:
               "plain Python (slower, same behaviour).", file=sys.stderr)
         return 1
     ensure_mypy()
-    print(f"compile: compiling {len(compiled.HOT_MODULES)} modules with mypyc into {target} "
-          "(about a minute)", file=sys.stderr)
+    print(f"compile: compiling {len(compiled.hot_modules(PACKAGE))} modules with mypyc into "
+          f"{target} (about a minute)", file=sys.stderr)
     try:
         build(target)
     except BuildFailed as exc:

@@ -68,8 +68,10 @@ async def wait_until(predicate, timeout: float = 5.0, interval: float = 0.01) ->
 
 
 def worker_env(**extra: str) -> dict[str, str]:
-    """An environment for a worker subprocess: no inherited VESPA_* settings, no .env surprises."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VESPA_")}
+    """An environment for a worker subprocess: no inherited VESPA_* settings, no .env surprises;
+    VESPA_PURE_PYTHON is kept, so a plain-Python run of the suite runs plain workers too."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("VESPA_") or k == "VESPA_PURE_PYTHON"}
     env.update(extra)
     env["PYTHONPATH"] = str(REPO)
     return env

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from Crypto.Hash import SHA256
 from Crypto.PublicKey import RSA
 from Crypto.Signature import pkcs1_15
+from mypy_extensions import mypyc_attr
 
 SCHEMES = ("full", "url", "legacy")
 """Signature schemes, in the order ``auto`` tries them (the message that binds most first)."""
@@ -28,6 +29,7 @@ REPLAY_SCHEMES = frozenset({"full", "legacy"})
 DEFAULT_REPLAY_WINDOW = 10_000
 
 
+@mypyc_attr(native_class=False)  # a builtin exception's subclass stays a Python class
 class AuthDataError(ValueError):
     """auth_data cannot make a signed message (a field is missing or not JSON)."""
 
@@ -260,7 +262,7 @@ class ReplayWindow:
     def admit(self, reqnum: object, signature: str) -> str:
         """Check and, when fresh, record the pair; returns the refusal reason or ""."""
         reason = self.check(reqnum, signature)
-        if reason:
+        if reason or not isinstance(reqnum, int):  # check refuses any reqnum but an int
             return reason
         self.record(reqnum, signature)
         return ""
