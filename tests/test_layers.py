@@ -77,6 +77,8 @@ def test_no_room_imports_up_the_layers():
             target = room_of(imported)
             if imported == "vespa" and room in ("__main__", "__init__"):
                 continue
+            if imported == "vespa.compiled":  # the build loader: it imports nothing of Vespa
+                continue
             if target == room or "*" in allowed or target in allowed \
                     or imported.partition(".")[2] in allowed:
                 continue
