@@ -73,6 +73,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         unsecured=read.value(DECLARED["unsecured"], default=not values["report_addrs"]),
         public_url=values["public_url"] or _vast_public_url(read, values["worker_port"],
                                                             values["use_ssl"]),
+        # Vast's worker serves /session/end on the worker port + 1; off the platform, only when
+        # asked (a port next to a test's or a laptop's worker may be anyone's)
+        http_port=_http_port(read, values["http_port"], values["worker_port"]),
         benchmark=read.value(DECLARED["benchmark"], default=DEFAULT_BENCHMARKS.get(backend or "")),
         backend_log=read.value(DECLARED["backend_log"], default=os.path.join(
             values["cache_dir"], "logs", f"{backend}.log") if backend else None),
@@ -83,6 +86,13 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
                           if setting.secret and (found := read.given(setting))),
         unknown_settings=unknown_settings(read.env))
     return Settings(**values)
+
+
+def _http_port(read: _Reader, port: int | None, worker_port: int) -> int | None:
+    """The plain-HTTP session port: as set (0: off), else on a Vast instance the worker's + 1."""
+    if port is not None:
+        return port or None
+    return worker_port + 1 if read.env.get("CONTAINER_ID", "").strip() else None
 
 
 def _backend(read: _Reader, command: tuple[str, ...]) -> str | None:

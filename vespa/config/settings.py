@@ -55,6 +55,12 @@ class Settings:
         "the backend to front (when Vespa does not launch it)")
     worker_port: int = setting("VESPA_WORKER_PORT", PORT, 3000, "port the worker listens on",
                                vast="WORKER_PORT")
+    http_port: int | None = setting(
+        "VESPA_WORKER_HTTP_PORT", whole(0, 65535), None,
+        "plain-HTTP port that serves only `POST /session/end` (the platform's own calls); `0`: off",
+        vast="WORKER_HTTP_PORT", shown="on a Vast instance the worker port + 1, else off")
+    max_sessions: int = setting("VESPA_MAX_SESSIONS", whole(), 10,
+                                "sessions held at once (Vast's default); one more gets 429")
     host: str = setting("VESPA_WORKER_HOST", text("a host address"), "0.0.0.0",
                         "address the worker listens on")
     unsecured: bool = setting("VESPA_UNSECURED", FLAG, False, "skip signature checks (dev only)",
