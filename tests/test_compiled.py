@@ -66,7 +66,7 @@ def test_the_stamp_covers_the_compiled_modules_and_what_they_import():
     assert {"http/server.py", "corridor/handler.py", "observability/metrics.py",
             "state.py"} <= set(sources)  # state.py: imported by corridor/handler.py
     assert not {"observability/records.py", "backend/lifecycle.py", "worker.py",
-                "config.py", "compiled.py"} & set(sources)
+                "config/settings.py", "compiled.py"} & set(sources)
 
 
 def test_an_edited_module_of_the_request_path_turns_the_whole_build_off_and_is_named(tmp_path):
@@ -86,7 +86,7 @@ def test_an_edited_module_of_the_request_path_turns_the_whole_build_off_and_is_n
 def test_edits_beyond_the_request_path_keep_the_build(tmp_path):
     package = copy_package(tmp_path)
     build = fake_build(tmp_path, package)
-    for name in ("observability/records.py", "backend/lifecycle.py", "worker.py", "config.py",
+    for name in ("observability/records.py", "backend/lifecycle.py", "worker.py", "config/settings.py",
                  "http/__init__.py"):
         edit(package / name)
     (package / "new.py").write_text("# new\n")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import time
 
 import aiohttp
 
@@ -28,6 +29,8 @@ from .corridor.doorway import Doorway
 from .corridor.gate import Gate
 from .corridor.handler import Corridor
 from .corridor.ledger import Ledger
+from .corridor.session_desk import SessionDesk
+from .corridor.sessions import Sessions
 from .corridor.visit import Visit
 from .http.messages import Request
 from .http.server import FrontServer
@@ -84,9 +87,17 @@ class Worker:
                                public_url=settings.public_url,
                                replay_window=settings.replay_window,
                                blocked_paths=settings.blocked_paths)
+        self.sessions = Sessions(settings.max_sessions)
+        self.metrics.sessions = self.sessions
+        self.desk = SessionDesk(self.sessions, self.doorway, self.ledger, self.metrics,
+                                self.state, settings.default_cost, settings.body_read_timeout,
+                                on_close=self.on_session_close)
         self.corridor = Corridor(self.doorway, self.ledger, self.admission,
                                  Gate(self.admission), self.upstream, self.metrics, self.state,
-                                 self.own_routes, settings.default_cost)
+                                 self.own_routes, self.desk, settings.default_cost)
+        self.session_server: FrontServer | None = None  # VESPA_WORKER_HTTP_PORT
+        self.session_listener: asyncio.Server | None = None
+        self.closing: set[asyncio.Task] = set()  # on_close POSTs on their way
         if self.recorder is not None:
             self.corridor.wants_record = self.recorder.wanted
             self.corridor.record = self.keep_record
@@ -101,7 +112,7 @@ class Worker:
             state=self.state, admission=self.admission, ledger=self.ledger,
             backend_url=self.settings.backend_url, backend=self.settings.backend,
             reporter=self.reporter, supervisor=self.supervisor, insight=self.insight,
-            recorder=self.recorder)
+            recorder=self.recorder, sessions=self.sessions)
 
     def keep_record(self, request: Request, visit: Visit, ttfb: float | None) -> None:
         assert self.recorder is not None  # set as the corridor's recorder only then
@@ -114,6 +125,33 @@ class Worker:
             return None
         return (f"backend's own queue is full ({self.insight.waiting} waiting, limit {limit}, "
                 "VESPA_BACKEND_QUEUE_LIMIT); retry in 1s")
+
+    def on_session_close(self, path: str, body: dict) -> None:
+        """POST an ended session's on_close_route to the backend, in the background."""
+        task = asyncio.get_running_loop().create_task(self.post_session_close(path, body))
+        self.closing.add(task)
+        task.add_done_callback(self.closing.discard)
+
+    async def post_session_close(self, path: str, body: dict, timeout: float = 10.0) -> None:
+        if self.session is None:
+            return
+        url = self.settings.backend_url + path
+        try:
+            async with self.session.post(url, json=body,
+                                         timeout=aiohttp.ClientTimeout(total=timeout)) as answer:
+                await answer.read()
+                if answer.status >= 400:
+                    log.warning("session %s: on_close_route %s answered %d",
+                                body.get("session_id"), path, answer.status)
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as failure:
+            log.warning("session %s: on_close_route %s failed: %s", body.get("session_id"), path,
+                        failure or type(failure).__name__)
+
+    async def sweep_sessions(self, interval: float = 1.0) -> None:
+        """End the sessions whose time is up (Vast's worker looks every 5 s)."""
+        while True:
+            await asyncio.sleep(interval)
+            self.desk.sweep(time.time())
 
     # -- life ----------------------------------------------------------------------------------
     def spawn(self, coroutine, name: str) -> None:
@@ -153,6 +191,7 @@ class Worker:
         if settings.backend is not None:
             await self.launch_backend()
         self.spawn(self.lifecycle().run(), "lifecycle")
+        self.spawn(self.sweep_sessions(), "sessions")
 
     async def listen(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None,
                      backlog: int = 2048) -> None:
@@ -165,10 +204,23 @@ class Worker:
         self.listener = await loop.create_server(
             self.server, host, port, ssl=ssl_context, backlog=backlog,  # type: ignore[arg-type]
             reuse_address=True)
+        if settings.http_port:  # Vast's platform ends sessions over plain HTTP here
+            self.session_server = FrontServer(self.desk.serve_end_only,
+                                              keepalive_timeout=settings.keepalive_timeout,
+                                              write_timeout=settings.request_timeout)
+            try:
+                self.session_listener = await loop.create_server(
+                    self.session_server, host, settings.http_port,  # type: ignore[arg-type]
+                    reuse_address=True)
+            except OSError as taken:  # the worker itself is served: say so, go on
+                log.warning("session port %d (VESPA_WORKER_HTTP_PORT): %s; POST /session/end "
+                            "is served on the worker port only", settings.http_port, taken)
+                self.session_server = None
 
     async def drain(self) -> None:
         """Refuse new work, let what is in flight finish (up to the drain timeout)."""
         self.state.phase = Phase.DRAINING
+        self.desk.close_all()  # each session gets its record; its requests are cut
         in_flight = len(self.ledger.in_flight)
         log.info("draining: %d request(s) in flight, waiting up to %gs", in_flight,
                  self.settings.drain_timeout)
@@ -181,13 +233,18 @@ class Worker:
 
     async def stop(self, shutdown_timeout: float = 1.0) -> None:
         """Close the socket and the connections, then every room; the last report goes out."""
-        if self.listener is not None:
-            self.listener.close()
-        if self.server is not None:
-            self.server.pre_shutdown()
-            await self.server.shutdown(shutdown_timeout)
-        if self.listener is not None:
-            await self.listener.wait_closed()
+        for listener, server in ((self.listener, self.server),
+                                 (self.session_listener, self.session_server)):
+            if listener is not None:
+                listener.close()
+            if server is not None:
+                server.pre_shutdown()
+                await server.shutdown(shutdown_timeout)
+            if listener is not None:
+                await listener.wait_closed()
+        self.desk.close_all()  # stopped without a drain (a test, an error): records all the same
+        if self.closing:
+            await asyncio.wait(self.closing, timeout=shutdown_timeout)
         if self.supervisor is not None:
             await self.supervisor.stop()
         for task in self.background:

@@ -39,6 +39,7 @@ class Envelope(NamedTuple):  # made once per request: a NamedTuple is 5x cheaper
     path_qs: str | None = None  # the backend's path and query; None: the request's own
     cost: float | None = None
     request_idx: int | None = None
+    session_id: str | None = None  # the session the request belongs to (Vast's sessions)
 
 
 PASSTHROUGH = Envelope(None)
@@ -113,6 +114,9 @@ def open_body(body: bytes, *, unsecured: bool) -> Envelope:
     problems = check_auth_data(document["auth_data"])
     if "payload" not in document:
         problems.append("payload is missing (it is the JSON body the backend receives)")
+    session_id = document.get("session_id")
+    if session_id is not None and not isinstance(session_id, str):
+        problems.append("session_id must be a string (from /session/create) or null")
     if problems:
         raise EnvelopeError(problems)
     try:
@@ -120,7 +124,7 @@ def open_body(body: bytes, *, unsecured: bool) -> Envelope:
                              ensure_ascii=False).encode("utf-8")
     except RecursionError:
         raise EnvelopeError(["payload is nested too deeply"]) from None
-    return _signed(document["auth_data"], body=payload)
+    return _signed(document["auth_data"], body=payload, session_id=session_id)
 
 
 def _query_value(name: str, raw: str) -> object:

@@ -25,13 +25,17 @@ from .answer import refusal_answer
 from .doorway import Doorway, log_access
 from .envelope import Envelope, EnvelopeError
 from .gate import Gate, Overloaded
-from .ledger import Ledger, Outcome
+from .ledger import Entry, Ledger, Outcome
 from .refusal import REFUSING, Reason, Refused, refusal_for
 from .request_ids import current_request_id, request_id
+from .session_desk import ROUTES as SESSION_ROUTES
+from .session_desk import SessionDesk
+from .sessions import Session
 from .visit import Visit
 
 log = logging.getLogger("vespa")
 RESERVED_PREFIX = "/_vespa/"
+OWN_PREFIXES = (RESERVED_PREFIX, "/session/")  # the worker's own paths (Vast's sessions too)
 
 OwnRoutes = Callable[[Request, str], Awaitable[None]]  # (request, path): the worker's own routes
 Recorder = Callable[[Request, Visit, "float | None"], None]  # keeps a request record
@@ -40,8 +44,9 @@ Recorder = Callable[[Request, Visit, "float | None"], None]  # keeps a request r
 class Corridor:
     def __init__(self, doorway: Doorway, ledger: Ledger, admission: Admission, gate: Gate,
                  upstream: Upstream, metrics: Metrics, state: WorkerState, own: OwnRoutes,
-                 default_cost: float):
+                 desk: SessionDesk, default_cost: float):
         self.doorway = doorway  # envelope, signature and the door's refusals
+        self.desk = desk  # Vast's sessions
         self.ledger = ledger
         self.admission = admission
         self.gate = gate
@@ -60,8 +65,12 @@ class Corridor:
         """The front server's handler: the worker's own routes under /_vespa/, everything else
         to the backend. It hands back the coroutine that serves the request (one level less)."""
         target = origin_form(request.target)  # None: no path to serve, the envelope says 400
-        if target is not None and target.startswith(RESERVED_PREFIX):
-            return self.own(request, path_of(target))
+        if target is not None and target.startswith(OWN_PREFIXES):
+            path = path_of(target)
+            if path in SESSION_ROUTES:
+                return self.desk.serve(request, path)
+            if target.startswith(RESERVED_PREFIX):
+                return self.own(request, path)
         return self.handle(request, target)
 
     async def handle(self, request: Request, target: str | None) -> None:
@@ -72,11 +81,13 @@ class Corridor:
         visit = Visit(rid, wants is not None and wants(), self.capture)
         try:
             envelope = visit.envelope = await self.doorway.open(request, target)
-            if self.doorway.must_verify(envelope):
+            session = None if envelope.session_id is None else self.desk.member(envelope)  # 410
+            if self.doorway.must_verify(envelope) and \
+                    (session is None or not session.vouches_for(envelope.auth_data)):
                 await self.doorway.check_signature(envelope)
             workload = workload_of(envelope.cost, self.default_cost)
             self.at_the_door(request, target, envelope, workload, visit)
-            await self.serve(request, envelope, workload, visit)
+            await self.serve(request, envelope, workload, visit, session)
         except Refused as refused:
             self.metrics.rejected(refused.reason)
             visit.status = refused.status
@@ -96,13 +107,11 @@ class Corridor:
             raise refused
 
     async def serve(self, request: Request, envelope: Envelope, workload: float,
-                    visit: Visit) -> None:
+                    visit: Visit, session: Session | None) -> None:
         """Admit, queue and proxy a request that is in the ledger from here on; it is finished
         there exactly once, with how it ended (a client that left: cancelled, 499; a backend
         that failed: an error, its status or 502 when it broke off mid-answer)."""
-        if not self.ledger.in_flight:
-            self.idle.clear()
-        entry = self.ledger.receive(workload, envelope.request_idx, visit.received_at)
+        entry = self.enter(request, envelope, workload, visit, session)
         visit.outcome = Outcome.CANCELLED
         ticket = None
         try:
@@ -127,8 +136,21 @@ class Corridor:
             if ticket is not None:
                 self.gate.leave(ticket)
             self.ledger.finish(entry, visit.outcome, visit.status, time.time())
-            if not self.ledger.in_flight:
+            if session is not None:
+                session.requests.discard(request)
+            elif not self.ledger.in_flight:
                 self.idle.set()
+
+    def enter(self, request: Request, envelope: Envelope, workload: float, visit: Visit,
+              session: Session | None) -> Entry:
+        """The request's ledger entry; in a session, the session is what is reported, and the
+        request can be cut when it ends."""
+        if session is None:
+            self.idle.clear()  # set again when the last request in flight ends
+            return self.ledger.receive(workload, envelope.request_idx, visit.received_at)
+        session.requests.add(request)
+        self.desk.sessions.extend(session, visit.received_at)
+        return self.ledger.receive_in_session(workload, visit.received_at)
 
     def admit(self, workload: float, envelope: Envelope) -> Ticket:
         """A ticket to run now or to wait in line; ``Refused`` (429) when there is none."""

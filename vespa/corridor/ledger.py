@@ -29,6 +29,7 @@ class Entry:
     received_at: float
     started_at: float | None = None
     closed: bool = False
+    in_session: bool = False  # a request inside a session: the session is what is reported
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,14 @@ class Ledger:
         self.totals.received += 1
         return entry
 
+    def receive_in_session(self, workload: float, now: float) -> Entry:
+        """A request inside an open session: its workload counts as received (and served) as
+        Vast's worker counts it, but it is not in flight on its own and has no record; the
+        session's own entry is both."""
+        self.window.new_load += workload
+        self.totals.received += 1
+        return Entry(workload, None, now, in_session=True)
+
     def start(self, entry: Entry, now: float) -> None:
         entry.started_at = now
 
@@ -95,7 +104,8 @@ class Ledger:
         if entry.closed:
             return
         entry.closed = True
-        self.in_flight.discard(entry)
+        if not entry.in_session:
+            self.in_flight.discard(entry)
         self.totals.outcomes[outcome._value_] += 1  # .value is a Python-level property
         if outcome is Outcome.SUCCESS:
             self.window.cur_perf += entry.workload

@@ -33,6 +33,8 @@ class Reason(str, Enum):
     QUEUE_TIMEOUT = "queue_timeout"
     BACKEND_FAILED = "backend_failed"
     BACKEND_TIMEOUT = "backend_timeout"
+    SESSION_GONE = "session_gone"
+    SESSION_LIMIT = "session_limit"
 
 
 # reason -> (status, outcome in the ledger when the request is in it: received and counted)
@@ -51,6 +53,8 @@ RULES: dict[Reason, tuple[int, Outcome]] = {
     Reason.QUEUE_TIMEOUT: (429, Outcome.REJECTED),
     Reason.BACKEND_FAILED: (502, Outcome.ERROR),
     Reason.BACKEND_TIMEOUT: (504, Outcome.ERROR),
+    Reason.SESSION_GONE: (410, Outcome.ERROR),
+    Reason.SESSION_LIMIT: (429, Outcome.REJECTED),
 }
 
 

@@ -22,6 +22,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.utils import floatToGoString
 
 from ..corridor.refusal import Reason
+from ..corridor.sessions import Sessions
 
 log = logging.getLogger("vespa.metrics")
 
@@ -117,6 +118,7 @@ class Metrics:
         self.queued = queued
         self.estimated_wait = estimated_wait
         self.throughput = throughput
+        self.sessions: Sessions | None = None  # read at scrape time, when sessions are served
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(MetricsCollector(self))
 
@@ -235,3 +237,14 @@ class MetricsCollector:
         yield reports
         yield CounterMetricFamily("vespa_backend_restarts", "Times the supervised backend "
                                   "process was restarted.", value=m.backend_restarts)
+        if m.sessions is not None:
+            yield GaugeMetricFamily("vespa_sessions_open", "Sessions open now.",
+                                    value=len(m.sessions.open))
+            yield CounterMetricFamily("vespa_sessions_created", "Sessions created.",
+                                      value=m.sessions.created)
+            ended = CounterMetricFamily("vespa_sessions_ended", "Sessions ended, by how: by "
+                                        "the client (ended), by expiry, by the drain.",
+                                        labels=["how"])
+            for how, count in list(m.sessions.ends.items()):
+                ended.add_metric([how], count)
+            yield ended

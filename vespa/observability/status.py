@@ -14,6 +14,7 @@ from ..backend.insight import BackendInsight
 from ..backend.supervisor import Supervisor
 from ..corridor.admission import Admission
 from ..corridor.ledger import Ledger
+from ..corridor.sessions import Sessions
 from ..state import WorkerState
 from .records import RequestRecorder
 
@@ -34,7 +35,7 @@ def last_report(reporter: Reporter | None) -> dict | None:
 def worker_status(*, state: WorkerState, admission: Admission, ledger: Ledger,
                   backend_url: str, backend: str | None, reporter: Reporter | None,
                   supervisor: Supervisor | None, insight: BackendInsight | None,
-                  recorder: RequestRecorder | None) -> dict:
+                  recorder: RequestRecorder | None, sessions: Sessions | None = None) -> dict:
     queued = admission.queued_workload
     status = {
         "version": __version__,
@@ -59,6 +60,9 @@ def worker_status(*, state: WorkerState, admission: Admission, ledger: Ledger,
             "queue": insight.snapshot() if insight is not None else None,
         },
     }
+    if sessions is not None:
+        status["sessions"] = {"open": len(sessions.open), "limit": sessions.limit,
+                              "created": sessions.created, "ended": dict(sessions.ends)}
     if recorder is not None:
         status["request_records"] = {
             "directory": recorder.directory, "written": recorder.written,
