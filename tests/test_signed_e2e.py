@@ -228,3 +228,23 @@ async def test_in_dev_mode_the_key_passes_but_is_never_logged(make_worker, backe
         f"api_key={ENDPOINT_KEY}&token=t0ken-secret-value"
     access = [r.getMessage() for r in caplog.records if r.name == "vespa.access"]
     assert access and not any(ENDPOINT_KEY in line or "t0ken" in line for line in access)
+
+
+async def test_signatures_that_verify_under_no_scheme_are_logged_once_a_minute(fleet, caplog):
+    """vast-cli#493: production signatures that match no documented message. The operator gets
+    one line (not one per request) with the schemes tried and the key's fingerprint."""
+    caplog.set_level("WARNING", logger="vespa.auth")
+    f = await fleet("full")
+    await ready(f)
+    for _ in range(3):
+        auth_data = f.auth_data(await f.route(cost=5))
+        auth_data["endpoint"] = "tampered"  # the signature matches no message any more
+        assert (await f.post("/echo", auth_data, {})).status == 401
+    lines = [r.getMessage() for r in caplog.records if r.name == "vespa.auth"]
+    assert len(lines) == 1, lines
+    fingerprint = f.worker.keyring.key.fingerprint
+    assert fingerprint.startswith("sha256:") and fingerprint in lines[0]
+    assert "full, url, legacy" in lines[0]
+    malformed = dict(f.auth_data(await f.route(cost=5)), signature="not base64!")
+    assert (await f.post("/echo", malformed, {})).status == 401
+    assert f.worker.doorway.alarm.failures == 2  # a malformed signature is no mismatch

@@ -41,6 +41,7 @@ class Verdict:
     ok: bool
     reason: str = ""
     scheme: str | None = None
+    mismatch: bool = False  # a well-formed signature that matches no scheme's message
 
 
 # DER DigestInfo prefixes for SHA-256 (RFC 8017 section 9.2, note 1), with and without the NULL
@@ -69,6 +70,9 @@ class PublicKey:
         # relies on.
         self.raw_rsa = getattr(self.rsa_key, "_encrypt", None) or (
             lambda value: pow(value, exponent, self.modulus))
+        # what an operator compares with the autoscaler's /pubkey/ when signatures fail
+        self.fingerprint = "sha256:" + hashlib.sha256(
+            self.rsa_key.export_key("DER")).hexdigest()[:16]
         self.block_prefixes = tuple(
             b"\x00\x01" + b"\xff" * (self.size_bytes - 3 - len(info) - 32) + b"\x00" + info
             for info in SHA256_DIGEST_INFOS)
@@ -188,7 +192,8 @@ def verify(auth_data: Mapping, public_key: PublicKey | RSA.RsaKey, scheme: str =
         return Verdict(False, raw)
     verified, unbuildable = _first_verified(auth_data, key.recover_block(raw), key, tried)
     if verified is None:
-        return Verdict(False, _refusal(unbuildable, tried))
+        return Verdict(False, _refusal(unbuildable, tried),
+                       mismatch=len(unbuildable) < len(tried))
     if expected_url is not None and not urls_match(auth_data.get("url"), expected_url):
         signed_url = repr(auth_data.get("url"))[:200]
         return Verdict(False, f"signed for another worker: url {signed_url} is not this worker's "

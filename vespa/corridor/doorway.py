@@ -10,6 +10,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import re
+import time
 from typing import Protocol
 
 from ..http.body import arrived_body, check_length, is_small, read_body
@@ -20,10 +21,36 @@ from .envelope import BODY_METHODS, PASSTHROUGH, Envelope, EnvelopeError, open_e
 from .refusal import BODY_ERRORS, Reason, Refused, refusal_for
 from .visit import Visit
 
+log = logging.getLogger("vespa.auth")
 access_log = logging.getLogger("vespa.access")
 # what Vast's client sends a worker besides the envelope: its endpoint key, which spends the
 # endpoint owner's money; a signed request's backend gets neither (``Authorization`` too)
 CLIENT_CREDENTIALS = frozenset({"api_key"})
+
+
+class FailureAlarm:
+    """Signatures that verify under no scheme at all: one WARNING line a minute at most, with
+    how many, the schemes tried and the key's fingerprint, so an operator is not left guessing
+    (vast-cli issue #493 reports production signatures of no documented shape)."""
+
+    def __init__(self, interval: float = 60.0):
+        self.interval = interval
+        self.next_at = 0.0
+        self.failures = 0
+
+    def note(self, scheme: str, key: PublicKey) -> None:
+        self.failures += 1
+        now = time.monotonic()
+        if now < self.next_at:
+            return
+        self.next_at = now + self.interval
+        tried = "full, url, legacy" if scheme == "auto" else scheme
+        log.warning("%d signed request(s) since the last such line verified under no scheme "
+                    "(tried %s; VESPA_SIGNATURE_SCHEME=%s) with the autoscaler key %s: check "
+                    "that REPORT_ADDR is the autoscaler that routes to this worker and that "
+                    "its /pubkey/ has this fingerprint", self.failures, tried, scheme,
+                    key.fingerprint)
+        self.failures = 0
 
 
 class KeySource(Protocol):
@@ -52,6 +79,7 @@ class Doorway:
         self.replay = ReplayWindow(replay_window)
         self.blocked = compile_patterns(blocked_paths)
         self.keys: KeySource | None = None  # set in signed mode, once the key ring exists
+        self.alarm = FailureAlarm()
 
     # -- the envelope --------------------------------------------------------------------------
     async def open(self, request: Request, target: str | None) -> Envelope:
@@ -115,6 +143,8 @@ class Doorway:
             verdict = verify(auth_data, keys.key, self.signature_scheme,
                              expected_url=self.public_url, replay=self.replay)
         if not verdict.ok:
+            if verdict.mismatch and keys.key is not None:
+                self.alarm.note(self.signature_scheme, keys.key)
             raise Refused(Reason.SIGNATURE, verdict.reason)
 
     # -- the door ------------------------------------------------------------------------------
