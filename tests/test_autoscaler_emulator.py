@@ -98,6 +98,17 @@ async def test_a_ready_report_makes_route_return_a_verifiable_signed_url(make_em
     assert emulator.validation_errors == []
 
 
+async def test_signs_url_only_by_default_as_vast_does(emulator, http):
+    """Vast's current autoscaler signs ``{"url": ...}`` only, so every request routed to one
+    worker carries the same signature (PKCS#1 v1.5 is deterministic)."""
+    await post(http, emulator, "/worker_status/", report())
+    (_, first), (_, second) = await route(http, emulator), await route(http, emulator, cost=7)
+    assert emulator.signer.scheme == "url"
+    assert auth.verify(first, emulator.signer.public_key, "url", expected_url=WORKER_URL).ok
+    assert not auth.verify(first, emulator.signer.public_key, "full").ok
+    assert first["signature"] == second["signature"] and first["reqnum"] != second["reqnum"]
+
+
 async def test_reqnums_are_fresh_and_increasing(emulator, http):
     await post(http, emulator, "/worker_status/", report())
     reqnums = [(await route(http, emulator))[1]["reqnum"] for _ in range(5)]
@@ -105,7 +116,8 @@ async def test_reqnums_are_fresh_and_increasing(emulator, http):
     assert [r["reqnum"] for r in emulator.routes] == reqnums
 
 
-async def test_integer_cost_stays_integer_in_the_signature(emulator, http):
+async def test_integer_cost_stays_integer_in_the_signature(make_emulator, http):
+    emulator = await make_emulator(scheme="full")  # the full scheme signs the cost
     await post(http, emulator, "/worker_status/", report())
     _, body = await route(http, emulator, cost=100)
     assert body["cost"] == 100 and isinstance(body["cost"], int)
@@ -240,14 +252,16 @@ def test_signer_signs_auth_data_for_any_url(private_key):
 async def test_runs_as_a_module(http):
     port = free_port()
     process = await asyncio.create_subprocess_exec(
-        PYTHON, "-m", "vespa.devtools.autoscaler", "--port", str(port), "--scheme", "url",
-        env=worker_env(), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        PYTHON, "-m", "vespa.devtools.autoscaler", "--port", str(port),
+        env=worker_env(PYTHONUNBUFFERED="1"), stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT)
     try:
         pem = await fetch_when_up(http, f"http://127.0.0.1:{port}/pubkey/")
         assert auth.PublicKey.from_pem(pem).size_bytes == 256
     finally:
         process.terminate()
-        await process.wait()
+        output, _ = await process.communicate()
+    assert b"(endpoint 'vespa-dev', url signatures)" in output  # the default, as Vast's
 
 
 async def fetch_when_up(http, url: str, timeout: float = 20.0) -> str:

@@ -121,7 +121,7 @@ async def signed():
     async def start(backend_url: str, *, emulator: AutoscalerEmulator | None = None,
                     start_emulator: bool = True, **env: str) -> Fleet:
         if emulator is None:
-            emulator = AutoscalerEmulator(private_key=autoscaler_key())
+            emulator = AutoscalerEmulator(scheme="full", private_key=autoscaler_key())
         if not start_emulator and not emulator.port:
             emulator.port = free_port()  # nothing listens there yet
         if start_emulator:
@@ -149,7 +149,7 @@ async def signed():
 
 @pytest.fixture
 async def emulator():
-    emulator = AutoscalerEmulator(private_key=autoscaler_key())
+    emulator = AutoscalerEmulator(scheme="full", private_key=autoscaler_key())
     await emulator.start()
     yield emulator
     await emulator.stop()

@@ -68,7 +68,7 @@ class Stack:
         self.port = free_port()
         values = {"VESPA_BACKEND_URL": backend_url, "VESPA_HEALTHCHECK_INTERVAL": "0.2"}
         if signed:
-            self.emulator = AutoscalerEmulator(private_key=autoscaler_key())
+            self.emulator = AutoscalerEmulator(scheme="full", private_key=autoscaler_key())
             await self.emulator.start()
             values.update(REPORT_ADDR=self.emulator.url, CONTAINER_ID="7",
                           VESPA_WORKER_HTTP_PORT="0",  # in-process: no session port by 3000

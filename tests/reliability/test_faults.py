@@ -413,7 +413,7 @@ async def test_autoscaler_slower_than_the_reporters_timeout(signed, backend, mea
 
 @pytest.mark.parametrize("how", ["answering 500", "unreachable"])
 async def test_public_key_server_down_at_start(signed, backend, measure, how):
-    emulator = AutoscalerEmulator(private_key=autoscaler_key())
+    emulator = AutoscalerEmulator(scheme="full", private_key=autoscaler_key())
     emulator.fail_pubkey = how == "answering 500"
     f = await signed(base_url(backend), emulator=emulator,
                      start_emulator=how == "answering 500")

@@ -1,8 +1,10 @@
 """Local autoscaler emulator: a real aiohttp server playing the Vast autoscaler of PROTOCOL.md.
 
-Serves /pubkey/ and /route/ (signing with the full, url or legacy scheme), records /worker_status/
-and /delete_requests/ for tests, validates every reported field's type, and shows the fleet at /.
-Run: ``python -m vespa.devtools.autoscaler --port 8081 [--scheme full|url|legacy]``.
+Serves /pubkey/ and /route/ (signing with the url-only scheme, as Vast's current autoscaler does,
+or the full or legacy one), records /worker_status/ and /delete_requests/ for tests, validates
+every reported field's type, and shows the fleet at /. For Vast's own client (``vastai``) it also
+serves the console's endpoint rows (/api/v0/endptjobs/) and /get_endpoint_workers/.
+Run: ``python -m vespa.devtools.autoscaler --port 8081 [--scheme url|full|legacy]``.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from vespa.devtools.signing import DEFAULT_ENDPOINT, Signer
 
 JSON_FAULT = {"error": "emulated autoscaler fault"}
 ENDPOINT_LIST_PATH = "/api/v0/endptjobs/"
+DEFAULT_SCHEME = "url"  # Vast's current autoscaler signs {"url": ...} only
 
 
 # -- field checks (one predicate and its description per PROTOCOL.md field) -------------------
@@ -102,14 +105,15 @@ class AutoscalerEmulator:
     """The emulator: ``await start()``, use ``url``, inspect the records, ``await stop()``.
 
     Records: ``reports`` (worker_status bodies), ``deleted`` (one dict per finished request, both
-    delete_requests formats), ``delete_bodies``, ``routes`` (signed auth_data handed out) and
-    ``validation_errors`` (should stay empty). Faults: ``fail_reports``, ``fail_deletes``,
+    delete_requests formats), ``delete_bodies``, ``routes`` (signed auth_data handed out),
+    ``route_requests`` (every /route/ body received, routed or not) and ``validation_errors``
+    (should stay empty). Faults: ``fail_reports``, ``fail_deletes``,
     ``fail_routes``, ``fail_pubkey`` answer 500 without recording; ``delay`` seconds precede
     every answer (a body that arrives is recorded even if its sender gave up waiting).
     ``signer`` holds the key (``signer.public_pem``, ``signer.public_key``) and signs auth_data.
     """
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, scheme: str = "full",
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, scheme: str = DEFAULT_SCHEME,
                  endpoint: str = DEFAULT_ENDPOINT, api_key: str | None = None,
                  private_key: RSA.RsaKey | None = None, stale_after: float = 30.0):
         self.signer = Signer(private_key, scheme, endpoint)
@@ -120,6 +124,7 @@ class AutoscalerEmulator:
         self.delete_bodies: list[dict] = []
         self.deleted: list[dict] = []
         self.routes: list[dict] = []
+        self.route_requests: list[dict] = []
         self.validation_errors: list[str] = []
         self.fail_reports = self.fail_deletes = self.fail_routes = self.fail_pubkey = False
         self.delay = 0.0
@@ -127,6 +132,8 @@ class AutoscalerEmulator:
         # The Vast API's endpoint list (account key -> endpoint key), for client tests.
         self.account_key: str | None = None
         self.endpoint_id = 1
+        self.user_id = 1
+        self.created_at = time.time()
 
     # -- serving -----------------------------------------------------------------------------
     @property
@@ -139,6 +146,8 @@ class AutoscalerEmulator:
         app.router.add_post("/worker_status/", self.handle_worker_status)
         app.router.add_post("/delete_requests/", self.handle_delete_requests)
         app.router.add_get(ENDPOINT_LIST_PATH, self.handle_endpoint_list)
+        app.router.add_get(ENDPOINT_LIST_PATH + "{id}/", self.handle_endpoint_row)
+        app.router.add_post("/get_endpoint_workers/", self.handle_endpoint_workers)
         return app
 
     async def start(self) -> None:
@@ -185,6 +194,7 @@ class AutoscalerEmulator:
         body = await read_json_object(request)
         if isinstance(body, web.Response):
             return body
+        self.route_requests.append(body)
         if not self.api_key_ok(request, body):
             return error_response(401, "missing or wrong endpoint api key (Authorization: Bearer)")
         problem = self.route_problem(body)
@@ -276,15 +286,54 @@ class AutoscalerEmulator:
         return [record.get("request_idx") for record in self.deleted]
 
     # -- the Vast API's endpoint list (what `vastai show endpoints` reads) ----------------------
+    def endpoint_row(self) -> dict:
+        """This endpoint as the console lists it; Vast's client requires every field here."""
+        return {"id": self.endpoint_id, "endpoint_name": self.endpoint,
+                "api_key": self.api_key or "", "user_id": self.user_id,
+                "created_at": self.created_at, "endpoint_state": "active"}
+
+    def account_key_ok(self, given: str | None) -> bool:
+        return self.account_key is not None and given == self.account_key
+
     async def handle_endpoint_list(self, request: web.Request) -> web.Response:
         """``GET /api/v0/endptjobs/``: this endpoint and its key, for the account key only."""
-        if self.account_key is None or \
-                request.headers.get("Authorization") != f"Bearer {self.account_key}":
-            return web.json_response({"success": False, "error": "auth_error",
-                                      "msg": "invalid or missing account api key"}, status=401)
-        row = {"id": self.endpoint_id, "endpoint_name": self.endpoint,
-               "api_key": self.api_key or "", "endpoint_state": "active"}
-        return web.json_response({"success": True, "results": [row]})
+        if not self.account_key_ok(bearer(request)):
+            return account_key_refused()
+        return web.json_response({"success": True, "results": [self.endpoint_row()]})
+
+    async def handle_endpoint_row(self, request: web.Request) -> web.Response:
+        """``GET /api/v0/endptjobs/{id}/``: one endpoint (Vast's client refreshes it every 3 days)."""
+        if not self.account_key_ok(bearer(request)):
+            return account_key_refused()
+        if request.match_info["id"] != str(self.endpoint_id):
+            return error_response(404, f"no endpoint with id {request.match_info['id']!r:.80}")
+        return web.json_response({"success": True, "result": self.endpoint_row()})
+
+    async def handle_endpoint_workers(self, request: web.Request) -> web.Response:
+        """``POST /get_endpoint_workers/`` ``{"id", "api_key": <account key>}`` (in the body, no
+        header): one row per reporting worker with an integer id, in the fields Vast's client
+        reads."""
+        body = await read_json_object(request)
+        if isinstance(body, web.Response):
+            return body
+        if not self.account_key_ok(body.get("api_key")):
+            return account_key_refused()
+        if body.get("id") != self.endpoint_id:
+            return web.json_response({"error_msg": f"no endpoint with id {body.get('id')!r:.80}"})
+        now = time.monotonic()
+        return web.json_response([self.worker_row(w, now) for w in self.workers.values()
+                                  if is_int(w.worker_id)])
+
+    def worker_row(self, worker: WorkerView, now: float) -> dict:
+        report = worker.report
+        row = {"id": worker.worker_id, "status": worker.state(now, self.stale_after)}
+        for name, field in (("cur_load", "cur_load"), ("new_load", "new_load"),
+                            ("cur_perf", "cur_perf"), ("perf", "max_perf"),
+                            ("measured_perf", "max_perf"), ("disk_usage", "disk_usage"),
+                            ("reqs_working", "num_requests_working")):
+            if is_number(report.get(field)):
+                row[name] = report[field]
+        return row
 
     async def handle_status_page(self, request: web.Request) -> web.Response:
         return web.Response(text=self.status_page(), content_type="text/html")
@@ -311,6 +360,16 @@ def cell(value) -> str:
     return f"<td>{html.escape(str(value))}</td>"
 
 
+def bearer(request: web.Request) -> str | None:
+    header = request.headers.get("Authorization", "")
+    return header[len("Bearer "):] if header.startswith("Bearer ") else None
+
+
+def account_key_refused() -> web.Response:
+    return web.json_response({"success": False, "error": "auth_error",
+                              "msg": "invalid or missing account api key"}, status=401)
+
+
 def error_response(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
@@ -330,7 +389,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1", help="listen address (loopback default)")
     parser.add_argument("--port", type=int, default=8081)
-    parser.add_argument("--scheme", choices=auth.SCHEMES, default="full")
+    parser.add_argument("--scheme", choices=auth.SCHEMES, default=DEFAULT_SCHEME,
+                        help=f"how /route/ signs (default {DEFAULT_SCHEME}: Vast's current)")
     parser.add_argument("--endpoint", default=DEFAULT_ENDPOINT, help="endpoint name to serve")
     parser.add_argument("--api-key", default=None, help="require this Bearer key on /route/")
     parser.add_argument("--account-key", default=None,
