@@ -535,6 +535,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "(/_vespa/readyz for vespa, /health through the proxy otherwise)")
     parser.add_argument("--with-records", action="store_true",
                         help="add a vespa row with request records on (VESPA_REQUEST_LOG_DIR)")
+    parser.add_argument("--with-tree", action="append", type=Path, default=[],
+                        help="add a vespa row run from another checkout (with its own "
+                             ".venvs/worker when it has one): an A/B in one run")
     parser.add_argument("--with-naive", action="store_true",
                         help="add perf/naive_proxy.py as a reference row")
     parser.add_argument("--with-nginx", action="store_true",
@@ -562,6 +565,12 @@ def start_proxies(procs: Processes, args: argparse.Namespace, backend_url: str,
     else:
         proxies = [start_command_proxy(procs, "vespa", "{python} -m vespa",
                                        args.proxy_ready_path or "/_vespa/readyz", backend_url)]
+    for tree in args.with_tree:  # another checkout, e.g. a git worktree of the base commit
+        python = tree / ".venvs" / "worker" / "bin" / "python"  # its env, with its own build
+        proxies.append(start_command_proxy(
+            procs, f"vespa@{tree.name}",
+            f"{shlex.quote(str(python if python.exists() else sys.executable))} "
+            f"{shlex.quote(str(tree / 'server.py'))}", "/_vespa/readyz", backend_url))
     if args.with_records:
         proxies.append(start_command_proxy(
             procs, "vespa+records", "{python} -m vespa", "/_vespa/readyz", backend_url,
