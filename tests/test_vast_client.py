@@ -343,7 +343,6 @@ async def session_limit(emulator, ep: Endpoint) -> None:
     await bounded(second.close())
 
 
-@pytest.mark.xfail(reason=SESSIONS, strict=False)
 async def test_session_lifecycle(fleet, backend, vast_client):
     f = await serving(fleet)
     await session_lifecycle(f.emulator, backend, await endpoint(await vast_client(f.emulator)),
@@ -351,13 +350,11 @@ async def test_session_lifecycle(fleet, backend, vast_client):
     assert f.emulator.validation_errors == []
 
 
-@pytest.mark.xfail(reason=SESSIONS, strict=False)
 async def test_an_expired_session_is_closed_and_answers_410(fleet, backend, vast_client):
     f = await serving(fleet)
     await session_expiry(f.emulator, backend, await endpoint(await vast_client(f.emulator)))
 
 
-@pytest.mark.xfail(reason=SESSIONS, strict=False)
 async def test_a_worker_at_its_session_limit_is_routed_again(fleet, backend, vast_client):
     f = await serving(fleet, VESPA_MAX_SESSIONS="1")
     await session_limit(f.emulator, await endpoint(await vast_client(f.emulator)))

@@ -126,11 +126,12 @@ class Worker:
         return (f"backend's own queue is full ({self.insight.waiting} waiting, limit {limit}, "
                 "VESPA_BACKEND_QUEUE_LIMIT); retry in 1s")
 
-    def on_session_close(self, path: str, body: dict) -> None:
+    def on_session_close(self, path: str, body: dict) -> asyncio.Task:
         """POST an ended session's on_close_route to the backend, in the background."""
         task = asyncio.get_running_loop().create_task(self.post_session_close(path, body))
         self.closing.add(task)
         task.add_done_callback(self.closing.discard)
+        return task
 
     async def post_session_close(self, path: str, body: dict, timeout: float = 10.0) -> None:
         if self.session is None:

@@ -29,7 +29,8 @@ from .sessions import Session, SessionInputError, Sessions, close_body, plan_fro
 
 ROUTES = ("/session/create", "/session/end", "/session/get", "/session/health")
 CALL_BODY_LIMIT = 64 * 1024  # {"session_id", "session_auth"}: small
-OnClose = Callable[[str, dict], None]  # (backend path, JSON body): POSTed, best effort
+# (backend path, JSON body) -> the POST on its way (best effort, bounded), to wait for or not
+OnClose = Callable[[str, dict], Awaitable[None]]
 
 
 class SessionDesk:
@@ -125,7 +126,9 @@ class SessionDesk:
         call = await self.call(request, rid)
         if isinstance(call, Answer):
             return call
-        self.close(call.session_id, "ended")
+        closing = self.close(call.session_id, "ended")
+        if closing is not None:  # as Vast's worker: the backend has heard before the answer
+            await closing
         return json_answer(200, {"ended": True, "removed_session": call.session_id})
 
     async def get(self, request: Request, rid: str) -> Answer:
@@ -165,17 +168,18 @@ class SessionDesk:
         return session
 
     # -- ending --------------------------------------------------------------------------------
-    def close(self, session_id: str, how: str) -> None:
-        """End a session: cut its requests in flight, POST its on_close_route (best effort) and
-        give it its one delete record (a success)."""
+    def close(self, session_id: str, how: str) -> Awaitable[None] | None:
+        """End a session: cut its requests in flight, give it its one delete record (a
+        success) and POST its on_close_route; returns that POST on its way, if any."""
         session = self.sessions.end(session_id, how)
         if session is None:
-            return
+            return None
         for cut in list(session.requests):
             cut.conn.abort()
-        if session.plan.on_close_route is not None:
-            self.on_close(session.plan.on_close_route, close_body(session))
         self.ledger.finish(session.entry, Outcome.SUCCESS, 200, time.time())
+        if session.plan.on_close_route is None:
+            return None
+        return self.on_close(session.plan.on_close_route, close_body(session))
 
     def sweep(self, now: float) -> int:
         """End the sessions whose time is up; how many."""
