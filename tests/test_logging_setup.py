@@ -171,5 +171,5 @@ async def test_malformed_requests_are_one_line_each_minute_not_tracebacks(captur
         server.close()
     text = written()
     assert "Traceback" not in text
-    refused = [line for line in text.splitlines() if "malformed request" in line]
+    refused = [line for line in text.splitlines() if "refused a request from" in line]
     assert len(refused) == 1 and "WARNING" in refused[0] and "127.0.0.1" in refused[0], text

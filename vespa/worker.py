@@ -25,7 +25,7 @@ from .backend.logwatch import LogWatch
 from .backend.supervisor import Supervisor
 from .config import Settings
 from .corridor.admission import Admission
-from .corridor.doorway import Doorway
+from .corridor.doorway import Doorway, EnvelopeLimits
 from .corridor.gate import Gate
 from .corridor.handler import Corridor
 from .corridor.ledger import Ledger
@@ -86,7 +86,10 @@ class Worker:
                                signature_scheme=settings.signature_scheme,
                                public_url=settings.public_url,
                                replay_window=settings.replay_window,
-                               blocked_paths=settings.blocked_paths)
+                               blocked_paths=settings.blocked_paths,
+                               envelope_limits=EnvelopeLimits(
+                                   settings.max_envelope_bytes, settings.max_envelope_values,
+                                   settings.envelope_read_timeout))
         self.sessions = Sessions(settings.max_sessions)
         self.metrics.sessions = self.sessions
         self.desk = SessionDesk(self.sessions, self.doorway, self.ledger, self.metrics,
@@ -200,7 +203,8 @@ class Worker:
         settings = self.settings
         self.server = FrontServer(self.corridor.dispatch,
                                   keepalive_timeout=settings.keepalive_timeout,
-                                  write_timeout=settings.request_timeout)
+                                  write_timeout=settings.request_timeout,
+                                  max_per_client=settings.max_client_connections)
         loop = asyncio.get_running_loop()
         self.listener = await loop.create_server(
             self.server, host, port, ssl=ssl_context, backlog=backlog,  # type: ignore[arg-type]

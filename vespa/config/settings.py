@@ -89,6 +89,20 @@ class Settings:
     body_read_timeout: float = setting(
         "VESPA_BODY_READ_TIMEOUT", NUMBER, 30.0,
         "seconds a client may pause while sending a request body → 408")
+    max_envelope_bytes: int = setting(
+        "VESPA_MAX_ENVELOPE_BYTES", whole(), 4 * MiB,
+        "a signed request's envelope is read whole and parsed before its signature is "
+        "checked: larger ones get 413", shown="4 MiB")
+    max_envelope_values: int = setting(
+        "VESPA_MAX_ENVELOPE_VALUES", whole(), 100_000,
+        "JSON values (objects, arrays, members) an envelope may hold before its signature is "
+        "checked: more get 413 (parsing them would stall the worker)")
+    envelope_read_timeout: float = setting(
+        "VESPA_ENVELOPE_READ_TIMEOUT", NUMBER, 60.0,
+        "seconds a signed request's envelope may take to arrive whole → 408")
+    max_client_connections: int = setting(
+        "VESPA_MAX_CLIENT_CONNECTIONS", whole(), 256,
+        "open connections one client address may hold; more are answered 429 and closed")
     connect_timeout: float = setting("VESPA_CONNECT_TIMEOUT", NUMBER, 5.0,
                                      "seconds to connect to the backend → 502")
     connection_limit: int = setting(

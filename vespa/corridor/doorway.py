@@ -13,7 +13,7 @@ import re
 import time
 from typing import Protocol
 
-from ..http.body import arrived_body, check_length, is_small, read_body
+from ..http.body import BodyTooLarge, arrived_body, check_length, is_small, read_body
 from ..http.messages import Request
 from ..http.target import path_of, redacted, spellings, without_params
 from .auth import PublicKey, ReplayWindow, verify
@@ -26,6 +26,36 @@ access_log = logging.getLogger("vespa.access")
 # what Vast's client sends a worker besides the envelope: its endpoint key, which spends the
 # endpoint owner's money; a signed request's backend gets neither (``Authorization`` too)
 CLIENT_CREDENTIALS = frozenset({"api_key"})
+
+
+class EnvelopeLimits:
+    """What an unauthenticated client can make the worker spend on one envelope: its bytes, the
+    time it may take to arrive, and the JSON values parsing it would build (parsing runs on the
+    event loop and holds the GIL, so every other client waits while it does)."""
+
+    QUICK = 64 * 1024  # a body this small holds too few values to be worth counting
+
+    def __init__(self, max_bytes: int = 4 << 20, max_values: int = 100_000,
+                 read_timeout: float = 60.0):
+        self.max_bytes = max_bytes
+        self.setting = "VESPA_MAX_ENVELOPE_BYTES"  # the setting that sets max_bytes
+        self.max_values = max_values
+        self.read_timeout = read_timeout
+
+    def check(self, body: bytes) -> None:
+        """``Refused`` (413) when the body is larger than allowed (it came whole, or without a
+        length), or its JSON would hold more values than allowed: every object, array and
+        member costs a ``{``, ``[``, ``,`` or ``:`` (an upper bound)."""
+        if len(body) > self.max_bytes:
+            raise Refused(Reason.BODY_SIZE, str(BodyTooLarge(self.max_bytes, len(body),
+                                                             self.setting)))
+        if len(body) <= self.QUICK:
+            return
+        values = body.count(b"[") + body.count(b"{") + body.count(b",") + body.count(b":")
+        if values > self.max_values:
+            raise Refused(Reason.BODY_SIZE, f"envelope holds up to {values} JSON values, more "
+                                            f"than the {self.max_values} allowed before its "
+                                            "signature is checked (VESPA_MAX_ENVELOPE_VALUES)")
 
 
 class FailureAlarm:
@@ -70,10 +100,13 @@ def compile_patterns(patterns: tuple[str, ...]) -> re.Pattern | None:
 class Doorway:
     def __init__(self, *, unsecured: bool, max_body_bytes: int, body_read_timeout: float,
                  signature_scheme: str, public_url: str | None, replay_window: int,
-                 blocked_paths: tuple[str, ...]):
+                 blocked_paths: tuple[str, ...], envelope_limits: EnvelopeLimits | None = None):
         self.unsecured = unsecured
         self.max_body_bytes = max_body_bytes
         self.body_read_timeout = body_read_timeout
+        self.limits = envelope_limits or EnvelopeLimits()
+        if max_body_bytes < self.limits.max_bytes:  # the smaller limit of the two holds
+            self.limits.max_bytes, self.limits.setting = max_body_bytes, "VESPA_MAX_BODY_BYTES"
         self.signature_scheme = signature_scheme
         self.public_url = public_url or None
         self.replay = ReplayWindow(replay_window)
@@ -95,7 +128,9 @@ class Doorway:
             if envelope is None:  # the body may be an envelope: read it (usually all here)
                 body = arrived_body(request)
                 if body is None:
-                    body = await read_body(request, self.max_body_bytes, self.body_read_timeout)
+                    body = await self.read_envelope(request)
+                if not self.unsecured:
+                    self.limits.check(body)
                 envelope = open_envelope(request.method, target, body, unsecured=self.unsecured)
                 if envelope is PASSTHROUGH:
                     envelope = Envelope(None, body=body)
@@ -109,6 +144,19 @@ class Doorway:
         elif envelope.path_qs is None and target != request.target:
             envelope = envelope._replace(path_qs=target)
         return envelope
+
+    async def read_envelope(self, request: Request) -> bytes:
+        """A body that may be an envelope, read whole; signed, it is read before anything is
+        known of its sender, so its size, its time to arrive and its JSON are bounded."""
+        if self.unsecured:  # only a small body is read here (open_without_body)
+            return await read_body(request, self.max_body_bytes, self.body_read_timeout)
+        limits = self.limits
+        check_length(request, limits.max_bytes, limits.setting)
+        try:
+            return await read_body(request, limits.max_bytes, self.body_read_timeout,
+                                   limits.read_timeout, "VESPA_ENVELOPE_READ_TIMEOUT")
+        except BodyTooLarge:
+            raise BodyTooLarge(limits.max_bytes, None, limits.setting) from None
 
     def open_without_body(self, request: Request, target: str) -> Envelope | None:
         """The envelope when the body cannot be one (no body, a method without an envelope

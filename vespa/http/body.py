@@ -18,28 +18,32 @@ SMALL_BODY = 256 * 1024
 
 
 class BodyTooLarge(Exception):
-    """The request body is, or grew, past the configured limit."""
+    """The request body is, or grew, past the configured limit (``setting`` names it)."""
 
-    def __init__(self, limit: int, size: int | None = None):
+    def __init__(self, limit: int, size: int | None = None,
+                 setting: str = "VESPA_MAX_BODY_BYTES"):
         what = "request body" if size is None else f"request body of {size} bytes"
-        super().__init__(f"{what} exceeds the {limit}-byte limit (VESPA_MAX_BODY_BYTES)")
+        super().__init__(f"{what} exceeds the {limit}-byte limit ({setting})")
         self.limit = limit
 
 
 class BodyStalled(Exception):
-    """The client sent nothing of its request body for longer than the body read timeout."""
+    """The client sent nothing of its request body for longer than the body read timeout, or
+    not all of it within a whole read's deadline."""
 
-    def __init__(self, timeout: float):
-        super().__init__(f"the request body stalled: nothing arrived for {timeout:g}s "
-                         "(VESPA_BODY_READ_TIMEOUT); send the whole body without pausing")
+    def __init__(self, timeout: float, setting: str = "VESPA_BODY_READ_TIMEOUT"):
+        what = "nothing arrived for" if setting == "VESPA_BODY_READ_TIMEOUT" else \
+            "it did not arrive whole within"
+        super().__init__(f"the request body stalled: {what} {timeout:g}s ({setting}); send "
+                         "the whole body without pausing")
         self.timeout = timeout
 
 
-def check_length(request: Request, limit: int) -> None:
+def check_length(request: Request, limit: int, setting: str = "VESPA_MAX_BODY_BYTES") -> None:
     """``BodyTooLarge`` when the request says its body is larger than ``limit``."""
     length = request.content_length
     if length is not None and length > limit:
-        raise BodyTooLarge(limit, length)
+        raise BodyTooLarge(limit, length, setting)
 
 
 def is_small(request: Request) -> bool:
@@ -71,11 +75,25 @@ def arrived_body(request: Request) -> bytes | None:
     return None
 
 
-async def read_body(request: Request, limit: int, idle_timeout: float) -> bytes:
-    """The whole request body, refused past ``limit`` bytes even without a Content-Length."""
+async def read_body(request: Request, limit: int, idle_timeout: float,
+                    deadline: float | None = None, deadline_setting: str = "") -> bytes:
+    """The whole request body, refused past ``limit`` bytes even without a Content-Length;
+    with a ``deadline`` (seconds, named by ``deadline_setting`` in the refusal) all of it must
+    arrive within it, however it trickles."""
     whole = arrived_body(request)
     if whole is not None:  # no timer, no await
         return whole
+    if deadline is None:
+        return await _read_parts(request, limit, idle_timeout)
+    try:
+        async with timeouts.timeout(deadline):
+            return await _read_parts(request, limit, idle_timeout)
+    except asyncio.TimeoutError:
+        request.give_up()
+        raise BodyStalled(deadline, deadline_setting) from None
+
+
+async def _read_parts(request: Request, limit: int, idle_timeout: float) -> bytes:
     parts, size = [], 0
     while chunk := await read_chunk(request, idle_timeout):
         size += len(chunk)

@@ -30,8 +30,9 @@ def error_answer(status: int, message: str) -> bytes:
 
 
 class RefusalLog:
-    """Requests refused as malformed are the client's fault: at most one WARNING line per
-    ``interval`` seconds, with how many there were, so a hostile client cannot flood the log."""
+    """Requests refused before a handler (malformed, too many connections) are the client's
+    fault: at most one WARNING line per ``interval`` seconds, with how many there were, so a
+    hostile client cannot flood the log."""
 
     def __init__(self, interval: float = 60.0):
         self.interval = interval
@@ -47,5 +48,5 @@ class RefusalLog:
         more = (f" ({self.suppressed} more in the last {self.interval:g}s)"
                 if self.suppressed else "")
         self.suppressed = 0
-        log.warning("refused a malformed request from %s: %d %s%s", peer, error.status,
+        log.warning("refused a request from %s: %d %s%s", peer, error.status,
                     " ".join(error.message.split())[:200], more)

@@ -62,6 +62,7 @@ class Connection(FlowControl):
         # None once the connection is lost (it holds our callbacks: a cycle for the GC)
         self.parser: Any = httptools.HttpRequestParser(self)
         self.peer = ""
+        self.counted = True  # in the server's count of its client's connections
         self.scheme = "http"
         self.parsing: Request | None = None  # the request whose head or body is arriving
         self.head_size = 0
@@ -86,6 +87,12 @@ class Connection(FlowControl):
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)  # a peer gone silently
         self.server.connections.add(self)
+        if not self.server.admit(self.peer):
+            self.counted = False
+            self.refuse(HttpError(429, f"too many connections from {self.peer} (at most "
+                                       f"{self.server.max_per_client}, "
+                                       "VESPA_MAX_CLIENT_CONNECTIONS)"))
+            return
         self.go_idle()
 
     def data_received(self, data: bytes) -> None:
@@ -140,6 +147,8 @@ class Connection(FlowControl):
         self.closed = True
         self.parser = None  # it holds our callbacks: without it the connection needs no GC
         self.server.connections.discard(self)
+        if self.counted:
+            self.server.leave(self.peer)
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -379,14 +388,29 @@ class FrontServer:
     """The protocol factory aiohttp's sites listen with, and the connections it made."""
 
     def __init__(self, handler, *, keepalive_timeout: float = 75.0,
-                 write_timeout: float = 600.0):
+                 write_timeout: float = 600.0, max_per_client: int | None = None):
         self.handler = handler  # (Request) -> awaitable; answers through request.reply
         self.keepalive_timeout = keepalive_timeout
         self.write_timeout = write_timeout
+        self.max_per_client = max_per_client  # open connections one client address may hold
+        self.per_client: dict[str, int] = {}
         self.loop = asyncio.get_running_loop()
         self.connections: set[Connection] = set()
         self.closing = False
         self.refusals = RefusalLog()
+
+    def admit(self, peer: str) -> bool:
+        """Count a new connection from ``peer``; False when it already holds its maximum."""
+        held = self.per_client.get(peer, 0)
+        if self.max_per_client is not None and held >= self.max_per_client:
+            return False
+        self.per_client[peer] = held + 1
+        return True
+
+    def leave(self, peer: str) -> None:
+        held = self.per_client.pop(peer, 1) - 1
+        if held > 0:
+            self.per_client[peer] = held
 
     def __call__(self) -> Connection:
         return Connection(self)
