@@ -89,6 +89,7 @@ async def fleet(backend):
         settings = load_settings({
             **fronted,
             "REPORT_ADDR": emulator.url, "CONTAINER_ID": "7", "MASTER_TOKEN": "mtoken-secret",
+            "VESPA_USE_SSL": "false",
             "VESPA_PUBLIC_URL": f"http://127.0.0.1:{port}", "VESPA_MAX_THROUGHPUT": "1000",
             "VESPA_REPORT_INTERVAL": "0.05", "VESPA_HEALTHCHECK_INTERVAL": "0.2", **env})
         worker = Worker(settings)

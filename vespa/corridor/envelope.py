@@ -39,6 +39,7 @@ class Envelope(NamedTuple):  # made once per request: a NamedTuple is 5x cheaper
     path_qs: str | None = None  # the backend's path and query; None: the request's own
     cost: float | None = None
     request_idx: int | None = None
+    reqnum: int | None = None
 
 
 PASSTHROUGH = Envelope(None)
@@ -81,7 +82,7 @@ def _signed(auth_data: dict, **rest) -> Envelope:
     if problems:
         raise EnvelopeError(problems)
     return Envelope(auth_data, cost=float(auth_data["cost"]),
-                    request_idx=auth_data.get("request_idx"), **rest)
+                    request_idx=auth_data.get("request_idx"), reqnum=auth_data["reqnum"], **rest)
 
 
 def open_body(body: bytes, *, unsecured: bool) -> Envelope:

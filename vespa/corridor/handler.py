@@ -5,7 +5,8 @@
 
 Every "no" is a ``refusal.Refused``, answered and counted in ``handle``; a request that got past
 the door ends in the ledger exactly once (``serve``); a request whose signature fails is not
-load and never enters it. Paths under ``/_vespa/`` are the worker's own and go to ``own``.
+load and never enters it. Paths under ``/_vespa/``, and ``/pyworker/update`` (Vast's platform
+calls it), are the worker's own and go to ``own``.
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ from .visit import Visit
 
 log = logging.getLogger("vespa")
 RESERVED_PREFIX = "/_vespa/"
+# Vast's platform calls these on a worker (Vast's own worker serves them): the worker's own too
+PLATFORM_PREFIX = "/pyworker/"
+UPDATE_ROUTE = "/pyworker/update"
+PLATFORM_ROUTES = frozenset({UPDATE_ROUTE})
 
 OwnRoutes = Callable[[Request, str], Awaitable[None]]  # (request, path): the worker's own routes
 Recorder = Callable[[Request, Visit, "float | None"], None]  # keeps a request record
@@ -57,10 +62,11 @@ class Corridor:
         self.idle = asyncio.Event()  # set when the last request in flight ends
 
     def dispatch(self, request: Request) -> Awaitable[None]:
-        """The front server's handler: the worker's own routes under /_vespa/, everything else
-        to the backend. It hands back the coroutine that serves the request (one level less)."""
+        """The front server's handler: the worker's own routes (under /_vespa/, and Vast's
+        /pyworker/update), everything else to the backend. It hands back the coroutine that serves the request (one level less)."""
         target = origin_form(request.target)  # None: no path to serve, the envelope says 400
-        if target is not None and target.startswith(RESERVED_PREFIX):
+        if target is not None and (target.startswith(RESERVED_PREFIX) or (
+                target.startswith(PLATFORM_PREFIX) and path_of(target) in PLATFORM_ROUTES)):
             return self.own(request, path_of(target))
         return self.handle(request, target)
 
@@ -91,7 +97,8 @@ class Corridor:
         received and rejected in the ledger at once."""
         refused = self.doorway.refusal(target, self.state.draining)
         if refused is not None:
-            self.ledger.reject(workload, envelope.request_idx, refused.status, time.time())
+            self.ledger.reject(workload, envelope.request_idx, refused.status, time.time(),
+                               envelope.reqnum)
             visit.outcome = Outcome.REJECTED
             raise refused
 
@@ -102,7 +109,8 @@ class Corridor:
         that failed: an error, its status or 502 when it broke off mid-answer)."""
         if not self.ledger.in_flight:
             self.idle.clear()
-        entry = self.ledger.receive(workload, envelope.request_idx, visit.received_at)
+        entry = self.ledger.receive(workload, envelope.request_idx, visit.received_at,
+                                    envelope.reqnum)
         visit.outcome = Outcome.CANCELLED
         ticket = None
         try:
