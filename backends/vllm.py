@@ -64,14 +64,23 @@ def detect_gpu(timeout: float = 10.0) -> bool:
     return out.returncode == 0 and any(line.startswith("GPU ") for line in out.stdout.splitlines())
 
 
-def build_command(env: Mapping[str, str], *, port: int, python: str, gpu: bool) -> LaunchSpec:
-    """The vLLM server command for these settings. Raises ValueError naming the bad setting."""
+def build_command(env: Mapping[str, str], *, port: int, python: str, gpu: bool,
+                  api_key: str | None = None) -> LaunchSpec:
+    """The vLLM server command for these settings. Raises ValueError naming the bad setting.
+
+    ``api_key`` (VESPA_BACKEND_API_KEY, which the worker sends with every request) goes to vLLM
+    as VLLM_API_KEY, which vLLM reads as it reads --api-key, in its environment rather than on
+    its command line: a command line is readable by every process on the machine, and vLLM
+    logs its non-default arguments."""
     if not 0 < port < 65536:
         raise ValueError(f"backend port must be 1-65535, got {port}")
     user_args = _user_args(env)
     given = _flag_names(user_args)
     if "--port" in given:
         raise ValueError("VLLM_ARGS must not set --port: the worker chooses the backend port")
+    if "--api-key" in given:
+        raise ValueError("VLLM_ARGS must not set --api-key: set VESPA_BACKEND_API_KEY, which "
+                         "the worker gives vLLM and sends with every request")
 
     model = _model(env, user_args, given)
     default_model = not model
@@ -92,8 +101,10 @@ def build_command(env: Mapping[str, str], *, port: int, python: str, gpu: bool) 
         if not _overridden(flag, given):
             argv += [flag] if value is None else [flag, value]
     argv += user_args
-    return LaunchSpec(argv=argv, env=_extra_env(env, gpu, _is_local_path(model)), model=model,
-                      served_model_name=served, port=port)
+    extra_env = _extra_env(env, gpu, _is_local_path(model))
+    if api_key:
+        extra_env["VLLM_API_KEY"] = api_key
+    return LaunchSpec(argv=argv, env=extra_env, model=model, served_model_name=served, port=port)
 
 
 def setup_problem(spec: LaunchSpec) -> str | None:

@@ -25,12 +25,14 @@ async def http():
 
 
 def report(worker_id: int = 1, **changes) -> dict:
-    body = {"id": worker_id, "mtoken": "token", "version": "0.1.0", "loadtime": 12.5,
-            "cur_load": 0.0, "new_load": 0.0, "rej_load": 0.0, "max_perf": 100.0,
-            "cur_perf": 0.0, "error_msg": "", "cur_capacity": 0, "max_capacity": 0,
+    """A worker_status as Vast's worker (vastai 1.9.1) sends it."""
+    body = {"id": worker_id, "mtoken": "token", "version": "1.1.0", "loadtime": 12.5,
+            "cur_load": 0, "rej_load": 0.0, "new_load": 0.0, "error_msg": "", "max_perf": 100.0,
+            "cur_perf": 0.0, "cur_capacity": 0, "max_capacity": 0,
             "num_requests_working": 0, "num_requests_recieved": 0,
-            "additional_disk_usage": 0.0, "working_request_idxs": [], "url": WORKER_URL}
-    assert set(body) == set(WORKER_STATUS_FIELDS)
+            "additional_disk_usage": 0.0, "disk_usage": 23.5, "working_request_idxs": [],
+            "url": WORKER_URL}
+    assert list(body) == list(WORKER_STATUS_FIELDS)
     return dict(body, **changes)
 
 
@@ -162,16 +164,16 @@ async def test_bad_route_requests_get_a_json_error(emulator, http, body, status,
 async def test_delete_requests_both_formats_are_recorded(emulator, http):
     legacy_ok = {"worker_id": 1, "mtoken": "t", "request_idxs": [1, 2], "success": True}
     legacy_failed = {"worker_id": 1, "mtoken": "t", "request_idxs": [3], "success": False}
-    records = [{"request_idx": 4, "success": True, "status": 200, "entered_queue_at": 1.0,
-                "work_started_at": 1.5, "work_completed_at": 2.0},
-               {"request_idx": 5, "success": False, "status": 429, "entered_queue_at": 3.0,
-                "work_started_at": None, "work_completed_at": 3.0}]
+    records = [{"request_idx": 4, "success": True, "status": "Success",
+                "entered_queue_at": 1.0, "work_started_at": 1.5, "work_completed_at": 2.0},
+               {"request_idx": 5, "success": False, "status": "Rejected",
+                "entered_queue_at": 3.0, "work_started_at": 0.0, "work_completed_at": 0.0}]
     for body in (legacy_ok, legacy_failed, {"worker_id": 1, "mtoken": "t", "requests": records}):
         assert (await post(http, emulator, "/delete_requests/", body))[0] == 200
     assert emulator.deleted_request_idxs() == [1, 2, 3, 4, 5]
     assert [r["success"] for r in emulator.deleted] == [True, True, False, True, False]
     assert [r["format"] for r in emulator.deleted] == ["legacy"] * 3 + ["requests"] * 2
-    assert emulator.deleted[4]["status"] == 429 and len(emulator.delete_bodies) == 3
+    assert emulator.deleted[4]["status"] == "Rejected" and len(emulator.delete_bodies) == 3
     assert emulator.validation_errors == []
 
 
@@ -189,6 +191,7 @@ async def test_reports_are_recorded_with_no_validation_errors_when_well_typed(em
     ({"working_request_idxs": [1, "2"]}, "working_request_idxs must be a list of integers"),
     ({"rej_load": -1.0}, "rej_load must be a finite number >= 0"),
     ({"error_msg": None}, "error_msg must be a string"),
+    ({"disk_usage": -1.0}, "disk_usage must be a finite number >= 0"),
 ])
 async def test_worker_status_field_types_are_validated(emulator, http, changes, flagged):
     await post(http, emulator, "/worker_status/", report(**changes))
@@ -197,10 +200,24 @@ async def test_worker_status_field_types_are_validated(emulator, http, changes, 
 
 async def test_missing_report_fields_are_flagged(emulator, http):
     body = report()
-    del body["num_requests_recieved"], body["loadtime"]
+    del body["num_requests_recieved"], body["loadtime"], body["disk_usage"]
     await post(http, emulator, "/worker_status/", body)
     assert sorted(e.split(": ", 1)[1] for e in emulator.validation_errors) == [
-        "loadtime is missing", "num_requests_recieved is missing"]
+        "disk_usage is missing", "loadtime is missing", "num_requests_recieved is missing"]
+
+
+async def test_the_start_up_scripts_error_body_is_a_valid_report(emulator, http):
+    """Vast's start_server.sh reports a worker that cannot start with five fields only."""
+    failed = {"id": 7, "mtoken": "token", "version": "0", "error_msg": "PyWorker exited with "
+              "status 1", "url": ""}
+    assert (await post(http, emulator, "/worker_status/", failed))[0] == 200
+    assert emulator.validation_errors == []
+    assert emulator.state_counts()["error"] == 1
+    await post(http, emulator, "/worker_status/", dict(failed, error_msg=""))
+    await post(http, emulator, "/worker_status/", dict(failed, cur_load=0.0))  # neither form
+    joined = "\n".join(emulator.validation_errors)
+    assert "(start-up error): error_msg must be a non-empty string" in joined
+    assert "disk_usage is missing" in joined and len(emulator.validation_errors) > 2
 
 
 async def test_delete_requests_field_types_are_validated(emulator, http):
@@ -211,6 +228,21 @@ async def test_delete_requests_field_types_are_validated(emulator, http):
     joined = "\n".join(emulator.validation_errors)
     assert "worker_id must be an integer" in joined and "success must be a boolean" in joined
     assert "requests[0]: status is missing" in joined
+
+
+@pytest.mark.parametrize("changes,flagged", [
+    ({"status": 200}, "status must be one of Success, Error, Cancelled, Rejected"),
+    ({"status": "success"}, "status must be one of"),
+    ({"work_started_at": None}, "work_started_at must be a float >= 0"),
+    ({"work_completed_at": 2}, "work_completed_at must be a float"),
+    ({"entered_queue_at": -1.0}, "entered_queue_at must be a float >= 0"),
+])
+async def test_delete_records_are_held_to_vasts_shape(emulator, http, changes, flagged):
+    record = {"request_idx": 2, "success": True, "status": "Cancelled", "entered_queue_at": 1.0,
+              "work_started_at": 0.0, "work_completed_at": 0.0, **changes}
+    await post(http, emulator, "/delete_requests/",
+               {"worker_id": 1, "mtoken": "t", "requests": [record]})
+    assert len(emulator.validation_errors) == 1 and flagged in emulator.validation_errors[0]
 
 
 async def test_faults_answer_500_and_record_nothing(emulator, http):

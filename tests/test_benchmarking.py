@@ -73,6 +73,12 @@ def not_async(backend_url, session):
 
 good_too = good  # the same measurement under another name
 
+async def models(backend_url, session):
+    CALLS.append(backend_url)
+    async with session.get("v1/models") as response:
+        assert response.status == 200, response.status
+    return 42.0
+
 NOT_CALLABLE = 3
 '''
 
@@ -253,6 +259,29 @@ async def test_run_benchmark_directly(backend, bench):
         await run_benchmark(f"{bench}:zero", backend.url, 5.0)
 
 
+async def test_the_benchmark_sends_the_backends_own_key(aiohttp_server, bench, tmp_path,
+                                                        session):
+    """A backend that asks for a key on /v1 (vLLM with VLLM_API_KEY): the benchmark's session
+    carries VESPA_BACKEND_API_KEY; its health check needs none."""
+    seen = []
+
+    async def v1_models(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("Authorization"))
+        if request.headers.get("Authorization") != "Bearer bk-secret":
+            return web.json_response({"error": "Unauthorized"}, status=401)
+        return web.json_response({"data": []})
+
+    app = web.Application()
+    app.router.add_get("/v1/models", v1_models)
+    server = await aiohttp_server(app, host="127.0.0.1")
+    url = str(server.make_url("")).rstrip("/")
+    with pytest.raises(BenchmarkError, match="401"):
+        await run_benchmark(f"{bench}:models", url, 5.0)
+    plan = make_plan(url, tmp_path, benchmark=f"{bench}:models", backend_api_key="bk-secret")
+    assert await Lifecycle(plan, WorkerState(), session).throughput() == 42.0
+    assert seen == [None, "Bearer bk-secret"]
+
+
 async def test_unwritable_cache_warns_and_goes_on(backend, bench, tmp_path, session, caplog):
     backend.healthy = True
     blocker = tmp_path / "not-a-directory"
@@ -369,7 +398,7 @@ async def test_backend_never_healthy_is_a_startup_error(backend, tmp_path, sessi
     assert state.phase is Phase.ERRORED
     assert "not healthy" in state.error_msg and "/health" in state.error_msg
     assert "0.2s" in state.error_msg
-    assert not state.ready and state.loadtime_unsent is None
+    assert not state.ready and state.loadtime is None
 
 
 async def test_errored_while_waiting_ends_start_up(backend, tmp_path, session):
@@ -434,7 +463,7 @@ async def test_start_up_to_ready_then_health_watch(backend, bench, tmp_path, ses
         key_ready.set()
         await wait_until(lambda: state.ready)
         assert ready == [Phase.READY] and state.max_perf == 123.5  # the reporter is woken
-        assert state.loadtime_unsent is not None and state.loadtime_unsent > 0
+        assert state.loadtime is not None and state.loadtime > 0
         backend.healthy, backend.healthy_at = False, None
         await wait_until(lambda: state.error_msg != "")
         assert "failed 3 times in a row" in state.error_msg and not state.ready

@@ -51,7 +51,7 @@ class Stack:
     def worker_env(self, backend: TestServer, container_id: int, url: str, **env) -> dict:
         return {"VESPA_BACKEND_URL": str(backend.make_url("")).rstrip("/"),
                 "REPORT_ADDR": self.emulator.url, "CONTAINER_ID": str(container_id),
-                "MASTER_TOKEN": "mtoken", "VESPA_PUBLIC_URL": url,
+                "MASTER_TOKEN": "mtoken", "VESPA_PUBLIC_URL": url, "VESPA_USE_SSL": "false",
                 "VESPA_MAX_THROUGHPUT": "1000", "VESPA_REPORT_INTERVAL": "0.05",
                 "VESPA_HEALTHCHECK_INTERVAL": "0.2", **env}
 

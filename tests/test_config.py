@@ -12,6 +12,7 @@ import pytest
 from vespa.config import DECLARATIONS, ConfigError, environment, load_settings
 from vespa.config.readme import END, README, START, rewrite, settings_table, with_table
 from vespa.config.settings import DECLARED
+from vespa.worker import health_url
 
 from .conftest import PYTHON, REPO, worker_env
 
@@ -42,6 +43,68 @@ def test_values_and_vast_port_name():
     assert settings.blocked_paths == ("/admin/*", "/debug")
     assert settings.log_level == "DEBUG"
     assert load_settings({"VESPA_WORKER_PORT": "4000", "WORKER_PORT": "3005"}).worker_port == 4000
+
+
+@pytest.mark.parametrize("value,unsecured", [("true", True), ("t", True), ("y", True),
+                                              ("1", True), ("false", False), ("f", False),
+                                              ("n", False), ("0", False)])
+def test_vasts_unsecured_is_read_as_vasts_worker_reads_it(value, unsecured):
+    """UNSECURED (Vast's start-up exports it; its worker reads it with strtobool);
+    VESPA_UNSECURED wins."""
+    vast = {"REPORT_ADDR": "http://127.0.0.1:8081", "UNSECURED": value}
+    assert load_settings(vast).unsecured is unsecured
+    assert load_settings({**vast, "VESPA_UNSECURED": str(not unsecured)}).unsecured \
+        is (not unsecured)
+    assert load_settings({"UNSECURED": "false"}).unsecured is False  # even in dev mode
+
+
+def test_vasts_model_health_endpoint_is_the_health_check():
+    assert load_settings({"MODEL_HEALTH_ENDPOINT": "/ping"}).healthcheck_endpoint == "/ping"
+    given = load_settings({"MODEL_HEALTH_ENDPOINT": "http://127.0.0.1:9000/ready/",
+                           "VESPA_HEALTHCHECK_ENDPOINT": "/health2"})
+    assert given.healthcheck_endpoint == "/health2"
+    url = load_settings({"MODEL_HEALTH_ENDPOINT": "http://127.0.0.1:9000/ready/"})
+    assert url.healthcheck_endpoint == "http://127.0.0.1:9000/ready/"
+    with pytest.raises(ConfigError, match="MODEL_HEALTH_ENDPOINT"):
+        load_settings({"MODEL_HEALTH_ENDPOINT": "ready"})
+    assert health_url("http://127.0.0.1:8000", "/ping") == "http://127.0.0.1:8000/ping"
+    assert health_url("http://127.0.0.1:8000", "http://127.0.0.1:9000/ready/") == \
+        "http://127.0.0.1:9000/ready/"
+
+
+def test_tls_follows_vasts_default_on_a_vast_instance():
+    """On a Vast instance (CONTAINER_ID) HTTPS unless USE_SSL=false, as Vast's start-up; off it,
+    plain HTTP unless asked."""
+    vast = {"CONTAINER_ID": "42", "PUBLIC_IPADDR": "1.2.3.4", "VAST_TCP_PORT_3000": "40000"}
+    on_vast = load_settings(vast)
+    assert on_vast.use_ssl is True and on_vast.public_url == "https://1.2.3.4:40000"
+    off = load_settings({**vast, "USE_SSL": "false"})
+    assert off.use_ssl is False and off.public_url == "http://1.2.3.4:40000"
+    assert load_settings({**vast, "USE_SSL": "false", "VESPA_USE_SSL": "true"}).use_ssl is True
+    assert load_settings({}).use_ssl is False
+    assert load_settings({"USE_SSL": "true"}).use_ssl is True
+
+
+def test_the_backends_own_key():
+    """VESPA_BACKEND_API_KEY, else for a launched vLLM the VLLM_API_KEY it reads; a secret."""
+    assert load_settings({}).backend_api_key is None
+    given = load_settings({"VESPA_BACKEND_API_KEY": "bk-123456"})
+    assert given.backend_api_key == "bk-123456" and "bk-123456" in given.log_secrets
+    vllm = load_settings({"VESPA_BACKEND": "vllm", "VLLM_API_KEY": "vk-1"})
+    assert vllm.backend_api_key == "vk-1"
+    assert load_settings({"VESPA_BACKEND": "vllm", "VLLM_API_KEY": "vk-1",
+                          "VESPA_BACKEND_API_KEY": "bk-1"}).backend_api_key == "bk-1"
+    assert load_settings({"VLLM_API_KEY": "vk-1"}).backend_api_key is None  # not vLLM's worker
+    with pytest.raises(ConfigError, match="VESPA_BACKEND_API_KEY.*visible ASCII"):
+        load_settings({"VESPA_BACKEND_API_KEY": "two words"})
+
+
+def test_the_update_settings():
+    assert load_settings({}).update_flag == "/.force_update"  # Vast's
+    assert load_settings({"VESPA_UPDATE_FLAG": "/tmp/f"}).update_flag == "/tmp/f"
+    # start_server.sh's own: not settings of the worker, and not unknown either
+    assert load_settings({"VESPA_UPDATE_REF": "main", "VESPA_UPDATE_REMOTE": "origin"}
+                         ).unknown_settings == ()
 
 
 def test_body_read_timeout_default_and_value():

@@ -7,7 +7,7 @@ from hypothesis import given, settings, strategies as st
 from hypothesis.stateful import (Bundle, RuleBasedStateMachine, consumes, invariant, rule,
                                  initialize)
 
-from vespa.corridor.ledger import FinishedRequest, Ledger, LoadWindow, Outcome
+from vespa.corridor.ledger import DistinctReqnums, FinishedRequest, Ledger, LoadWindow, Outcome
 
 LOAD_FIELDS = {"cur_load", "new_load", "rej_load", "cur_perf", "num_requests_working",
                "num_requests_recieved", "working_request_idxs"}
@@ -117,7 +117,7 @@ def test_reported_subtracts_only_what_was_sent():
     assert after["cur_perf"] == 4.0
     assert after["new_load"] == 4.0
     assert after["rej_load"] == 0.5
-    assert after["num_requests_recieved"] == 2  # the admitted one and the refused one
+    assert after["num_requests_recieved"] == 4  # since start, not per report
     ledger.reported(ledger.load_fields()[1])
     assert ledger.window == LoadWindow()
 
@@ -158,9 +158,39 @@ def test_in_flight_fields_are_not_windowed():
     load = fields(ledger)
     assert load["cur_load"] == 5.0 and load["num_requests_working"] == 1
     assert load["working_request_idxs"] == [1]
-    assert load["new_load"] == 0 and load["num_requests_recieved"] == 0
+    assert load["new_load"] == 0 and load["num_requests_recieved"] == 1
     ledger.finish(entry, Outcome.CANCELLED, 499, now=1.0)
     assert fields(ledger)["new_load"] == 0.0  # cancelled after its receipt was reported: not -5
+
+
+def test_num_requests_recieved_counts_distinct_reqnums_since_start():
+    """As Vast's worker counts it: distinct reqnums (a replayed envelope carries the same one),
+    rejected requests included, never reset by a report; a request without a reqnum (unsigned)
+    counts once."""
+    ledger = Ledger()
+    ledger.receive(1.0, 10, now=0.0, reqnum=500)
+    ledger.reject(1.0, 11, 429, now=0.0, reqnum=501)
+    ledger.reported(ledger.load_fields()[1])
+    assert fields(ledger)["num_requests_recieved"] == 2
+    ledger.receive(1.0, 10, now=1.0, reqnum=500)  # the same envelope again
+    ledger.reject(1.0, 11, 503, now=1.0, reqnum=501)
+    assert fields(ledger)["num_requests_recieved"] == 2
+    ledger.receive(1.0, None, now=2.0)
+    ledger.receive(1.0, None, now=2.0)
+    ledger.receive(1.0, 12, now=2.0, reqnum=502)
+    assert fields(ledger)["num_requests_recieved"] == 5
+    assert ledger.totals.received == 7  # every request, for the worker's own status
+
+
+def test_distinct_reqnums_remember_a_bounded_number():
+    received = DistinctReqnums(remember=3)
+    for reqnum in (1, 2, 3, 3, 2, 4):
+        received.add(reqnum)
+    assert received.count == 4
+    assert received.recent == {2, 3, 4} and len(received.order) == 3
+    received.add(1)  # forgotten: it counts again
+    received.add(4)
+    assert received.count == 5
 
 
 def test_finished_records_for_delete_requests():
@@ -176,10 +206,11 @@ def test_finished_records_for_delete_requests():
     records = ledger.take_finished(100)
     assert [r.request_idx for r in records] == [0, 1, 2, 3, 4]
     assert [r.success for r in records] == [True, True, False, False, False]
+    assert [r.outcome for r in records] == [*(o for o, _ in outcomes), Outcome.REJECTED]
     assert [r.status for r in records] == [200, 499, 502, 429, 503]
-    assert records[0] == FinishedRequest(0, True, 200, 10.0, 20.0, 30.0)
+    assert records[0] == FinishedRequest(0, Outcome.SUCCESS, 200, 10.0, 20.0, 30.0)
     assert records[3].work_started_at is None and records[3].entered_queue_at == 13.0
-    assert records[4] == FinishedRequest(4, False, 503, 40.0, None, 40.0)
+    assert records[4] == FinishedRequest(4, Outcome.REJECTED, 503, 40.0, None, 40.0)
     assert not ledger.outbox
 
 
@@ -251,7 +282,7 @@ class LedgerMachine(RuleBasedStateMachine):
         self.rejected = 0.0
         self.net_new = 0.0
         self.reported_perf = self.reported_rej = self.reported_new = 0.0
-        self.received_count = self.reported_received = 0
+        self.received_count = 0
         self.in_flight: dict[int, float] = {}
         self.finished_idxs: list[int] = []
         self.pending_send = None
@@ -320,7 +351,6 @@ class LedgerMachine(RuleBasedStateMachine):
             self.reported_rej += load["rej_load"]
             self.reported_new += window.new_load  # what it settled (it sent that, or 0)
             assert load["new_load"] == max(window.new_load, 0.0)
-            self.reported_received += load["num_requests_recieved"]
 
     @rule(limit=st.integers(1, 5))
     def deliver_some(self, limit):
@@ -338,7 +368,7 @@ class LedgerMachine(RuleBasedStateMachine):
         assert self.reported_rej + load["rej_load"] == self.rejected
         assert self.reported_new + self.ledger.window.new_load == self.net_new
         assert load["new_load"] >= 0
-        assert self.reported_received + load["num_requests_recieved"] == self.received_count
+        assert load["num_requests_recieved"] == self.received_count  # distinct reqnums: all
         assert load["cur_load"] == sum(self.in_flight.values())
         assert load["num_requests_working"] == len(self.in_flight)
 

@@ -4,6 +4,7 @@ delete_requests formats, outages, loadtime and cadence."""
 from __future__ import annotations
 
 import asyncio
+import shutil
 import time
 
 import aiohttp
@@ -21,13 +22,20 @@ from .fleet import emulator, make_emulator, private_key  # noqa: F401  (fixtures
 WORKER_URL = "http://127.0.0.1:3999"
 IDENTITY = Identity(worker_id=17, mtoken="master-token", url=WORKER_URL)
 
-TYPES = {  # PROTOCOL.md's worker_status fields and their JSON types
+TYPES = {  # Vast's worker_status fields (vastai 1.9.1), in its order, and their JSON types
     "id": int, "mtoken": str, "version": str, "loadtime": (int, float), "cur_load": (int, float),
-    "new_load": (int, float), "rej_load": (int, float), "max_perf": (int, float),
-    "cur_perf": (int, float), "error_msg": str, "cur_capacity": (int, float),
+    "rej_load": (int, float), "new_load": (int, float), "error_msg": str,
+    "max_perf": (int, float), "cur_perf": (int, float), "cur_capacity": (int, float),
     "max_capacity": (int, float), "num_requests_working": int, "num_requests_recieved": int,
-    "additional_disk_usage": (int, float), "working_request_idxs": list, "url": str,
+    "additional_disk_usage": (int, float), "disk_usage": float, "working_request_idxs": list,
+    "url": str,
 }
+DISK = {"additional_disk_usage": 0, "disk_usage": 0}
+
+
+def without_disk(report: dict) -> dict:
+    """A report without its disk fields, which move with every log line written."""
+    return {**report, **DISK}
 
 
 @pytest.fixture
@@ -87,7 +95,7 @@ async def test_every_worker_status_field_present_and_typed(emulator, make_report
     assert await reporter.report_status()
     assert emulator.validation_errors == []
     [report] = emulator.reports
-    assert set(report) == set(WORKER_STATUS_FIELDS) == set(TYPES)
+    assert list(report) == list(WORKER_STATUS_FIELDS) == list(TYPES)  # Vast's, in its order
     for name, expected in TYPES.items():
         assert isinstance(report[name], expected), name
         assert not isinstance(report[name], bool), name
@@ -104,6 +112,7 @@ async def test_every_worker_status_field_present_and_typed(emulator, make_report
     assert report["cur_capacity"] == 0 and report["max_capacity"] == 0
     assert report["error_msg"] == ""
     assert report["loadtime"] > 0
+    assert report["disk_usage"] == pytest.approx(shutil.disk_usage("/").used / 2**30, abs=0.5)
     assert all(isinstance(i, int) for i in report["working_request_idxs"])
     assert queued in ledger.in_flight
 
@@ -122,11 +131,39 @@ async def test_loading_and_errored_workers_report_no_max_perf(emulator, make_rep
     assert emulator.validation_errors == []
 
 
-def test_status_body_has_exactly_the_protocol_fields():
+def test_status_body_has_exactly_the_fields_of_vasts_worker():
     load, _ = Ledger().load_fields()
-    body = status_body(IDENTITY, ready_state(), load, 0.5)
-    assert set(body) == set(WORKER_STATUS_FIELDS)
-    assert body["additional_disk_usage"] == 0.5
+    body = status_body(IDENTITY, ready_state(), load, 120.25, 0.5)
+    assert list(body) == list(WORKER_STATUS_FIELDS)
+    assert body["additional_disk_usage"] == 0.5 and body["disk_usage"] == 120.25
+
+
+async def test_disk_usage_is_absolute_and_its_change_alone_sends_no_report(
+        emulator, make_reporter, monkeypatch):
+    """disk_usage is GiB used on / (absolute), additional_disk_usage its change since the last
+    report that arrived; disk use that moves (logs) is no reason for a report of its own."""
+    used = [100 * 2**30]
+
+    def disk_usage(path):
+        used[0] += 2**29  # half a GiB more at every look
+        return shutil._ntuple_diskusage(500 * 2**30, used[0], 400 * 2**30)
+
+    monkeypatch.setattr(shutil, "disk_usage", disk_usage)
+    reporter = make_reporter(emulator.url, interval=0.02, max_interval=30.0)
+    assert reporter.disk_used == 100.5 * 2**30  # the baseline, at start
+    task = asyncio.create_task(reporter.run())
+    try:
+        await wait_until(lambda: len(emulator.reports) == 1)
+        looks = used[0]
+        await asyncio.sleep(0.3)  # many ticks, only the disk changes
+        assert used[0] > looks + 5 * 2**29 and len(emulator.reports) == 1
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert emulator.reports[0]["disk_usage"] == 101.0
+    assert emulator.reports[0]["additional_disk_usage"] == 0.5
+    assert await reporter.report_status(force=True)
+    assert emulator.reports[1]["additional_disk_usage"] == used[0] / 2**30 - 101.0
 
 
 async def test_counters_reset_only_after_a_successful_send(emulator, make_reporter):
@@ -151,7 +188,7 @@ async def test_counters_reset_only_after_a_successful_send(emulator, make_report
     assert reporter.failed == 2 and reporter.sent == 1
     assert await reporter.report_status(force=True)
     assert emulator.reports[-1]["cur_perf"] == 0 and emulator.reports[-1]["rej_load"] == 0
-    assert emulator.reports[-1]["num_requests_recieved"] == 0
+    assert emulator.reports[-1]["num_requests_recieved"] == 4  # since start, as Vast's worker
 
 
 async def test_addresses_tried_in_order(make_emulator, make_reporter):
@@ -184,33 +221,40 @@ async def test_trailing_slash_addresses_work(emulator, make_reporter):
     assert len(emulator.reports) == 1 and emulator.deleted_request_idxs() == [1]
 
 
-async def test_loadtime_sent_once_then_zero(emulator, make_reporter):
+async def test_loadtime_in_every_report_once_loaded(emulator, make_reporter):
+    """As Vast's current worker: 0.0 while loading, then the same value in every report (also
+    once errored), not once and then 0."""
     state = WorkerState(started_at=time.monotonic() - 12.0)
     reporter = make_reporter(emulator.url, state=state)
     assert await reporter.report_status()
-    assert emulator.reports[-1]["loadtime"] == 0  # still loading
+    assert emulator.reports[-1]["loadtime"] == 0.0  # still loading
     state.max_perf = 50.0
     state.become_ready(time.monotonic())
     emulator.fail_reports = True
     assert not await reporter.report_status()
-    assert state.loadtime_unsent is not None  # not sent yet: kept
     emulator.fail_reports = False
+    for _ in range(3):
+        assert await reporter.report_status(force=True)
+    state.fail("backend exited")
     assert await reporter.report_status()
-    assert emulator.reports[-1]["loadtime"] == pytest.approx(12.0, abs=1.0)
-    assert emulator.reports[-1]["max_perf"] == 50.0
-    assert await reporter.report_status(force=True)
-    assert emulator.reports[-1]["loadtime"] == 0
-    assert [r["loadtime"] > 0 for r in emulator.reports] == [False, True, False]
+    loadtimes = [r["loadtime"] for r in emulator.reports]
+    assert loadtimes[0] == 0.0 and loadtimes[1] == pytest.approx(12.0, abs=1.0)
+    assert loadtimes[1:] == [loadtimes[1]] * 4
+    assert emulator.reports[1]["max_perf"] == 50.0
 
 
 # -- delete_requests ---------------------------------------------------------------------------
 
 async def test_delete_requests_2026_format(emulator, make_reporter):
+    """Records as Vast's current worker sends them: status a word, timestamps floats, 0.0 for a
+    step that never happened (a cancelled or rejected request has no completion time)."""
     ledger = Ledger()
     serve(ledger, 1, 1.0)
     serve(ledger, 2, 1.0, Outcome.CANCELLED, 499)
     serve(ledger, 3, 1.0, Outcome.ERROR, 502)
-    ledger.reject(1.0, 4, 429, now=2000.0)
+    ledger.reject(1.0, 4, 429, now=2000)
+    queued = ledger.receive(1.0, 5, now=3000.0)
+    ledger.finish(queued, Outcome.REJECTED, 429, now=3001.0)  # its wait in line ran out
     entry = ledger.receive(1.0, None, now=1.0)  # unsigned: no record
     ledger.finish(entry, Outcome.SUCCESS, 200, now=2.0)
     reporter = make_reporter(emulator.url, ledger=ledger)
@@ -220,15 +264,24 @@ async def test_delete_requests_2026_format(emulator, make_reporter):
     assert set(body) == {"worker_id", "mtoken", "requests"}
     assert body["worker_id"] == 17 and body["mtoken"] == "master-token"
     records = {r["request_idx"]: r for r in body["requests"]}
-    assert sorted(records) == [1, 2, 3, 4]
-    assert records[1] == {"request_idx": 1, "success": True, "status": 200,
+    assert sorted(records) == [1, 2, 3, 4, 5]
+    assert records[1] == {"request_idx": 1, "success": True, "status": "Success",
                           "entered_queue_at": 1001.0, "work_started_at": 1001.5,
                           "work_completed_at": 1002.0}
-    assert records[2]["success"] is True and records[2]["status"] == 499
-    assert records[3]["success"] is False and records[3]["status"] == 502
-    assert records[4] == {"request_idx": 4, "success": False, "status": 429,
-                          "entered_queue_at": 2000.0, "work_started_at": None,
-                          "work_completed_at": 2000.0}
+    assert records[2] == {"request_idx": 2, "success": True, "status": "Cancelled",
+                          "entered_queue_at": 1002.0, "work_started_at": 1002.5,
+                          "work_completed_at": 0.0}
+    assert records[3] == {"request_idx": 3, "success": False, "status": "Error",
+                          "entered_queue_at": 1003.0, "work_started_at": 1003.5,
+                          "work_completed_at": 1004.0}
+    assert records[4] == {"request_idx": 4, "success": False, "status": "Rejected",
+                          "entered_queue_at": 2000.0, "work_started_at": 0.0,
+                          "work_completed_at": 0.0}
+    assert records[5] == {"request_idx": 5, "success": False, "status": "Rejected",
+                          "entered_queue_at": 3000.0, "work_started_at": 0.0,
+                          "work_completed_at": 0.0}
+    assert all(isinstance(records[4][name], float) for name in
+               ("entered_queue_at", "work_started_at", "work_completed_at"))
     assert not ledger.outbox
     assert await reporter.report_finished()  # nothing left: nothing sent
     assert len(emulator.delete_bodies) == 1
@@ -250,7 +303,7 @@ async def test_delete_requests_legacy_format(emulator, make_reporter):
 
 
 def test_legacy_bodies_skip_an_empty_half():
-    batch = [FinishedRequest(1, True, 200, 0.0, 0.0, 1.0)]
+    batch = [FinishedRequest(1, Outcome.SUCCESS, 200, 0.0, 0.0, 1.0)]
     bodies = delete_bodies(IDENTITY, batch, "legacy")
     assert [body for body, _ in bodies] == [
         {"worker_id": 17, "mtoken": "master-token", "request_idxs": [1], "success": True}]
@@ -458,7 +511,7 @@ async def test_autoscaler_failing_then_back_loses_and_doubles_nothing(
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
     assert sorted(emulator.deleted_request_idxs()) == list(range(300))  # each exactly once
-    assert totals(emulator.reports, "num_requests_recieved") == ledger.totals.received
+    assert emulator.reports[-1]["num_requests_recieved"] == ledger.totals.received
     assert ledger.totals.workload_served == truth.served
     assert emulator.validation_errors == []
 
@@ -545,9 +598,10 @@ async def test_equal_traffic_in_the_next_window_is_reported_at_the_next_tick(emu
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-    # the second and third bodies are the same (the first also carried the loadtime)
-    assert emulator.reports[1] == {**emulator.reports[2], "additional_disk_usage":
-                                   emulator.reports[1]["additional_disk_usage"]}
+    # the load counts of the three bodies are the same; only the count since start grows
+    assert [r["num_requests_recieved"] for r in emulator.reports] == [1, 2, 3]
+    assert len({str({**without_disk(r), "num_requests_recieved": 0})
+                for r in emulator.reports}) == 1
 
 
 async def test_unchanged_status_is_sent_at_least_every_max_interval(emulator, make_reporter):
@@ -558,9 +612,8 @@ async def test_unchanged_status_is_sent_at_least_every_max_interval(emulator, ma
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-    first = emulator.reports[0]
-    assert all(r == {**first, "additional_disk_usage": r["additional_disk_usage"]}
-               for r in emulator.reports)
+    first = without_disk(emulator.reports[0])
+    assert all(without_disk(r) == first for r in emulator.reports)
 
 
 async def test_wake_sends_at_once(emulator, make_reporter):
@@ -577,7 +630,7 @@ async def test_wake_sends_at_once(emulator, make_reporter):
         assert emulator.reports[0]["max_perf"] == 10.0 and emulator.reports[0]["loadtime"] > 0
         reporter.wake.set()  # forced, even though nothing changed
         await wait_until(lambda: len(emulator.reports) == 2, timeout=1.0)
-        assert emulator.reports[1]["loadtime"] == 0
+        assert emulator.reports[1]["loadtime"] == emulator.reports[0]["loadtime"]
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)

@@ -5,7 +5,10 @@ servers of the test."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
+import re
+import shutil
 import signal
 import ssl
 import subprocess
@@ -13,6 +16,7 @@ import sys
 import time
 
 import aiohttp
+import pytest
 from aiohttp import web
 
 from vespa.devtools.autoscaler import AutoscalerEmulator
@@ -163,3 +167,84 @@ async def test_failed_signing_is_an_error_not_a_certificate(tmp_path):
         stop_script(proc)
         await runner.cleanup()
         await emulator.stop()
+
+
+def git(cwd, *args: str) -> str:
+    return subprocess.run(["git", "-c", "user.name=test", "-c", "user.email=test@example.com",
+                           *args], cwd=cwd, check=True, capture_output=True,
+                          text=True).stdout.strip()
+
+
+def commit_version(checkout, version: str) -> str:
+    """A commit in ``checkout`` that changes only the version the worker shows."""
+    init = checkout / "vespa" / "__init__.py"
+    init.write_text(re.sub(r'__version__ = "[^"]*"', f'__version__ = "{version}"',
+                           init.read_text()))
+    git(checkout, "commit", "-qam", version)
+    return git(checkout, "rev-parse", "HEAD")
+
+
+async def version_served(session: aiohttp.ClientSession, port: int) -> str | None:
+    try:
+        async with session.get(f"http://127.0.0.1:{port}/_vespa/status") as r:
+            return (await r.json())["version"]
+    except aiohttp.ClientConnectionError:
+        return None
+
+
+async def test_an_update_request_moves_the_checkout_and_restarts_the_worker(tmp_path, backend):
+    """POST /pyworker/update writes the flag; start_server.sh sees it, fetches the branch,
+    drains the worker and runs again from the new code. A flag left from before a start is
+    acted on first. The instance is a clone of a copy of this checkout: this one is untouched."""
+    venv = os.path.dirname(os.path.dirname(sys.executable))
+    stamp = hashlib.sha256((REPO / "pyproject.toml").read_bytes() + b"\n").hexdigest()[:16]
+    if not os.path.exists(os.path.join(venv, f".installed-{stamp}")):
+        pytest.skip("the worker env was installed from another pyproject.toml: worker_env.sh "
+                    "would install the instance's copy into it")
+    origin, instance = tmp_path / "origin", tmp_path / "instance"
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others",
+                             "--exclude-standard"], cwd=REPO, capture_output=True, check=True)
+    for name in filter(None, listed.stdout.decode().split("\0")):
+        if (REPO / name).is_file():
+            (origin / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, origin / name)
+    git(origin, "init", "-q", "-b", "main")
+    git(origin, "add", "-A")
+    git(origin, "commit", "-qm", "start")
+    git(tmp_path, "clone", "-q", str(origin), str(instance))
+    second = commit_version(origin, "0.0.0-second")
+    flag = tmp_path / "force_update"
+    flag.touch()  # asked for before this start
+    port = free_port()
+    proc = subprocess.Popen(
+        ["bash", "start_server.sh"], cwd=instance, stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / "start_server.log", "wb"), start_new_session=True,
+        env={**worker_env(CONTAINER_ID="42", MASTER_TOKEN="tok", VESPA_VENV=venv,
+                          VESPA_COMPILE="0", VESPA_BACKEND_URL=str(backend.make_url("")),
+                          REPORT_ADDR="http://127.0.0.1:1", VESPA_USE_SSL="false",
+                          VESPA_UNSECURED="true", WORKER_PORT=str(port),
+                          VESPA_UPDATE_FLAG=str(flag), VESPA_DRAIN_TIMEOUT="5"),
+             "PYTHONPATH": str(instance)})
+    log = lambda: (tmp_path / "start_server.log").read_text()  # noqa: E731
+    try:
+        async with aiohttp.ClientSession() as session:
+            async def serving(version: str) -> None:
+                deadline = time.monotonic() + 90
+                while await version_served(session, port) != version:
+                    assert time.monotonic() < deadline and proc.poll() is None, log()
+                    await asyncio.sleep(0.3)
+
+            await serving("0.0.0-second")
+            assert git(instance, "rev-parse", "HEAD") == second and not flag.exists()
+            third = commit_version(origin, "0.0.0-third")
+            async with session.post(f"http://127.0.0.1:{port}/pyworker/update",
+                                    headers={"Authorization": "Bearer tok"}) as r:
+                assert r.status == 200
+            await serving("0.0.0-third")
+            assert git(instance, "rev-parse", "HEAD") == third
+            assert git(instance, "symbolic-ref", "--short", "HEAD") == "main"
+            assert log().count("update: fetching main from origin") == 2
+            assert "update: draining the worker (SIGTERM)" in log()
+            assert "startup failed" not in log()
+    finally:
+        stop_script(proc)

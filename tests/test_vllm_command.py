@@ -127,6 +127,8 @@ def test_model_and_served_name_from_vllm_args():
     ({"VLLM_ARGS": "--chat-template 'unclosed"}, "VLLM_ARGS is not valid shell words"),
     ({"VLLM_ARGS": "--port 9000"}, "VLLM_ARGS must not set --port"),
     ({"VLLM_ARGS": "--port=9000"}, "VLLM_ARGS must not set --port"),
+    ({"VLLM_ARGS": "--api-key k"}, "VLLM_ARGS must not set --api-key: set VESPA_BACKEND_API_KEY"),
+    ({"VLLM_ARGS": "--api_key=k"}, "VLLM_ARGS must not set --api-key"),
     ({"VLLM_ARGS": "--model"}, "--model in VLLM_ARGS has no value"),
     ({"VLLM_ARGS": "--model --dtype half"}, "--model in VLLM_ARGS has no value"),
     ({"MODEL_NAME": "a/b", "VLLM_MODEL": "c/d"}, "MODEL_NAME and VLLM_MODEL are both set and differ"),
@@ -139,6 +141,16 @@ def test_model_and_served_name_from_vllm_args():
 def test_bad_settings_raise_a_value_error_naming_the_setting(env, message):
     with pytest.raises(ValueError, match=message):
         cmd(**env)
+
+
+def test_the_backend_key_reaches_vllm_in_its_environment_not_its_command_line():
+    """vLLM reads VLLM_API_KEY as it reads --api-key; a command line is readable by every
+    process on the machine and vLLM logs its non-default arguments."""
+    spec = build_command({"VLLM_API_KEY": "old"}, port=8001, python=PY, gpu=False,
+                         api_key="bk-secret")
+    assert spec.env["VLLM_API_KEY"] == "bk-secret"  # over one the worker's env would pass on
+    assert not any("bk-secret" in arg or arg == "--api-key" for arg in spec.argv)
+    assert "VLLM_API_KEY" not in cmd().env
 
 
 def test_same_model_in_both_variables_is_fine():

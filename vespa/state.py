@@ -24,7 +24,7 @@ class WorkerState:
     started_at: float = field(default_factory=time.monotonic)
     ready_at: float | None = None
     max_perf: float = 0.0
-    loadtime_unsent: float | None = None  # seconds from start to ready, until reported once
+    loadtime: float | None = None  # seconds from start to ready: in every report once set
 
     @property
     def draining(self) -> bool:
@@ -39,7 +39,7 @@ class WorkerState:
         self.phase = Phase.READY
         self.backend_healthy = True
         self.ready_at = now
-        self.loadtime_unsent = max(now - self.started_at, 1e-3)
+        self.loadtime = max(now - self.started_at, 1e-3)
 
     def fail(self, message: str) -> None:
         if not self.draining:

@@ -40,9 +40,15 @@ from .observability.recording import record_entry
 from .observability.records import RequestRecorder
 from .observability.routes import OwnRoutes
 from .observability.status import worker_status
+from .observability.update import UpdateRoute
 from .state import Phase, WorkerState
 
 log = logging.getLogger("vespa")
+
+
+def health_url(backend_url: str, endpoint: str) -> str:
+    """The backend's health check: a path on the backend, or a whole URL as given."""
+    return endpoint if endpoint.startswith(("http://", "https://")) else backend_url + endpoint
 
 
 class Worker:
@@ -57,7 +63,8 @@ class Worker:
                                  connect_timeout=settings.connect_timeout,
                                  request_timeout=settings.request_timeout,
                                  max_body_bytes=settings.max_body_bytes,
-                                 body_read_timeout=settings.body_read_timeout)
+                                 body_read_timeout=settings.body_read_timeout,
+                                 authorization=settings.backend_api_key)
         self.background: list[asyncio.Task] = []
         self.session: aiohttp.ClientSession | None = None  # control plane: health, reports
         self.keyring: KeyRing | None = None
@@ -79,7 +86,8 @@ class Worker:
                 cleanup_interval=settings.request_log_cleanup_interval,
                 max_per_second=settings.request_log_max_per_second or None)
         self.own_routes = OwnRoutes(self.state, self.metrics, self.status, self.recorder,
-                                    settings.logs_token, settings.request_log_retention_hours)
+                                    settings.logs_token, settings.request_log_retention_hours,
+                                    UpdateRoute(settings.master_token, settings.update_flag))
         self.doorway = Doorway(unsecured=settings.unsecured,
                                max_body_bytes=settings.max_body_bytes,
                                body_read_timeout=settings.body_read_timeout,
@@ -296,10 +304,11 @@ class Worker:
                              settings.backend_log_error)
         plan = StartupPlan(
             backend_url=settings.backend_url,
-            health_url=settings.backend_url + settings.healthcheck_endpoint,
+            health_url=health_url(settings.backend_url, settings.healthcheck_endpoint),
             ready_timeout_initial=settings.ready_timeout_initial,
             ready_timeout_resume=settings.ready_timeout_resume,
             benchmark=settings.benchmark, benchmark_timeout=settings.benchmark_timeout,
+            backend_api_key=settings.backend_api_key,
             benchmark_identity=settings.benchmark_identity, cache_path=settings.benchmark_cache,
             fixed_throughput=settings.max_throughput,
             throughput_required=bool(settings.report_addrs), log_watch=watch,

@@ -130,7 +130,8 @@ async def signed():
         settings = load_settings({
             "VESPA_BACKEND_URL": backend_url, "REPORT_ADDR": emulator.url, "CONTAINER_ID": "7",
             "VESPA_WORKER_HTTP_PORT": "0",  # in-process: no session port next to 3000
-            "MASTER_TOKEN": MASTER_TOKEN, "VESPA_PUBLIC_URL": f"http://127.0.0.1:{port}",
+            "MASTER_TOKEN": MASTER_TOKEN, "VESPA_USE_SSL": "false",
+            "VESPA_PUBLIC_URL": f"http://127.0.0.1:{port}",
             "VESPA_MAX_THROUGHPUT": "1000", "VESPA_REPORT_INTERVAL": "0.05",
             "VESPA_HEALTHCHECK_INTERVAL": "0.2", **env})
         worker = Worker(settings)

@@ -119,8 +119,8 @@ class WorkerProcess(Process):
             settings["VESPA_UNSECURED"] = "true"
         else:
             settings.update(REPORT_ADDR=emulator.url, CONTAINER_ID="7", MASTER_TOKEN=MASTER_TOKEN,
-                            VESPA_PUBLIC_URL=self.url, VESPA_MAX_THROUGHPUT="1000",
-                            VESPA_REPORT_INTERVAL="0.05")
+                            VESPA_USE_SSL="false", VESPA_PUBLIC_URL=self.url,
+                            VESPA_MAX_THROUGHPUT="1000", VESPA_REPORT_INTERVAL="0.05")
         settings.update(env)
         super().__init__([PYTHON, "-m", "vespa"], worker_env(**settings),
                          tmp_path / f"worker-{self.port}.log")

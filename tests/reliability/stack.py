@@ -72,7 +72,8 @@ class Stack:
             await self.emulator.start()
             values.update(REPORT_ADDR=self.emulator.url, CONTAINER_ID="7",
                           VESPA_WORKER_HTTP_PORT="0",  # in-process: no session port by 3000
-                          MASTER_TOKEN=MASTER_TOKEN, VESPA_PUBLIC_URL=self.url,
+                          MASTER_TOKEN=MASTER_TOKEN, VESPA_USE_SSL="false",
+                          VESPA_PUBLIC_URL=self.url,
                           VESPA_MAX_THROUGHPUT="1000", VESPA_REPORT_INTERVAL="0.05")
         else:
             values["VESPA_UNSECURED"] = "true"

@@ -158,7 +158,7 @@ async def test_each_finished_request_is_deleted_exactly_once(worker, emulator, s
                    "every request_idx in delete_requests")
     await asyncio.sleep(0.5)
     assert collections.Counter(emulator.deleted_request_idxs()) == collections.Counter(sent)
-    assert all(r["success"] and r["status"] == 200 for r in emulator.deleted)
+    assert all(r["success"] and r["status"] == "Success" for r in emulator.deleted)
     assert emulator.validation_errors == []
 
 

@@ -74,6 +74,7 @@ class WorkerProcess:
             "VESPA_WORKER_PORT": str(self.port), "VESPA_WORKER_HOST": "127.0.0.1",
             "VESPA_CACHE_DIR": str(self.cache_dir),
             "REPORT_ADDR": report_addr, "CONTAINER_ID": "41", "MASTER_TOKEN": "slow-mtoken",
+            "VESPA_USE_SSL": "false",
             "VESPA_PUBLIC_URL": self.url, "VESPA_REPORT_INTERVAL": "0.2",
             "VESPA_HEALTHCHECK_INTERVAL": "1", **env})
         self.log_file = open(self.log_path, "wb")  # noqa: SIM115 - written until the end

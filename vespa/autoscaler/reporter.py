@@ -15,7 +15,7 @@ from typing import Callable
 import aiohttp
 
 from .. import __version__
-from ..corridor.ledger import FinishedRequest, Ledger
+from ..corridor.ledger import FinishedRequest, Ledger, Outcome
 from ..state import WorkerState
 
 log = logging.getLogger("vespa.reporter")
@@ -29,6 +29,8 @@ DELETE_BATCH = 500
 # record would leave the autoscaler counting that request as in flight for good); a
 # worker_status report is not retried, the next one carries its counts and what came since.
 ANSWER_TIMEOUT = 30.0
+# Disk use moves all the time (logs): on its own it is no reason for a report.
+DISK_FIELDS = {"additional_disk_usage": 0, "disk_usage": 0}
 
 
 @dataclass
@@ -41,27 +43,46 @@ class Identity:
     version: str = field(default=f"vespa-{__version__}")
 
 
-def status_body(identity: Identity, state: WorkerState, load: dict, disk_delta_gb: float) -> dict:
-    """The worker_status body, exactly the fields PROTOCOL.md lists."""
+def status_body(identity: Identity, state: WorkerState, load: dict, disk_usage_gb: float,
+                disk_delta_gb: float) -> dict:
+    """The worker_status body: the fields of Vast's current worker, in its order."""
     return {
         "id": identity.worker_id,
         "mtoken": identity.mtoken,
         "version": identity.version,
-        "loadtime": state.loadtime_unsent or 0.0,
-        **load,
-        "max_perf": state.max_perf if state.ready else 0.0,
+        "loadtime": state.loadtime or 0.0,  # in every report once loaded, as Vast's worker
+        "cur_load": load["cur_load"],
+        "rej_load": load["rej_load"],
+        "new_load": load["new_load"],
         "error_msg": state.error_msg,
+        "max_perf": state.max_perf if state.ready else 0.0,
+        "cur_perf": load["cur_perf"],
         "cur_capacity": 0,
         "max_capacity": 0,
+        "num_requests_working": load["num_requests_working"],
+        "num_requests_recieved": load["num_requests_recieved"],
         "additional_disk_usage": disk_delta_gb,
+        "disk_usage": disk_usage_gb,
+        "working_request_idxs": load["working_request_idxs"],
         "url": identity.url,
     }
 
 
+# A record's status as Vast's worker writes it. Vespa's one difference: a backend answer of 500
+# or more is an Error here (Vast's worker records any relayed answer as a Success).
+VAST_STATUS = {Outcome.SUCCESS: "Success", Outcome.ERROR: "Error",
+               Outcome.CANCELLED: "Cancelled", Outcome.REJECTED: "Rejected"}
+
+
 def _record(item: FinishedRequest) -> dict:
-    return {"request_idx": item.request_idx, "success": item.success, "status": item.status,
-            "entered_queue_at": item.entered_queue_at, "work_started_at": item.work_started_at,
-            "work_completed_at": item.work_completed_at}
+    """One ``requests`` entry, as Vast's worker sends it: timestamps are floats, 0.0 when the
+    request never started, and ``work_completed_at`` is 0.0 for a cancelled or rejected one."""
+    completed = item.outcome is Outcome.SUCCESS or item.outcome is Outcome.ERROR
+    return {"request_idx": item.request_idx, "success": item.success,
+            "status": VAST_STATUS[item.outcome],
+            "entered_queue_at": float(item.entered_queue_at),
+            "work_started_at": float(item.work_started_at or 0.0),
+            "work_completed_at": float(item.work_completed_at) if completed else 0.0}
 
 
 def delete_bodies(identity: Identity, batch: list[FinishedRequest], fmt: str
@@ -142,14 +163,14 @@ class Reporter:
     async def report_status(self, force: bool = False) -> bool:
         load, window = self.ledger.load_fields()
         disk_used = shutil.disk_usage("/").used
-        # additional_disk_usage in GiB, as Vast's own worker counts it
-        body = status_body(self.identity, self.state, load, (disk_used - self.disk_used) / 2**30)
+        # disk_usage (used on /) and additional_disk_usage in GiB, as Vast's own worker counts them
+        body = status_body(self.identity, self.state, load, disk_used / 2**30,
+                           (disk_used - self.disk_used) / 2**30)
         # new work since the last report always goes out; its counts are per window, so two
         # windows with the same traffic have equal bodies
-        news = window.new_load or window.rej_load or window.cur_perf \
-            or window.num_requests_recieved
-        unchanged = self.last_sent is not None and {**body, "additional_disk_usage": 0} == {
-            **self.last_sent, "additional_disk_usage": 0}
+        news = window.new_load or window.rej_load or window.cur_perf
+        unchanged = self.last_sent is not None \
+            and {**body, **DISK_FIELDS} == {**self.last_sent, **DISK_FIELDS}
         due = time.monotonic() - self.last_sent_at >= self.max_interval
         if unchanged and not news and not due and not force:
             return True
@@ -159,8 +180,6 @@ class Reporter:
         self.sent += 1
         self.ledger.reported(window)
         self.disk_used = disk_used
-        if body["loadtime"]:
-            self.state.loadtime_unsent = None  # loadtime goes out once
         self.last_sent, self.last_sent_at = body, time.monotonic()
         return True
 

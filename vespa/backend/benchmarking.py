@@ -112,11 +112,15 @@ class BenchmarkCache:
                         "on the next start", self.path, exc)
 
 
-async def run_benchmark(target: str, backend_url: str, timeout: float) -> float:
-    """Run the benchmark once; its throughput in workload units per second."""
+async def run_benchmark(target: str, backend_url: str, timeout: float,
+                        api_key: str | None = None) -> float:
+    """Run the benchmark once; its throughput in workload units per second. With ``api_key``
+    (the backend's own, VESPA_BACKEND_API_KEY) every request of the session carries it."""
     function = load_benchmark(target)
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
     try:
-        async with aiohttp.ClientSession(base_url=backend_url.rstrip("/") + "/") as session:
+        async with aiohttp.ClientSession(base_url=backend_url.rstrip("/") + "/",
+                                         headers=headers) as session:
             throughput = await asyncio.wait_for(function(backend_url, session), timeout)
     except asyncio.TimeoutError:
         raise BenchmarkError(f"benchmark {target} took longer than {timeout:g}s "

@@ -18,7 +18,8 @@ async def backend_process(settings: Settings) -> tuple[ProcessSpec, str | None]:
 
         gpu = await asyncio.to_thread(vllm.detect_gpu)
         spec = vllm.build_command(env, port=settings.backend_port,
-                                  python=vllm.venv_python(env), gpu=gpu)
+                                  python=vllm.venv_python(env), gpu=gpu,
+                                  api_key=settings.backend_api_key)
         return (ProcessSpec("vllm", spec.argv, spec.env, cwd=str(REPO_ROOT)),
                 vllm.setup_problem(spec))
     if settings.backend == "tts":

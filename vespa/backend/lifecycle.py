@@ -53,6 +53,7 @@ class StartupPlan:
     poll_interval: float = 1.0
     health_interval: float = 10.0
     failures_to_error: int = 3
+    backend_api_key: str | None = None  # the benchmark sends it (vLLM's health needs none)
 
 
 class Lifecycle:
@@ -144,7 +145,7 @@ class Lifecycle:
         log.info("running benchmark %s", plan.benchmark)
         try:
             measured = await run_benchmark(plan.benchmark, plan.backend_url,
-                                           plan.benchmark_timeout)
+                                           plan.benchmark_timeout, plan.backend_api_key)
         except BenchmarkError as exc:
             raise StartupError(str(exc)) from None
         log.info("benchmark: %.4g units/s", measured)

@@ -10,8 +10,9 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off", ""}
+# what Python's strtobool takes (Vast's worker reads UNSECURED with it), and "" for false
+_TRUE = {"1", "true", "yes", "on", "y", "t"}
+_FALSE = {"0", "false", "no", "off", "n", "f", ""}
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,20 @@ def _route_path(value: str) -> str:
     return value
 
 
+def _path_or_url(value: str) -> str:
+    if value.startswith(("http://", "https://")):
+        _url(value)  # raises for a bare scheme
+        return value  # taken as it is (a trailing / too)
+    return _route_path(value)
+
+
+def _bearer(value: str) -> str:
+    """A token sent as ``Authorization: Bearer <token>``: visible ASCII, no spaces."""
+    if not all("!" <= char <= "~" for char in value):
+        raise ValueError(value)
+    return value
+
+
 def _level(value: str) -> str:
     if value.upper() not in LOG_LEVELS:
         raise ValueError(value)
@@ -119,6 +134,8 @@ FLAG = Kind(_flag, "true or false")
 HTTP_URL = Kind(_url, "an http:// or https:// URL")
 HTTP_URLS = Kind(_urls, "comma-separated http(s) URLs")
 ROUTE_PATH = Kind(_route_path, "a path starting with /")
+PATH_OR_URL = Kind(_path_or_url, "a path starting with / or an http(s):// URL")
+BEARER = Kind(_bearer, "a token of visible ASCII characters, without spaces")
 LEVEL = Kind(_level, "one of " + ", ".join(LOG_LEVELS))
 PATTERNS = Kind(_patterns, "comma-separated path patterns")
 TARGET = Kind(_target, "module:function")

@@ -11,11 +11,15 @@ from typing import Any, Mapping
 from dotenv import dotenv_values
 from yarl import URL
 
-from .settings import (BENCHMARK_IDENTITY, DECLARATIONS, DECLARED, DEFAULT_BENCHMARKS,
-                       PUBLIC_IPADDR, SCRIPT_PREFIXES, SCRIPT_SETTINGS, VAST_TCP_PORT,
-                       Setting, Settings)
+from .kinds import BEARER
+from .settings import (BENCHMARK_IDENTITY, CREDENTIALS, DECLARATIONS, DECLARED,
+                       DEFAULT_BENCHMARKS, PUBLIC_IPADDR, SCRIPT_PREFIXES, SCRIPT_SETTINGS,
+                       VAST_TCP_PORT, Setting, Settings)
 
 _UNSET = object()
+# vLLM's own key variable, read as the backend key the worker sends
+VLLM_API_KEY = dataclasses.replace(next(s for s in CREDENTIALS if s.variable == "VLLM_API_KEY"),
+                                   kind=BEARER)
 
 
 class ConfigError(ValueError):
@@ -66,17 +70,23 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     read = _Reader(environment() if env is None else env)
     values = {name: read.value(setting) for name, setting in DECLARED.items()}
     backend = _backend(read, values["backend_command"])
+    # TLS on a Vast instance unless told otherwise, as Vast's start-up has it
+    use_ssl = read.value(DECLARED["use_ssl"], default=_on_vast(read))
     values.update(
         backend=backend,
+        use_ssl=use_ssl,
         backend_url=_backend_url(read, backend, values["backend_url"], values["backend_port"]),
         # Without an autoscaler nobody signs requests: dev mode is unsecured unless told otherwise.
         unsecured=read.value(DECLARED["unsecured"], default=not values["report_addrs"]),
         public_url=values["public_url"] or _vast_public_url(read, values["worker_port"],
-                                                            values["use_ssl"]),
+                                                            use_ssl),
         # Vast's worker serves /session/end on the worker port + 1; off the platform, only when
         # asked (a port next to a test's or a laptop's worker may be anyone's)
         http_port=_http_port(read, values["http_port"], values["worker_port"]),
         benchmark=read.value(DECLARED["benchmark"], default=DEFAULT_BENCHMARKS.get(backend or "")),
+        # a launched vLLM asks for VLLM_API_KEY when it is set: the worker then sends it
+        backend_api_key=read.value(DECLARED["backend_api_key"], default=read.value(
+            VLLM_API_KEY) if backend == "vllm" else None),
         backend_log=read.value(DECLARED["backend_log"], default=os.path.join(
             values["cache_dir"], "logs", f"{backend}.log") if backend else None),
         benchmark_identity={name: read.env[name] for name in BENCHMARK_IDENTITY
@@ -88,11 +98,16 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     return Settings(**values)
 
 
+def _on_vast(read: _Reader) -> bool:
+    """On a Vast instance: the platform set ``CONTAINER_ID``."""
+    return bool(read.env.get("CONTAINER_ID", "").strip())
+
+
 def _http_port(read: _Reader, port: int | None, worker_port: int) -> int | None:
     """The plain-HTTP session port: as set (0: off), else on a Vast instance the worker's + 1."""
     if port is not None:
         return port or None
-    return worker_port + 1 if read.env.get("CONTAINER_ID", "").strip() else None
+    return worker_port + 1 if _on_vast(read) else None
 
 
 def _backend(read: _Reader, command: tuple[str, ...]) -> str | None:

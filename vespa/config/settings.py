@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .kinds import (COMMAND, DIRECTORY, FILE, FLAG, HTTP_URL, HTTP_URLS, LEVEL, PATTERNS, PORT,
-                    NUMBER, REGEX, ROUTE_PATH, TARGET, TOKEN, Kind, choice, number, text,
-                    whole)
+from .kinds import (BEARER, COMMAND, DIRECTORY, FILE, FLAG, HTTP_URL, HTTP_URLS, LEVEL,
+                    PATH_OR_URL, PATTERNS, PORT, NUMBER, REGEX, TARGET, TOKEN, Kind, choice,
+                    number, text, whole)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_BENCHMARKS = {"vllm": "benchmarks.openai_chat:benchmark", "tts": "benchmarks.tts:benchmark"}
@@ -64,7 +64,7 @@ class Settings:
     host: str = setting("VESPA_WORKER_HOST", text("a host address"), "0.0.0.0",
                         "address the worker listens on")
     unsecured: bool = setting("VESPA_UNSECURED", FLAG, False, "skip signature checks (dev only)",
-                              shown="`true` without `REPORT_ADDR`, else `false`")
+                              vast="UNSECURED", shown="`true` without `REPORT_ADDR`, else `false`")
     allow_parallel: bool = setting("VESPA_ALLOW_PARALLEL", FLAG, True,
                                    "`false` runs one request at a time")
     max_concurrency: int | None = setting(
@@ -113,8 +113,10 @@ class Settings:
     keepalive_timeout: float = setting(
         "VESPA_KEEPALIVE_TIMEOUT", NUMBER, 75.0,
         "seconds an idle client connection (or one that never sends a whole request) is kept")
-    healthcheck_endpoint: str = setting("VESPA_HEALTHCHECK_ENDPOINT", ROUTE_PATH, "/health",
-                                        "backend path polled until 200, then periodically")
+    healthcheck_endpoint: str = setting(
+        "VESPA_HEALTHCHECK_ENDPOINT", PATH_OR_URL, "/health",
+        "backend path (or a whole URL) polled until 200, then periodically",
+        vast="MODEL_HEALTH_ENDPOINT")
     healthcheck_interval: float = setting("VESPA_HEALTHCHECK_INTERVAL", NUMBER, 10.0,
                                           "seconds between health checks once ready")
     healthcheck_failures: int = setting(
@@ -149,9 +151,10 @@ class Settings:
     replay_window: int = setting(
         "VESPA_REPLAY_WINDOW", whole(), 10_000,
         "how many recent signed requests are remembered against replays")
-    delete_requests_format: str = setting("VESPA_DELETE_REQUESTS_FORMAT",
-                                          choice("2026", "legacy"), "2026",
-                                          "`legacy` sends the older two-POST format")
+    delete_requests_format: str = setting(
+        "VESPA_DELETE_REQUESTS_FORMAT", choice("2026", "legacy"), "2026",
+        "`2026`: one POST of `requests` records, as Vast's current worker sends them; `legacy`: "
+        "the older two POSTs of `request_idxs`, one for successes and one for failures")
     report_interval: float = setting(
         "VESPA_REPORT_INTERVAL", NUMBER, 1.0,
         "seconds between looks at the load; a report goes out when it changed")
@@ -160,7 +163,8 @@ class Settings:
     public_url: str = setting("VESPA_PUBLIC_URL", HTTP_URL, "",
                               "the URL clients use for this worker",
                               shown="from Vast's variables")
-    use_ssl: bool = setting("VESPA_USE_SSL", FLAG, False, "serve HTTPS", vast="USE_SSL")
+    use_ssl: bool = setting("VESPA_USE_SSL", FLAG, False, "serve HTTPS", vast="USE_SSL",
+                            shown="on a Vast instance `true` (as Vast's start-up), else `false`")
     ssl_cert: str = setting("VESPA_SSL_CERT", FILE, "/etc/instance.crt",
                             "certificate for HTTPS")
     ssl_key: str = setting("VESPA_SSL_KEY", FILE, "/etc/instance.key", "key for HTTPS")
@@ -179,6 +183,11 @@ class Settings:
         "`VESPA_BACKEND=command`")
     backend_restarts: int = setting("VESPA_BACKEND_RESTARTS", whole(0), 0,
                                     "times a backend that exits is started again")
+    backend_api_key: str | None = setting(
+        "VESPA_BACKEND_API_KEY", BEARER, None,
+        "the backend's own key: sent as `Authorization: Bearer` with every request to the "
+        "backend (instead of the client's) and with the benchmark's; a launched vLLM is given it",
+        secret=True, shown="`VLLM_API_KEY` with `VESPA_BACKEND=vllm`, else none")
     log_format: str = setting("VESPA_LOG_FORMAT", choice("text", "json"), "text",
                               "`json`: one JSON object per line")
     metrics_routes: tuple[str, ...] = setting(
@@ -208,13 +217,19 @@ class Settings:
         "how many requests waiting in vLLM count as long")
     insight_interval: float = setting("VESPA_INSIGHT_INTERVAL", NUMBER, 2.0,
                                       "seconds between scrapes of vLLM's `/metrics`")
+    update_flag: str = setting(
+        "VESPA_UPDATE_FLAG", FILE, "/.force_update",
+        "file `POST /pyworker/update` writes (Vast's); on a Vast instance start_server.sh "
+        "watches it, updates the checkout and restarts the worker")
     # Vast's own variables, as the platform sets them
     report_addrs: tuple[str, ...] = setting(
         "REPORT_ADDR", HTTP_URLS, (), "Vast: the autoscaler's addresses, comma-separated, tried "
         "in order; without it the worker reports nothing (dev mode)")
     container_id: int | None = setting("CONTAINER_ID", whole(0), None, "Vast: the worker id")
-    master_token: str = setting("MASTER_TOKEN", TOKEN, "",
-                                "Vast: the token every report carries", secret=True)
+    master_token: str = setting(
+        "MASTER_TOKEN", TOKEN, "",
+        "Vast: the token every report carries, and `POST /pyworker/update`'s (as `Authorization: "
+        "Bearer`; without one that route always answers 401)", secret=True)
     # Derived in loading.py from the variables above: no variable of their own.
     benchmark_identity: dict = field(default_factory=dict)  # what a cached benchmark measured
     backend_env: dict = field(default_factory=dict)  # the variables handed to the backend
@@ -244,7 +259,8 @@ CREDENTIALS = tuple(Setting(name, TOKEN, None, doc + "; kept out of the worker's
                             secret=True) for name, doc in (
     ("HF_TOKEN", "Hugging Face token a backend may use"),
     ("HUGGING_FACE_HUB_TOKEN", "the same, by its older name"),
-    ("VLLM_API_KEY", "the API key a vLLM may ask of its clients"),
+    ("VLLM_API_KEY", "the API key a vLLM asks of its clients; for a launched vLLM, "
+                     "`VESPA_BACKEND_API_KEY`'s default"),
     ("OPENAI_API_KEY", "an OpenAI key a backend may use")))
 # The backend's own settings: the worker hands them to a launched backend's command builder.
 HANDED_TO_BACKEND = tuple(Setting(name, text("any text"), None, doc, shown="—", backend=True)
@@ -270,7 +286,7 @@ BENCHMARK_IDENTITY = ("VESPA_BACKEND", "VESPA_BACKEND_URL", "MODEL_NAME", "VLLM_
 SCRIPT_SETTINGS = frozenset({
     "VESPA_AUTOSCALER_PORT", "VESPA_CERT_SIGN_URL", "VESPA_DEV_API_KEY", "VESPA_LOCAL",
     "VESPA_PYTHON", "VESPA_VENV", "VESPA_WORKER_EXTRAS", "VESPA_WORKER_PYTHON",
-    "VESPA_SOAK_SECONDS", "VESPA_COMPILE",
+    "VESPA_SOAK_SECONDS", "VESPA_COMPILE", "VESPA_UPDATE_REF", "VESPA_UPDATE_REMOTE",
     # read when the package is imported (vespa/compiled.py), before any setting
     "VESPA_PURE_PYTHON"})
 SCRIPT_PREFIXES = ("VESPA_RELIABILITY_",)

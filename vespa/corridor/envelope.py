@@ -40,6 +40,7 @@ class Envelope(NamedTuple):  # made once per request: a NamedTuple is 5x cheaper
     cost: float | None = None
     request_idx: int | None = None
     session_id: str | None = None  # the session the request belongs to (Vast's sessions)
+    reqnum: int | None = None
 
 
 PASSTHROUGH = Envelope(None)
@@ -82,7 +83,7 @@ def _signed(auth_data: dict, **rest) -> Envelope:
     if problems:
         raise EnvelopeError(problems)
     return Envelope(auth_data, cost=float(auth_data["cost"]),
-                    request_idx=auth_data.get("request_idx"), **rest)
+                    request_idx=auth_data.get("request_idx"), reqnum=auth_data["reqnum"], **rest)
 
 
 def open_body(body: bytes, *, unsecured: bool) -> Envelope:

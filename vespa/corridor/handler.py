@@ -5,7 +5,8 @@
 
 Every "no" is a ``refusal.Refused``, answered and counted in ``handle``; a request that got past
 the door ends in the ledger exactly once (``serve``); a request whose signature fails is not
-load and never enters it. Paths under ``/_vespa/`` are the worker's own and go to ``own``.
+load and never enters it. Paths under ``/_vespa/``, and ``/pyworker/update`` (Vast's platform
+calls it), are the worker's own and go to ``own``.
 """
 
 from __future__ import annotations
@@ -35,7 +36,10 @@ from .visit import Visit
 
 log = logging.getLogger("vespa")
 RESERVED_PREFIX = "/_vespa/"
-OWN_PREFIXES = (RESERVED_PREFIX, "/session/")  # the worker's own paths (Vast's sessions too)
+OWN_PREFIXES = (RESERVED_PREFIX, "/session/", "/pyworker/")  # the worker's own paths
+# Vast's platform calls these on a worker (Vast's own worker serves them): the worker's own too
+UPDATE_ROUTE = "/pyworker/update"
+PLATFORM_ROUTES = frozenset({UPDATE_ROUTE})
 
 OwnRoutes = Callable[[Request, str], Awaitable[None]]  # (request, path): the worker's own routes
 Recorder = Callable[[Request, Visit, "float | None"], None]  # keeps a request record
@@ -62,14 +66,15 @@ class Corridor:
         self.idle = asyncio.Event()  # set when the last request in flight ends
 
     def dispatch(self, request: Request) -> Awaitable[None]:
-        """The front server's handler: the worker's own routes under /_vespa/, everything else
-        to the backend. It hands back the coroutine that serves the request (one level less)."""
+        """The front server's handler: the worker's own routes (under /_vespa/, Vast's sessions
+        and /pyworker/update), everything else to the backend. It hands back the coroutine that
+        serves the request (one level less)."""
         target = origin_form(request.target)  # None: no path to serve, the envelope says 400
         if target is not None and target.startswith(OWN_PREFIXES):
             path = path_of(target)
             if path in SESSION_ROUTES:
                 return self.desk.serve(request, path)
-            if target.startswith(RESERVED_PREFIX):
+            if target.startswith(RESERVED_PREFIX) or path in PLATFORM_ROUTES:
                 return self.own(request, path)
         return self.handle(request, target)
 
@@ -102,7 +107,8 @@ class Corridor:
         received and rejected in the ledger at once."""
         refused = self.doorway.refusal(target, self.state.draining)
         if refused is not None:
-            self.ledger.reject(workload, envelope.request_idx, refused.status, time.time())
+            self.ledger.reject(workload, envelope.request_idx, refused.status, time.time(),
+                               envelope.reqnum)
             visit.outcome = Outcome.REJECTED
             raise refused
 
@@ -147,7 +153,8 @@ class Corridor:
         request can be cut when it ends."""
         if session is None:
             self.idle.clear()  # set again when the last request in flight ends
-            return self.ledger.receive(workload, envelope.request_idx, visit.received_at)
+            return self.ledger.receive(workload, envelope.request_idx, visit.received_at,
+                                       envelope.reqnum)
         session.requests.add(request)
         self.desk.sessions.extend(session, visit.received_at)
         return self.ledger.receive_in_session(workload, visit.received_at)

@@ -3,7 +3,8 @@
 Every request that is admitted or rejected ends here exactly once. The ledger produces the load
 fields of ``worker_status`` (as PROTOCOL.md defines them), counted since the last report that
 reached the autoscaler, and the finished-request records that ``delete_requests`` carries.
-Memory is bounded: counters, the requests in flight, and a bounded outbox of finished records.
+Memory is bounded: counters, the requests in flight, a bounded outbox of finished records and the
+recent reqnums that ``num_requests_recieved`` counts.
 """
 
 from __future__ import annotations
@@ -34,14 +35,20 @@ class Entry:
 
 @dataclass(frozen=True)
 class FinishedRequest:
-    """One record for ``delete_requests``."""
+    """One record for ``delete_requests``: how the request ended, the HTTP status it was answered
+    with, and when it was received, started (None: never) and finished."""
 
     request_idx: int
-    success: bool
+    outcome: Outcome
     status: int
     entered_queue_at: float
     work_started_at: float | None
     work_completed_at: float
+
+    @property
+    def success(self) -> bool:
+        """As the autoscaler counts it: a cancelled request is a success too."""
+        return self.outcome is Outcome.SUCCESS or self.outcome is Outcome.CANCELLED
 
 
 @dataclass
@@ -51,12 +58,37 @@ class LoadWindow:
     new_load: float = 0.0
     rej_load: float = 0.0
     cur_perf: float = 0.0
-    num_requests_recieved: int = 0
 
     def minus(self, other: "LoadWindow") -> "LoadWindow":
         return LoadWindow(self.new_load - other.new_load, self.rej_load - other.rej_load,
-                          self.cur_perf - other.cur_perf,
-                          self.num_requests_recieved - other.num_requests_recieved)
+                          self.cur_perf - other.cur_perf)
+
+
+class DistinctReqnums:
+    """``num_requests_recieved`` as Vast's worker counts it: the distinct reqnums received since
+    start (it only grows). A request without a reqnum (unsigned, in dev mode) counts once.
+
+    Vast's worker keeps every reqnum; this remembers the last ``remember`` distinct ones, so a
+    reqnum seen again after that many others counts again. Reqnums come from the autoscaler's
+    counter and grow; the same one comes back only with the same envelope (a replay), and soon."""
+
+    def __init__(self, remember: int = 10_000):
+        self.count = 0
+        self.remember = remember
+        self.recent: set[int] = set()
+        self.order: deque[int] = deque()
+
+    def add(self, reqnum: int | None) -> None:
+        if reqnum is None:
+            self.count += 1
+            return
+        if reqnum in self.recent:
+            return
+        self.count += 1
+        self.recent.add(reqnum)
+        self.order.append(reqnum)
+        if len(self.order) > self.remember:
+            self.recent.discard(self.order.popleft())
 
 
 @dataclass
@@ -73,18 +105,21 @@ class Ledger:
     def __init__(self, outbox_limit: int = 100_000):
         self.in_flight: set[Entry] = set()
         self.window = LoadWindow()
+        self.received = DistinctReqnums()
         self.totals = Totals()
         self.outbox: deque[FinishedRequest] = deque()
         self.outbox_limit = outbox_limit
         self.dropped = 0
 
     # -- recording ---------------------------------------------------------------------------
-    def receive(self, workload: float, request_idx: int | None, now: float) -> Entry:
-        """An admitted request (running or queued) enters the ledger."""
+    def receive(self, workload: float, request_idx: int | None, now: float,
+                reqnum: int | None = None) -> Entry:
+        """An admitted request (running or queued) enters the ledger (``reqnum``: its auth
+        data's, None when it has none)."""
         entry = Entry(workload, request_idx, now)
         self.in_flight.add(entry)
         self.window.new_load += workload
-        self.window.num_requests_recieved += 1
+        self.received.add(reqnum)
         self.totals.received += 1
         return entry
 
@@ -118,10 +153,11 @@ class Ledger:
             self.totals.rejected += 1
         self._record(entry.request_idx, outcome, status, entry.received_at, entry.started_at, now)
 
-    def reject(self, workload: float, request_idx: int | None, status: int, now: float) -> None:
+    def reject(self, workload: float, request_idx: int | None, status: int, now: float,
+               reqnum: int | None = None) -> None:
         """A request turned away before admission (draining, blocked path): received, too."""
         self.window.rej_load += workload
-        self.window.num_requests_recieved += 1
+        self.received.add(reqnum)
         self.totals.received += 1
         self.totals.rejected += 1
         self.totals.outcomes[Outcome.REJECTED.value] += 1
@@ -134,8 +170,7 @@ class Ledger:
         if len(self.outbox) >= self.outbox_limit:
             self.outbox.popleft()
             self.dropped += 1
-        success = outcome in (Outcome.SUCCESS, Outcome.CANCELLED)
-        self.outbox.append(FinishedRequest(request_idx, success, status, received_at,
+        self.outbox.append(FinishedRequest(request_idx, outcome, status, received_at,
                                            started_at, now))
 
     # -- reporting ---------------------------------------------------------------------------
@@ -158,7 +193,7 @@ class Ledger:
             "rej_load": sent.rej_load,
             "cur_perf": sent.cur_perf,
             "num_requests_working": len(self.in_flight),
-            "num_requests_recieved": sent.num_requests_recieved,
+            "num_requests_recieved": self.received.count,  # since start, as Vast's worker
             "working_request_idxs": self.working_request_idxs(),
         }
         return fields, sent

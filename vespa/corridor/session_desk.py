@@ -100,9 +100,10 @@ class SessionDesk:
             workload = workload_of(envelope.cost, self.default_cost)
             refused = self.refusal()
             if refused is not None:  # received and rejected at once
-                self.ledger.reject(workload, envelope.request_idx, refused.status, now)
+                self.ledger.reject(workload, envelope.request_idx, refused.status, now,
+                                   envelope.reqnum)
                 raise refused
-            entry = self.ledger.receive(workload, envelope.request_idx, now)
+            entry = self.ledger.receive(workload, envelope.request_idx, now, envelope.reqnum)
             self.ledger.start(entry, now)
             session = self.sessions.create(envelope.auth_data, plan, entry, now)
         except Refused as refused:

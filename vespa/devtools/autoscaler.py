@@ -28,7 +28,7 @@ ENDPOINT_LIST_PATH = "/api/v0/endptjobs/"
 DEFAULT_SCHEME = "url"  # Vast's current autoscaler signs {"url": ...} only
 
 
-# -- field checks (one predicate and its description per PROTOCOL.md field) -------------------
+# -- field checks (one predicate and its description per field, as Vast's worker sends it) -----
 
 def is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
@@ -45,19 +45,29 @@ AMOUNT = (lambda v: is_number(v) and v >= 0, "a finite number >= 0")
 STRING = (lambda v: isinstance(v, str), "a string")
 BOOLEAN = (lambda v: isinstance(v, bool), "a boolean")
 INT_LIST = (lambda v: isinstance(v, list) and all(map(is_int, v)), "a list of integers")
-TIMESTAMP = (lambda v: v is None or is_number(v), "a number or null")
+MESSAGE = (lambda v: isinstance(v, str) and v != "", "a non-empty string")
+# Vast's worker sends time.time() floats, and 0.0 (never null) for a step that never happened
+TIMESTAMP = (lambda v: isinstance(v, float) and math.isfinite(v) and v >= 0,
+             "a float >= 0 (0.0 when it never happened)")
+RECORD_STATUSES = ("Success", "Error", "Cancelled", "Rejected")
+RECORD_STATUS = (lambda v: v in RECORD_STATUSES, "one of " + ", ".join(RECORD_STATUSES))
 
+# The fields of Vast's current worker (vastai 1.9.1), all required.
 WORKER_STATUS_FIELDS = {
     "id": INTEGER, "mtoken": STRING, "version": STRING, "loadtime": AMOUNT, "cur_load": AMOUNT,
-    "new_load": AMOUNT, "rej_load": AMOUNT, "max_perf": AMOUNT, "cur_perf": AMOUNT,
-    "error_msg": STRING, "cur_capacity": AMOUNT, "max_capacity": AMOUNT,
+    "rej_load": AMOUNT, "new_load": AMOUNT, "error_msg": STRING, "max_perf": AMOUNT,
+    "cur_perf": AMOUNT, "cur_capacity": AMOUNT, "max_capacity": AMOUNT,
     "num_requests_working": COUNT, "num_requests_recieved": COUNT,
-    "additional_disk_usage": NUMBER, "working_request_idxs": INT_LIST, "url": STRING,
+    "additional_disk_usage": NUMBER, "disk_usage": AMOUNT, "working_request_idxs": INT_LIST,
+    "url": STRING,
 }
+# What Vast's start_server.sh sends when the worker cannot start: these five fields only.
+STARTUP_ERROR_FIELDS = {"id": INTEGER, "mtoken": STRING, "version": STRING,
+                        "error_msg": MESSAGE, "url": STRING}
 DELETE_COMMON_FIELDS = {"worker_id": INTEGER, "mtoken": STRING}
 DELETE_LEGACY_FIELDS = {"request_idxs": INT_LIST, "success": BOOLEAN}
 DELETE_RECORD_FIELDS = {
-    "request_idx": INTEGER, "success": BOOLEAN, "status": INTEGER,
+    "request_idx": INTEGER, "success": BOOLEAN, "status": RECORD_STATUS,
     "entered_queue_at": TIMESTAMP, "work_started_at": TIMESTAMP, "work_completed_at": TIMESTAMP,
 }
 
@@ -71,6 +81,13 @@ def field_errors(body: dict, fields: dict, where: str) -> list[str]:
         elif not accepts(body[name]):
             errors.append(f"{where}: {name} must be {expected}, got {body[name]!r:.80}")
     return errors
+
+
+def worker_status_errors(body: dict, where: str) -> list[str]:
+    """A full worker_status, or start_server.sh's start-up error body (exactly its 5 fields)."""
+    if set(body) == set(STARTUP_ERROR_FIELDS):
+        return field_errors(body, STARTUP_ERROR_FIELDS, f"{where} (start-up error)")
+    return field_errors(body, WORKER_STATUS_FIELDS, where)
 
 
 # -- the fleet ---------------------------------------------------------------------------------
@@ -242,8 +259,8 @@ class AutoscalerEmulator:
             self.validation_errors.append("worker_status: body is not a JSON object")
             return body
         worker_id = body["id"] if is_int(body.get("id")) else str(body.get("url", "?"))
-        self.validation_errors += field_errors(body, WORKER_STATUS_FIELDS,
-                                               f"worker_status from {worker_id!r:.80}")
+        self.validation_errors += worker_status_errors(body,
+                                                       f"worker_status from {worker_id!r:.80}")
         self.reports.append(body)
         self.workers[worker_id] = WorkerView(worker_id, body, time.monotonic())
         return web.json_response({"ok": True})

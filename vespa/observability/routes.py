@@ -1,7 +1,8 @@
-"""The worker's own routes under /_vespa/: health, readiness, metrics, status, request records.
+"""The worker's own routes under /_vespa/: health, readiness, metrics, status, request records;
+and ``POST /pyworker/update``, Vast's platform's (update.py).
 
-GET and HEAD only; any other path or method under the prefix answers a JSON 404 that lists the
-routes. The request-record routes need ``x-vespa-logs-token``.
+Under the prefix GET and HEAD only; any other path or method there answers a JSON 404 that lists
+the routes. The request-record routes need ``x-vespa-logs-token``.
 """
 
 from __future__ import annotations
@@ -10,12 +11,13 @@ from collections.abc import Awaitable, Callable
 from urllib.parse import parse_qs
 
 from ..corridor.answer import Answer, json_answer, json_error
-from ..corridor.handler import RESERVED_PREFIX
+from ..corridor.handler import RESERVED_PREFIX, UPDATE_ROUTE
 from ..corridor.request_ids import request_id
 from ..http.messages import Request
 from ..state import WorkerState
 from .metrics import Metrics
 from .records import RequestRecorder, check_logs_token
+from .update import UpdateRoute
 
 RECORD_PREFIX = RESERVED_PREFIX + "logs/"  # + a request id: one request record
 
@@ -23,13 +25,14 @@ RECORD_PREFIX = RESERVED_PREFIX + "logs/"  # + a request id: one request record
 class OwnRoutes:
     def __init__(self, state: WorkerState, metrics: Metrics, status: Callable[[], dict],
                  recorder: RequestRecorder | None, logs_token: str | None,
-                 retention_hours: float):
+                 retention_hours: float, update: UpdateRoute):
         self.state = state
         self.metrics = metrics
         self.status_document = status
         self.recorder = recorder
         self.logs_token = logs_token
         self.retention_hours = retention_hours
+        self.update = update
         self.routes: dict[str, Callable[[Request], Awaitable[Answer]]] = {
             RESERVED_PREFIX + name: route for name, route in (
                 ("healthz", self.healthz), ("readyz", self.readyz),
@@ -42,6 +45,8 @@ class OwnRoutes:
         answer.send(request)
 
     async def route(self, request: Request, path: str) -> Answer:
+        if path == UPDATE_ROUTE:
+            return await self.update(request)
         if request.method in ("GET", "HEAD"):
             route = self.routes.get(path)
             if route is not None:
