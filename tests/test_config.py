@@ -22,7 +22,8 @@ def test_defaults():
     assert settings.backend_url == "http://localhost:8000"
     assert settings.worker_port == 3000
     assert settings.unsecured is True  # no REPORT_ADDR: nobody signs, dev mode
-    assert load_settings({"REPORT_ADDR": "http://127.0.0.1:8081"}).unsecured is False
+    assert load_settings({"REPORT_ADDR": "http://127.0.0.1:8081",
+                          "VESPA_PUBLIC_URL": "http://1.2.3.4:5"}).unsecured is False
     assert settings.max_wait_time == 10.0
     assert settings.max_throughput is None
     assert settings.concurrency_limit is None
@@ -51,11 +52,13 @@ def test_values_and_vast_port_name():
 def test_vasts_unsecured_is_read_as_vasts_worker_reads_it(value, unsecured):
     """UNSECURED (Vast's start-up exports it; its worker reads it with strtobool);
     VESPA_UNSECURED wins."""
-    vast = {"REPORT_ADDR": "http://127.0.0.1:8081", "UNSECURED": value}
+    vast = {"REPORT_ADDR": "http://127.0.0.1:8081", "UNSECURED": value,
+            "VESPA_PUBLIC_URL": "http://1.2.3.4:5"}
     assert load_settings(vast).unsecured is unsecured
     assert load_settings({**vast, "VESPA_UNSECURED": str(not unsecured)}).unsecured \
         is (not unsecured)
-    assert load_settings({"UNSECURED": "false"}).unsecured is False  # even in dev mode
+    with pytest.raises(ConfigError, match="REPORT_ADDR"):  # signed, with nobody to sign
+        load_settings({"UNSECURED": "false"})
 
 
 def test_vasts_model_health_endpoint_is_the_health_check():
@@ -75,7 +78,8 @@ def test_vasts_model_health_endpoint_is_the_health_check():
 def test_tls_follows_vasts_default_on_a_vast_instance():
     """On a Vast instance (CONTAINER_ID) HTTPS unless USE_SSL=false, as Vast's start-up; off it,
     plain HTTP unless asked."""
-    vast = {"CONTAINER_ID": "42", "PUBLIC_IPADDR": "1.2.3.4", "VAST_TCP_PORT_3000": "40000"}
+    vast = {"CONTAINER_ID": "42", "PUBLIC_IPADDR": "1.2.3.4", "VAST_TCP_PORT_3000": "40000",
+            "REPORT_ADDR": "http://127.0.0.1:8081"}
     on_vast = load_settings(vast)
     assert on_vast.use_ssl is True and on_vast.public_url == "https://1.2.3.4:40000"
     off = load_settings({**vast, "USE_SSL": "false"})
@@ -268,7 +272,8 @@ class _Watched(Mapping):
 
 
 @pytest.mark.parametrize("env", [{}, {"VESPA_BACKEND": "vllm", "MODEL_NAME": "m"},
-                                 {"REPORT_ADDR": "http://127.0.0.1:8081", "USE_SSL": "1"}])
+                                 {"REPORT_ADDR": "http://127.0.0.1:8081", "USE_SSL": "1",
+                                  "VESPA_CHECK_SIGNED_URL": "false"}])
 def test_every_variable_the_worker_reads_is_declared(env):
     watched = _Watched(env)
     load_settings(watched)
@@ -276,3 +281,17 @@ def test_every_variable_the_worker_reads_is_declared(env):
                   if not any(s.matches(name) or s.vast == name for s in DECLARATIONS)
                   and not re.fullmatch(r"VAST_TCP_PORT_\d+", name)}
     assert undeclared == set()
+
+
+def test_configurations_that_would_fail_open_refuse_to_start():
+    """Issue #17 item 10: signed with no public URL would serve a request signed for another
+    worker; on a Vast instance with no REPORT_ADDR the worker would serve unsigned requests."""
+    with pytest.raises(ConfigError, match="VESPA_PUBLIC_URL.*VESPA_CHECK_SIGNED_URL=false"):
+        load_settings({"REPORT_ADDR": "http://127.0.0.1:8081"})
+    told = load_settings({"REPORT_ADDR": "http://127.0.0.1:8081",
+                          "VESPA_CHECK_SIGNED_URL": "false"})
+    assert told.unsecured is False and told.public_url == ""
+    with pytest.raises(ConfigError, match="REPORT_ADDR.*VESPA_UNSECURED=true"):
+        load_settings({"CONTAINER_ID": "42"})  # Vast's platform always sets REPORT_ADDR
+    assert load_settings({"CONTAINER_ID": "42", "UNSECURED": "true"}).unsecured is True
+    assert load_settings({}).unsecured is True  # a laptop: dev mode, as before

@@ -76,8 +76,10 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         backend=backend,
         use_ssl=use_ssl,
         backend_url=_backend_url(read, backend, values["backend_url"], values["backend_port"]),
-        # Without an autoscaler nobody signs requests: dev mode is unsecured unless told otherwise.
-        unsecured=read.value(DECLARED["unsecured"], default=not values["report_addrs"]),
+        # Without an autoscaler nobody signs requests: dev mode is unsecured unless told
+        # otherwise; on a Vast instance only when told so
+        unsecured=read.value(DECLARED["unsecured"],
+                             default=not values["report_addrs"] and not _on_vast(read)),
         public_url=values["public_url"] or _vast_public_url(read, values["worker_port"],
                                                             use_ssl),
         # Vast's worker serves /session/end on the worker port + 1; off the platform, only when
@@ -95,7 +97,21 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         log_secrets=tuple(found[1] for setting in DECLARATIONS
                           if setting.secret and (found := read.given(setting))),
         unknown_settings=unknown_settings(read.env))
+    _check_fail_open(read, values)
     return Settings(**values)
+
+
+def _check_fail_open(read: _Reader, values: dict) -> None:
+    """Refuse the configurations that would silently serve what they should refuse."""
+    if values["unsecured"]:
+        return
+    if not values["report_addrs"]:  # on a Vast instance: nobody to sign or to report to
+        raise ConfigError("REPORT_ADDR", "", "the autoscaler's address (Vast's platform sets "
+                          "it), or VESPA_UNSECURED=true to serve unsigned requests on purpose")
+    if not values["public_url"] and values["check_signed_url"]:
+        raise ConfigError("VESPA_PUBLIC_URL", "", "this worker's public URL (or PUBLIC_IPADDR "
+                          "and VAST_TCP_PORT_<port>), so that a request signed for another "
+                          "worker is refused; or VESPA_CHECK_SIGNED_URL=false to accept any")
 
 
 def _on_vast(read: _Reader) -> bool:

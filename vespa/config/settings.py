@@ -64,7 +64,7 @@ class Settings:
     host: str = setting("VESPA_WORKER_HOST", text("a host address"), "0.0.0.0",
                         "address the worker listens on")
     unsecured: bool = setting("VESPA_UNSECURED", FLAG, False, "skip signature checks (dev only)",
-                              vast="UNSECURED", shown="`true` without `REPORT_ADDR`, else `false`")
+                              vast="UNSECURED", shown="`true` without `REPORT_ADDR` off Vast, else `false`")
     allow_parallel: bool = setting("VESPA_ALLOW_PARALLEL", FLAG, True,
                                    "`false` runs one request at a time")
     max_concurrency: int | None = setting(
@@ -163,6 +163,10 @@ class Settings:
     public_url: str = setting("VESPA_PUBLIC_URL", HTTP_URL, "",
                               "the URL clients use for this worker",
                               shown="from Vast's variables")
+    check_signed_url: bool = setting(
+        "VESPA_CHECK_SIGNED_URL", FLAG, True,
+        "refuse a request signed for another worker's URL; a signed worker must then know its "
+        "public URL (`false`: accept any URL, for a worker whose public URL is unknown)")
     use_ssl: bool = setting("VESPA_USE_SSL", FLAG, False, "serve HTTPS", vast="USE_SSL",
                             shown="on a Vast instance `true` (as Vast's start-up), else `false`")
     ssl_cert: str = setting("VESPA_SSL_CERT", FILE, "/etc/instance.crt",
