@@ -80,17 +80,26 @@ async def test_request_headers_hop_by_hop_stripped_and_forwarding_set(make_worke
     assert headers["X-Custom"] == "kept"
     assert headers["Authorization"] == "Bearer for-the-backend"
     assert headers["Host"] == f"127.0.0.1:{backend.port}"
-    assert headers["X-Forwarded-For"] == "203.0.113.7, 127.0.0.1"
+    assert headers["X-Forwarded-For"] == "127.0.0.1"  # the peer, not what the client claims
     assert headers["X-Forwarded-Proto"] == "http"
     assert headers["X-Request-Id"] == response.headers["X-Request-Id"]
 
 
-async def test_every_x_forwarded_for_line_is_kept_before_our_peer(make_worker):
+async def test_the_clients_forwarding_headers_are_replaced_by_the_workers_own(make_worker):
+    """The worker is the edge: the backend may trust X-Forwarded-For (the peer address) and
+    X-Forwarded-Proto (the scheme it used), and sees no forwarding header a client wrote."""
     client, _ = await make_worker()
-    response = await client.get("/echo", headers=CIMultiDict(
-        [("X-Forwarded-For", "198.51.100.1"), ("X-Forwarded-For", "203.0.113.7, 10.0.0.2")]))
+    response = await client.get("/echo", headers=CIMultiDict([
+        ("X-Forwarded-For", "198.51.100.1"), ("X-Forwarded-For", "203.0.113.7, 10.0.0.2"),
+        ("Forwarded", "for=198.51.100.1;proto=https;host=admin.example"),
+        ("X-Real-IP", "10.0.0.1"), ("X-Forwarded-Host", "admin.example"),
+        ("X-Forwarded-Port", "443"), ("X-Forwarded-Proto", "https"), ("X-Custom", "kept")]))
     headers = CIMultiDict((await response.json())["headers"])
-    assert headers.getall("X-Forwarded-For") == ["198.51.100.1, 203.0.113.7, 10.0.0.2, 127.0.0.1"]
+    assert headers.getall("X-Forwarded-For") == ["127.0.0.1"]
+    assert headers.getall("X-Forwarded-Proto") == ["http"]
+    for gone in ("Forwarded", "X-Real-IP", "X-Forwarded-Host", "X-Forwarded-Port"):
+        assert gone not in headers, gone
+    assert headers["X-Custom"] == "kept"
 
 
 async def test_response_headers_hop_by_hop_stripped_others_kept(make_worker):
@@ -293,6 +302,59 @@ async def test_a_second_response_to_one_request_never_mixes_into_the_first(behin
     assert response.status == 200 and await response.read() == b"ok"
     assert response.headers["X-First"] == "1" and "X-Evil" not in response.headers
     assert not worker.upstream.pool.idle  # that connection is not sane: never reused
+
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+def keeping_alive(tricky: list[tuple[bytes, float]]):
+    """A raw keep-alive backend: ``/tricky`` gets the ``tricky`` steps (bytes, then seconds to
+    wait), every other request a plain 200 ``ok``, on the same connection."""
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                if head.split(b" ", 2)[1] != b"/tricky":
+                    writer.write(OK)
+                    continue
+                for data, wait in tricky:
+                    writer.write(data)
+                    await asyncio.sleep(wait)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    return serve
+
+
+@pytest.mark.parametrize("tricky", [
+    [(OK + b"HTTP/1.1 200 OK\r\nX-Stale", 0)],
+    [(OK + b"HTTP/1.1 100 Continue\r\n\r\n", 0)],
+    [(OK + b"HTTP/1.1 204 No Content\r\n\r\n", 0)],
+    [(OK, 0.05), (b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nevil", 0)],
+], ids=["start-of-a-second-response", "interim-after-the-answer", "second-response-no-fields",
+        "second-response-later-while-idle"])
+async def test_bytes_a_backend_sends_unasked_never_reach_the_next_request(behind_raw, tricky):
+    """What a backend sends after its answer is complete closes the connection, whenever the
+    worker sees it: in the same read, or later while the connection is idle in the pool."""
+    client, worker = await behind_raw(keeping_alive(tricky))
+    response = await client.get("/tricky")
+    assert (response.status, await response.read()) == (200, b"ok")
+    assert response.headers["Content-Length"] == "2"  # its head as the backend sent it
+    await asyncio.sleep(0.1)  # (the later one arrives while its connection is idle)
+    for _ in range(2):
+        response = await client.get("/next")
+        assert (response.status, await response.read()) == (200, b"ok")
+
+
+async def test_backend_trailer_fields_never_become_response_headers(behind_raw):
+    client, _ = await behind_raw(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Head: 1"
+                                 b"\r\n\r\n2\r\nok\r\n0\r\nSet-Cookie: session=stolen\r\n"
+                                 b"Location: https://evil.example/\r\n\r\n")
+    response = await client.get("/anything")
+    assert (response.status, await response.read()) == (200, b"ok")
+    assert response.headers["X-Head"] == "1"
+    for never in ("Set-Cookie", "Location"):
+        assert never not in response.headers, never
 
 
 async def test_interim_103_is_skipped_and_the_final_response_relayed(behind_raw):

@@ -137,6 +137,22 @@ async def test_the_session_limit_answers_429_counted_as_rejected(fleet):
     await wait_until(lambda: sum(r["rej_load"] for r in f.emulator.reports) >= 7)
 
 
+async def test_a_session_call_the_worker_fails_on_is_counted_as_a_500(fleet):
+    f = await fleet("url")
+    await ready(f)
+    response, auth_data = await create(f, on_close_route="/echo/closed")
+    session_id = (await response.json())["session_id"]
+
+    def broken_on_close(route: str, body: dict):
+        raise RuntimeError("a bug in the worker")
+
+    f.worker.desk.on_close = broken_on_close
+    ended = await call(f, "end", {"session_id": session_id, "session_auth": auth_data})
+    assert ended.status == 500
+    assert {key: n for key, n in f.worker.metrics.requests.items() if key[2] >= 500} == {
+        ("POST", "other", 500): 1}
+
+
 async def test_an_expired_session_is_ended_by_the_sweep(fleet, backend):
     f = await fleet("url")
     await ready(f)

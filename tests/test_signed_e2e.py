@@ -123,6 +123,23 @@ async def test_envelope_errors_are_422_with_one_message_per_field(fleet):
     assert "not JSON" in (await not_json.json())["error"]
 
 
+async def test_a_lone_surrogate_in_the_payload_reaches_the_backend_as_sent(fleet, caplog):
+    """JSON can escape a lone surrogate ("\\ud800"), which has no UTF-8: the payload goes on
+    with that same escape (the rest as UTF-8, as ever), not as a 500 with a traceback."""
+    f = await fleet("full")
+    await ready(f)
+    route = await f.route()
+    payload = {"prompt": "\ud800 then h\u00e9llo", "\udfff": ["😀"]}
+    response = await f.post("/echo", f.auth_data(route), payload)
+    assert response.status == 200, await response.text()
+    body = (await response.json())["body_text"]
+    assert json.loads(body) == payload
+    assert "\\ud800 then héllo" in body and "\\udfff" in body and "😀" in body
+    await wait_until(lambda: route["request_idx"] in f.emulator.deleted_request_idxs())
+    assert [d["success"] for d in f.emulator.deleted] == [True]
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
 async def test_public_key_server_down_at_start_then_up(fleet):
     f = await fleet("full", pubkey_down=True)
     await wait_until(lambda: f.worker.state.phase.value == "benchmarking", timeout=10)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 
+import pytest
+
 from prometheus_client.parser import text_string_to_metric_families
 
 from .conftest import wait_until
@@ -109,6 +111,60 @@ async def test_a_client_that_leaves_is_counted_as_499(make_worker):
     await wait_until(lambda: not worker.ledger.in_flight)
     samples = await scrape(client)
     assert requests(samples, "GET", "other", 499) == 1
+
+
+class BrokenKeys:
+    """A key source that fails: a bug in the signature check (before the ledger)."""
+
+    @property
+    def key(self):
+        raise RuntimeError("a bug in the worker")
+
+
+def broken_queue_check() -> str | None:
+    raise RuntimeError("a bug in the worker")  # a bug in admission (in the ledger)
+
+
+@pytest.mark.parametrize("where", ["signature-check", "admission"])
+async def test_an_unexpected_exception_is_a_500_counted_as_one_and_logged_once_a_minute(
+        fleet, caplog, where):
+    """A request the worker fails on is a 500 in the metrics and an error in the ledger (not a
+    499, a client that left), and its traceback is logged once a minute at most."""
+    caplog.set_level("ERROR", logger="vespa.front")
+    f = await fleet("full")
+    await ready(f)
+    if where == "signature-check":
+        f.worker.doorway.keys = BrokenKeys()
+    else:
+        f.worker.corridor.backend_queue_full = broken_queue_check
+    idxs = []
+    for n in range(6):
+        if n == 5:
+            f.worker.server.failures.next_at = 0.0  # a minute later
+        auth_data = f.auth_data(await f.route(cost=5))
+        idxs.append(auth_data["request_idx"])
+        response = await f.post("/echo", auth_data, {"n": n})
+        assert response.status == 500
+        assert "internal error" in (await response.json())["error"]
+    tracebacks = [r for r in caplog.records if r.name == "vespa.front" and r.exc_info]
+    assert len(tracebacks) == 2, [r.getMessage() for r in tracebacks]
+    assert "a bug in the worker" in caplog.text
+    assert tracebacks[0].getMessage() == "request POST /echo failed"
+    assert tracebacks[1].getMessage() == "request POST /echo failed (4 more in the last 60s)"
+    async with f.session.get(f.url + "/_vespa/metrics") as response:
+        text = await response.text()
+    samples = {(s.name, frozenset(s.labels.items())): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+    assert requests(samples, "POST", "other", 500) == 6
+    assert requests(samples, "POST", "other", 499) == 0
+    outcomes = f.worker.ledger.totals.outcomes
+    assert outcomes["cancelled"] == 0
+    if where == "admission":  # in the ledger: errors, reported as failed
+        assert outcomes["error"] == 6
+        await wait_until(lambda: sorted(f.emulator.deleted_request_idxs()) == sorted(idxs))
+        assert not any(d["success"] for d in f.emulator.deleted)
+    else:  # refused before the ledger: never load
+        assert f.worker.ledger.totals.received == 0
 
 
 async def test_signed_worker_counts_reports_and_signature_refusals(fleet):

@@ -205,3 +205,17 @@ async def test_a_signature_in_the_query_is_redacted_even_when_the_request_is_ref
         record = await response.json()
     assert "SIGNATURE-BYTES" not in json.dumps(record)
     assert "serverless_signature=[redacted]" in record["query"] and "keep=1" in record["query"]
+
+
+async def test_a_lone_surrogate_in_a_body_keeps_its_record(recording):
+    """JSON may escape a lone surrogate, which has no UTF-8: the record keeps it as the escape."""
+    client, worker = await recording()
+    response = await client.post("/echo/s", data=b'{"text": "\\ud800 and h\xc3\xa9llo"}',
+                                 headers={"Content-Type": "application/json",
+                                          "X-Request-Id": "lone"})
+    assert response.status == 200
+    await written(worker, 1)
+    assert worker.recorder.failures == 0
+    status, record = await fetch(client, "/_vespa/logs/lone")
+    assert status == 200
+    assert record["request"]["body"]["json"] == {"text": "\ud800 and héllo"}

@@ -121,8 +121,9 @@ def open_body(body: bytes, *, unsecured: bool) -> Envelope:
     if problems:
         raise EnvelopeError(problems)
     try:
+        # a lone surrogate ("\ud800" in the JSON) has no UTF-8: it goes on as the same escape
         payload = json.dumps(document["payload"], separators=(",", ":"),
-                             ensure_ascii=False).encode("utf-8")
+                             ensure_ascii=False).encode("utf-8", "backslashreplace")
     except RecursionError:
         raise EnvelopeError(["payload is nested too deeply"]) from None
     return _signed(document["auth_data"], body=payload, session_id=session_id)

@@ -5,8 +5,10 @@
 
 Every "no" is a ``refusal.Refused``, answered and counted in ``handle``; a request that got past
 the door ends in the ledger exactly once (``serve``); a request whose signature fails is not
-load and never enters it. Paths under ``/_vespa/``, and ``/pyworker/update`` (Vast's platform
-calls it), are the worker's own and go to ``own``.
+load and never enters it. Any other exception is a bug: counted as a 500 (an error in the
+ledger), then left to the front server, which answers 500 and logs its traceback (once a minute
+at most). Paths under ``/_vespa/``, Vast's sessions and ``/pyworker/update`` (Vast's platform
+calls it) are the worker's own.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from .request_ids import current_request_id, request_id
 from .session_desk import ROUTES as SESSION_ROUTES
 from .session_desk import SessionDesk
 from .sessions import Session
-from .visit import Visit
+from .visit import CLIENT_CLOSED, Visit
 
 log = logging.getLogger("vespa")
 RESERVED_PREFIX = "/_vespa/"
@@ -98,6 +100,10 @@ class Corridor:
             visit.status = refused.status
             answer = visit.response = refusal_answer(refused, rid)
             answer.send(request)
+        except Exception:  # a bug: counted as the 500 the front server answers (and logs)
+            if visit.status == CLIENT_CLOSED:  # nothing was answered before it
+                visit.status = 500
+            raise
         finally:
             self.account(request, visit, target)
 
@@ -138,6 +144,9 @@ class Corridor:
             refused = refusal_for(failure)
             visit.outcome, visit.status = refused.outcome, refused.status
             raise refused from None
+        except Exception:  # a bug: an error (500), not a client that left
+            visit.outcome, visit.status = Outcome.ERROR, 500
+            raise
         finally:
             if ticket is not None:
                 self.gate.leave(ticket)

@@ -1,5 +1,6 @@
 """What the front server refuses before a handler sees a request: the limits of a request head,
-the answer it writes itself, and a log of refusals a hostile client cannot flood."""
+the answer it writes itself, and logs of refusals and failures a hostile client cannot
+flood."""
 
 from __future__ import annotations
 
@@ -29,24 +30,46 @@ def error_answer(status: int, message: str) -> bytes:
                status, REASONS.get(status, b""), JSON_TYPE, len(body), http_date(), body)
 
 
-class RefusalLog:
-    """Requests refused before a handler (malformed, too many connections) are the client's
-    fault: at most one WARNING line per ``interval`` seconds, with how many there were, so a
-    hostile client cannot flood the log."""
+class Throttle:
+    """At most one log line per ``interval`` seconds, each saying how many were held back since
+    the one before: a hostile client cannot flood the log, and nothing goes uncounted."""
 
     def __init__(self, interval: float = 60.0):
         self.interval = interval
         self.next_at = 0.0
         self.suppressed = 0
 
-    def note(self, peer: str, error: HttpError) -> None:
+    def due(self) -> str | None:
+        """None: no line now (this one is counted); else a line is due, and this is what ends
+        it: how many were held back ("" when none)."""
         now = time.monotonic()
         if now < self.next_at:
             self.suppressed += 1
-            return
+            return None
         self.next_at = now + self.interval
         more = (f" ({self.suppressed} more in the last {self.interval:g}s)"
                 if self.suppressed else "")
         self.suppressed = 0
-        log.warning("refused a request from %s: %d %s%s", peer, error.status,
-                    " ".join(error.message.split())[:200], more)
+        return more
+
+
+class RefusalLog(Throttle):
+    """Requests refused before a handler (malformed, too many connections) are the client's
+    fault: one WARNING line a minute at most."""
+
+    def note(self, peer: str, error: HttpError) -> None:
+        more = self.due()
+        if more is not None:
+            log.warning("refused a request from %s: %d %s%s", peer, error.status,
+                        " ".join(error.message.split())[:200], more)
+
+
+class FailureLog(Throttle):
+    """Requests a handler failed on (a bug, or input the code did not foresee; answered 500):
+    one ERROR line with its traceback a minute at most, so a client that can trigger one
+    cannot fill the disk with tracebacks."""
+
+    def note(self, what: str, error: BaseException) -> None:
+        more = self.due()
+        if more is not None:
+            log.error("%s failed%s", what, more, exc_info=error)

@@ -5,6 +5,13 @@ the response is parsed in C and handed over as status, raw headers and body chun
 backpressure (the backend socket stops being read while the client is slower). No per-request
 session, URL or header-multidict objects. A connection whose response was not read to the end
 is closed, which is how the backend learns that its client went away.
+
+A backend's trailer fields are dropped, never turned into headers. A connection goes back to
+the pool only when its response was read to its end and kept the connection alive; any byte of
+another message the backend sends unasked (with the response still in hand, or while the
+connection is idle) closes it, so nothing unsolicited is left for the next request. (What a
+backend sends unasked after the next request went out on that connection cannot be told from
+its answer: HTTP/1.1 has no request ids.)
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ class BackendResponse(Inbound):
     """One response as it arrives: head first, then body chunks until done or failed."""
 
     __slots__ = ("conn", "status", "reason", "raw_headers", "head_only", "head", "done", "error",
-                 "received_any", "keep_alive", "interim")
+                 "head_complete", "keep_alive", "interim")
 
     def __init__(self, conn: BackendConnection, head_only: bool):
         Inbound.__init__(self, conn)  # (not super(): one object less a request)
@@ -51,7 +58,7 @@ class BackendResponse(Inbound):
         self.head: asyncio.Future[None] = conn.loop.create_future()
         self.done = False
         self.error: BaseException | None = None
-        self.received_any = False
+        self.head_complete = False  # the final head is whole: header fields now are trailers
         self.keep_alive = False
         self.interim = False
 
@@ -151,6 +158,13 @@ class BackendConnection(FlowControl):
         self.parser = None  # it holds our callbacks: without it the connection needs no GC
 
     # -- llhttp callbacks (only while a response is expected: data_received checks) ------------
+    def on_message_begin(self) -> None:
+        response = self.response
+        assert response is not None
+        if response.done:  # a second message to one request: never mixed in, never left for
+            # the next request on this connection (it closes; the first answer stands)
+            raise MalformedResponse("backend sent a response nobody asked for")
+
     def on_status(self, status: bytes) -> None:
         response = self.response
         assert response is not None
@@ -159,8 +173,8 @@ class BackendConnection(FlowControl):
     def on_header(self, name: bytes, value: bytes) -> None:
         response = self.response
         assert response is not None
-        if response.done:  # a second response to one request: it must not mix into the first
-            raise MalformedResponse("backend sent a response nobody asked for")
+        if response.head_complete:
+            return  # a trailer field after a chunked body: never relayed, never a header
         response.raw_headers.append((name, value))
 
     def on_headers_complete(self) -> None:
@@ -177,7 +191,7 @@ class BackendConnection(FlowControl):
             return
         response.status = status
         response.keep_alive = self.parser.should_keep_alive()
-        response.received_any = True
+        response.head_complete = True
         response.head.set_result(None)
         self.release_writers()  # an upload waiting to write sees the answer now
         if response.head_only:

@@ -21,7 +21,9 @@ what the worker uses:
   backpressure; a client that takes nothing of an answer for ``write_timeout`` seconds is cut;
   a client that goes away cancels its request's task;
 - a body left unread when its answer is complete is read and dropped for up to 10 s before the
-  connection closes, so the client gets the answer rather than a reset.
+  connection closes, so the client gets the answer rather than a reset;
+- a handler that raises gets a 500 (or a cut, when its answer had started); its traceback is
+  logged once a minute at most, with how many more there were.
 
 ``FrontServer`` is the protocol factory for ``loop.create_server`` (which brings the listening
 socket and TLS); its ``pre_shutdown``/``shutdown`` stop it gracefully.
@@ -30,7 +32,6 @@ socket and TLS); its ``pre_shutdown``/``shutdown`` stop it gracefully.
 from __future__ import annotations
 
 import asyncio
-import logging
 import socket
 from collections import deque
 from typing import Any
@@ -38,12 +39,10 @@ from typing import Any
 import httptools
 
 from .flow import HIGH_WATER, FlowControl
-from .limits import (MAX_FIELDS, MAX_HEAD, MAX_TARGET, SINGLETON_FIELDS, RefusalLog,
-                     error_answer)
+from .limits import (MAX_FIELDS, MAX_HEAD, MAX_TARGET, SINGLETON_FIELDS, FailureLog,
+                     RefusalLog, error_answer)
 from .messages import Body, BodyError, HttpError, Reply, Request
 from .target import redacted
-
-log = logging.getLogger("vespa.front")
 
 MAX_PIPELINED = 16
 FEED_SLICE = 16 * 1024  # bytes handed to llhttp at a time, so a pause takes effect between them
@@ -265,8 +264,9 @@ class Connection(FlowControl):
             if self.closed:  # the client went away: nothing left to answer
                 return
             raise
-        except Exception:
-            log.exception("request %s %s failed", request.method, redacted(request.target)[:200])
+        except Exception as failure:  # a bug, or input nobody foresaw: answered 500
+            self.server.failures.note(
+                f"request {request.method} {redacted(request.target)[:200]}", failure)
             if reply.ended:
                 pass  # the answer went out whole: the failure came after it
             elif reply.started:
@@ -398,6 +398,7 @@ class FrontServer:
         self.connections: set[Connection] = set()
         self.closing = False
         self.refusals = RefusalLog()
+        self.failures = FailureLog()  # handlers' unexpected exceptions: tracebacks, throttled
 
     def admit(self, peer: str) -> bool:
         """Count a new connection from ``peer``; False when it already holds its maximum."""

@@ -1,6 +1,8 @@
 """The upstream hop: forward one request to the backend and relay its answer, streaming.
 
 Hop-by-hop headers are stripped both ways (RFC 9110 §7.6.1 and those named in ``Connection``);
+the client's forwarding headers (``Forwarded``, ``X-Forwarded-*``, ``X-Real-IP``) are replaced by
+ours, ``X-Forwarded-For`` (the peer address) and ``X-Forwarded-Proto``: the worker is the edge;
 bodies are relayed raw (no re-encoding, no decompression); streams are relayed chunk by chunk
 with backpressure. A backend that fails before the response starts raises ``ProxyError`` (the
 caller answers 502/504); a request body that cannot be read raises what ``body`` raises; a
@@ -24,9 +26,12 @@ HOP_BY_HOP = frozenset({
     b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization",
     b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade",
 })
-# Replaced by the proxy for the upstream request.
-_REQUEST_DROP = HOP_BY_HOP | {b"host", b"content-length", b"expect", b"x-forwarded-for",
-                              b"x-forwarded-proto", b"x-request-id"}
+# Replaced by the proxy for the upstream request. The worker is the edge (on Vast, clients reach
+# its port directly): what a client says about where it came from is its own word, so the
+# backend gets only ours: X-Forwarded-For (the peer), X-Forwarded-Proto (the scheme it used).
+FORWARDING = frozenset({b"forwarded", b"x-forwarded-for", b"x-forwarded-host",
+                        b"x-forwarded-port", b"x-forwarded-proto", b"x-real-ip"})
+_REQUEST_DROP = HOP_BY_HOP | FORWARDING | {b"host", b"content-length", b"expect", b"x-request-id"}
 # ... and the client's credentials, when they are not the backend's (or the backend has its own)
 _CREDENTIALS_DROP = _REQUEST_DROP | {b"authorization"}
 # Ours replace the backend's X-Request-Id and framing.
@@ -103,19 +108,15 @@ def end_to_end(raw_headers: list[tuple[bytes, bytes]], drop: frozenset[bytes]
 
 def request_head(request: Request, target: str, host: bytes, request_id: str,
                  framing: bytes, drop: frozenset[bytes] = _REQUEST_DROP) -> bytes:
-    """The upstream request line and headers: the client's minus hop-by-hop (and ``drop``),
-    plus ours (``framing`` included)."""
-    kept, dropped = end_to_end(request.raw_headers, drop)
+    """The upstream request line and headers: the client's minus hop-by-hop (and ``drop``:
+    the client's forwarding headers too), plus ours (``framing`` included): X-Forwarded-For is
+    the client's address as this worker sees it, never a value the client sent."""
+    kept, _ = end_to_end(request.raw_headers, drop)
     lines = [b"%s %s HTTP/1.1\r\nHost: %s\r\n" % (
         request.method.encode(), target.encode("utf-8", "surrogateescape"), host)]
     for name, value in kept:
         lines += (name, b": ", value, b"\r\n")
-    forwarded_for = dropped.get(b"x-forwarded-for")
-    if forwarded_for is not None:  # every line of it, in order (RFC 9110 §5.3)
-        forwarded_for = b", ".join(value for name, value in request.raw_headers
-                                   if name.lower() == b"x-forwarded-for")
-    peer = request.conn.peer.encode()
-    lines += (b"X-Forwarded-For: ", forwarded_for + b", " + peer if forwarded_for else peer,
+    lines += (b"X-Forwarded-For: ", request.conn.peer.encode(),
               b"\r\nX-Forwarded-Proto: ", request.conn.scheme.encode(),
               b"\r\nX-Request-Id: ", request_id.encode("latin-1"), b"\r\n", framing, b"\r\n")
     return b"".join(lines)

@@ -279,8 +279,9 @@ class RequestRecorder:
 
     def write(self, entry: dict) -> None:
         try:
+            # a lone surrogate (a JSON body's "\ud800", a raw byte in the path) as its escape
             data = json.dumps(document(entry, self.max_body_bytes), ensure_ascii=False,
-                              default=str).encode()
+                              default=str).encode("utf-8", "backslashreplace")
             path = os.path.join(self.directory, file_name(entry))
             try:
                 write_file(path, data)
