@@ -47,8 +47,10 @@ async def test_a_signed_request_turned_away_for_overload_is_told_to_route_again(
     """Its signature is spent (a replay is refused): the 429 says to route it again."""
     f = await fleet("full", VESPA_MAX_THROUGHPUT="1", VESPA_MAX_WAIT_TIME="1")
     await ready(f)
-    slow = asyncio.create_task(f.post("/hang", f.auth_data(await f.route(cost=5)), {}))
-    await wait_until(lambda: f.worker.ledger.in_flight)
+    routes = [f.auth_data(await f.route(cost=5)) for _ in range(2)]
+    slow = asyncio.gather(*(f.post("/hang", auth_data, {}) for auth_data in routes))
+    # each counts for at most 1 s of work (max wait x throughput): two fill the line
+    await wait_until(lambda: len(f.worker.ledger.in_flight) == 2)
     response = await f.post("/echo", f.auth_data(await f.route(cost=5)), {})
     assert response.status == 429 and response.headers["Retry-After"]
     assert "through the autoscaler's /route/" in (await response.json())["error"]
@@ -265,3 +267,21 @@ async def test_signatures_that_verify_under_no_scheme_are_logged_once_a_minute(f
     malformed = dict(f.auth_data(await f.route(cost=5)), signature="not base64!")
     assert (await f.post("/echo", malformed, {})).status == 401
     assert f.worker.doorway.alarm.failures == 2  # a malformed signature is no mismatch
+
+
+async def test_one_request_cannot_claim_more_work_than_the_worker_queues(fleet):
+    """Under url-only signatures the cost is the client's word: a cost of 1e9 counts for at
+    most max wait × throughput, so it neither blocks every later request (429 for 10^6 s) nor
+    inflates what the autoscaler is told by orders of magnitude."""
+    f = await fleet("url", VESPA_MAX_THROUGHPUT="1000", VESPA_MAX_WAIT_TIME="10")
+    await ready(f)
+    greedy = dict(f.auth_data(await f.route(cost=5)), cost=1e9)  # url-only: not signed
+    hanging = asyncio.create_task(f.post("/hang", greedy, {}))
+    await wait_until(lambda: f.worker.ledger.in_flight)
+    assert f.worker.admission.workload == 10_000
+    response = await f.post("/echo", f.auth_data(await f.route(cost=5)), {})
+    assert response.status == 200, await response.text()
+    await wait_until(lambda: any(r["cur_load"] >= 10_000 for r in f.emulator.reports))
+    assert max(r["cur_load"] for r in f.emulator.reports) <= 10_005
+    hanging.cancel()
+    await asyncio.gather(hanging, return_exceptions=True)

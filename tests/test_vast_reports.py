@@ -24,9 +24,10 @@ async def test_every_way_a_request_ends_is_recorded_as_vasts_worker_records_it(f
     assert (await f.post("/status/503", f.auth_data(failed), {})).status == 503
     blocked = await f.route(cost=1)
     assert (await f.post("/blocked", f.auth_data(blocked), {})).status == 403
-    hanging = await f.route(cost=5)
-    hang = asyncio.create_task(f.post("/hang", f.auth_data(hanging), {}))
-    await wait_until(lambda: f.worker.ledger.in_flight)
+    hanging, also_hanging = await f.route(cost=5), await f.route(cost=5)
+    hang = asyncio.gather(*(f.post("/hang", f.auth_data(route), {})
+                            for route in (hanging, also_hanging)))  # 1 s of work each, at most
+    await wait_until(lambda: len(f.worker.ledger.in_flight) == 2)
     turned_away = await f.route(cost=5)
     assert (await f.post("/echo", f.auth_data(turned_away), {})).status == 429
     hang.cancel()  # the client leaves

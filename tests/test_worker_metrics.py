@@ -79,11 +79,11 @@ async def test_counts_after_a_known_sequence(make_worker):
 async def test_overload_and_queue_timeout_are_counted_apart(make_worker):
     client, worker = await make_worker(VESPA_MAX_THROUGHPUT="1", VESPA_DEFAULT_COST="5",
                                        VESPA_MAX_WAIT_TIME="3")
-    slow = asyncio.ensure_future(client.get("/slow?delay=1"))
-    await wait_until(lambda: worker.ledger.in_flight)
-    refused = await client.get("/echo/x")  # 5 queued workload / 1 per second > 3 s
+    slow = asyncio.gather(client.get("/slow?delay=1"), client.get("/slow?delay=1"))
+    await wait_until(lambda: len(worker.ledger.in_flight) == 2)
+    refused = await client.get("/echo/x")  # 2 x 3 (5, at most 3 s of work each) / 1 a s > 3 s
     assert refused.status == 429
-    assert (await slow).status == 200
+    assert [r.status for r in await slow] == [200, 200]
     samples = await scrape(client)
     assert value(samples, "vespa_rejected_total", reason="overload") == 1
     assert requests(samples, "GET", "other", 429) == 1

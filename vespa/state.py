@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Callable
 
 
 class Phase(str, Enum):
@@ -25,6 +26,7 @@ class WorkerState:
     ready_at: float | None = None
     max_perf: float = 0.0
     loadtime: float | None = None  # seconds from start to ready: in every report once set
+    redact: Callable[[str], str] = str  # masks secrets in an error before it is kept
 
     @property
     def draining(self) -> bool:
@@ -44,4 +46,4 @@ class WorkerState:
     def fail(self, message: str) -> None:
         if not self.draining:
             self.phase = Phase.ERRORED
-        self.error_msg = message
+        self.error_msg = self.redact(message)

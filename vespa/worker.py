@@ -36,9 +36,10 @@ from .http.messages import Request
 from .http.server import FrontServer
 from .http.upstream import Upstream
 from .observability.metrics import DEFAULT_ROUTES, Metrics
+from .observability.logs import Redactor
 from .observability.recording import record_entry
 from .observability.records import RequestRecorder
-from .observability.routes import OwnRoutes
+from .observability.routes import OpsAccess, OwnRoutes
 from .observability.status import worker_status
 from .observability.update import UpdateRoute
 from .state import Phase, WorkerState
@@ -54,7 +55,8 @@ def health_url(backend_url: str, endpoint: str) -> str:
 class Worker:
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.state = WorkerState()
+        # the error a launched backend printed may hold its secrets: masked as in the log
+        self.state = WorkerState(redact=Redactor(settings.log_secrets))
         self.ledger = Ledger()
         self.admission = Admission(settings.concurrency_limit, settings.max_wait_time,
                                    settings.max_throughput)
@@ -87,7 +89,8 @@ class Worker:
                 max_per_second=settings.request_log_max_per_second or None)
         self.own_routes = OwnRoutes(self.state, self.metrics, self.status, self.recorder,
                                     settings.logs_token, settings.request_log_retention_hours,
-                                    UpdateRoute(settings.master_token, settings.update_flag))
+                                    UpdateRoute(settings.master_token, settings.update_flag),
+                                    OpsAccess(settings.ops_token, settings.ops_open_on_loopback))
         self.doorway = Doorway(unsecured=settings.unsecured,
                                max_body_bytes=settings.max_body_bytes,
                                body_read_timeout=settings.body_read_timeout,
@@ -102,7 +105,7 @@ class Worker:
         self.metrics.sessions = self.sessions
         self.desk = SessionDesk(self.sessions, self.doorway, self.ledger, self.metrics,
                                 self.state, settings.default_cost, settings.body_read_timeout,
-                                on_close=self.on_session_close)
+                                on_close=self.on_session_close, admission=self.admission)
         self.corridor = Corridor(self.doorway, self.ledger, self.admission,
                                  Gate(self.admission), self.upstream, self.metrics, self.state,
                                  self.own_routes, self.desk, settings.default_cost)

@@ -213,6 +213,13 @@ class Settings:
     logs_token: str | None = setting(
         "VESPA_LOGS_TOKEN", TOKEN, None,
         "token for `/_vespa/logs` (sent as `x-vespa-logs-token`)", secret=True)
+    ops_token: str | None = setting(
+        "VESPA_OPS_TOKEN", TOKEN, None,
+        "token for `/_vespa/status` and `/_vespa/metrics` (sent as `x-vespa-ops-token` or "
+        "`Authorization: Bearer`); without it they answer loopback clients only", secret=True)
+    ops_open_on_loopback: bool = setting(
+        "VESPA_OPS_OPEN_ON_LOOPBACK", FLAG, True,
+        "loopback clients get `/_vespa/status` and `/_vespa/metrics` without the token")
     admit_on_backend_queue: bool = setting(
         "VESPA_ADMIT_ON_BACKEND_QUEUE", FLAG, False,
         "also refuse work while vLLM's own waiting queue is long")

@@ -76,6 +76,14 @@ class Admission:
             return None
         return self.workload / self.max_throughput
 
+    def bounded(self, workload: float) -> float:
+        """``workload``, at most what the worker accepts to queue (max wait × throughput, once
+        the throughput is known): under url-only signatures the cost is the client's choice,
+        and one request must neither block every other nor inflate the reports."""
+        if self.max_throughput:
+            return min(workload, self.max_wait_time * self.max_throughput)
+        return workload
+
     def admit(self, workload: float) -> Ticket | Rejection:
         """Admit a request (running or in line) or reject it for overload."""
         wait = self.estimated_wait()

@@ -92,7 +92,7 @@ class Corridor:
             if self.doorway.must_verify(envelope) and \
                     (session is None or not session.vouches_for(envelope.auth_data)):
                 await self.doorway.check_signature(envelope)
-            workload = workload_of(envelope.cost, self.default_cost)
+            workload = self.admission.bounded(workload_of(envelope.cost, self.default_cost))
             self.at_the_door(request, target, envelope, workload, visit)
             await self.serve(request, envelope, workload, visit, session)
         except Refused as refused:

@@ -18,7 +18,7 @@ from ..http.body import BodyStalled, BodyTooLarge, read_body
 from ..http.messages import BodyError, Request
 from ..observability.metrics import Metrics
 from ..state import WorkerState
-from .admission import workload_of
+from .admission import Admission, workload_of
 from .answer import Answer, json_answer, json_error, refusal_answer
 from .doorway import Doorway
 from .envelope import Envelope
@@ -36,8 +36,9 @@ OnClose = Callable[[str, dict], Awaitable[None]]
 class SessionDesk:
     def __init__(self, sessions: Sessions, doorway: Doorway, ledger: Ledger, metrics: Metrics,
                  state: WorkerState, default_cost: float, body_read_timeout: float,
-                 on_close: OnClose):
+                 on_close: OnClose, admission: Admission):
         self.sessions = sessions
+        self.admission = admission
         self.doorway = doorway
         self.ledger = ledger
         self.metrics = metrics
@@ -101,7 +102,7 @@ class SessionDesk:
             except SessionInputError as invalid:
                 raise Refused(Reason.ENVELOPE, str(invalid)) from None
             now = time.time()
-            workload = workload_of(envelope.cost, self.default_cost)
+            workload = self.admission.bounded(workload_of(envelope.cost, self.default_cost))
             refused = self.refusal()
             if refused is not None:  # received and rejected at once
                 self.ledger.reject(workload, envelope.request_idx, refused.status, now,

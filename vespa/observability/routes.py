@@ -7,6 +7,7 @@ the routes. The request-record routes need ``x-vespa-logs-token``.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Awaitable, Callable
 from urllib.parse import parse_qs
 
@@ -22,10 +23,43 @@ from .update import UpdateRoute
 RECORD_PREFIX = RESERVED_PREFIX + "logs/"  # + a request id: one request record
 
 
+class OpsAccess:
+    """Who may read the worker's operational routes (status, metrics: its backend, identity,
+    load and traffic): loopback clients when ``open_on_loopback``, others with ``token``."""
+
+    def __init__(self, token: str | None, open_on_loopback: bool = True):
+        self.token = token
+        self.open_on_loopback = open_on_loopback
+
+    def refusal(self, request: Request) -> Answer | None:
+        if self.open_on_loopback and is_loopback(request.remote):
+            return None
+        rid = request_id(request.header(b"x-request-id"))
+        if not self.token:
+            return json_error(403, "served to loopback clients only: set VESPA_OPS_TOKEN and "
+                                   "send it as x-vespa-ops-token or Authorization: Bearer", rid)
+        given = request.fields.get(b"x-vespa-ops-token")
+        if given is None:
+            bearer = request.fields.get(b"authorization", b"")
+            given = bearer[7:] if bearer[:7].lower() == b"bearer " else None
+        if not check_logs_token(self.token, given):
+            return json_error(401, "missing or wrong x-vespa-ops-token", rid)
+        return None
+
+
+def is_loopback(address: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return (mapped or ip).is_loopback
+
+
 class OwnRoutes:
     def __init__(self, state: WorkerState, metrics: Metrics, status: Callable[[], dict],
                  recorder: RequestRecorder | None, logs_token: str | None,
-                 retention_hours: float, update: UpdateRoute):
+                 retention_hours: float, update: UpdateRoute, ops: OpsAccess | None = None):
         self.state = state
         self.metrics = metrics
         self.status_document = status
@@ -33,6 +67,7 @@ class OwnRoutes:
         self.logs_token = logs_token
         self.retention_hours = retention_hours
         self.update = update
+        self.ops = ops or OpsAccess(None)
         self.routes: dict[str, Callable[[Request], Awaitable[Answer]]] = {
             RESERVED_PREFIX + name: route for name, route in (
                 ("healthz", self.healthz), ("readyz", self.readyz),
@@ -61,18 +96,24 @@ class OwnRoutes:
         return json_answer(200, {"status": "alive", "phase": self.state.phase.value})
 
     async def readyz(self, request: Request) -> Answer:
+        """Public: whether the worker takes work, never why not (the error is for operators:
+        /_vespa/status)."""
         ready = self.state.ready
         body = {"ready": ready, "phase": self.state.phase.value}
-        if self.state.error_msg:
+        if self.state.error_msg and self.ops.refusal(request) is None:
             body["error"] = self.state.error_msg
         return json_answer(200 if ready else 503, body)
 
     async def metrics_route(self, request: Request) -> Answer:
+        refusal = self.ops.refusal(request)
+        if refusal is not None:
+            return refusal
         body, content_type = self.metrics.exposition(request.header(b"accept"))
         return Answer(200, [("Content-Type", content_type)], body)
 
     async def status(self, request: Request) -> Answer:
-        return json_answer(200, self.status_document())
+        refusal = self.ops.refusal(request)
+        return refusal if refusal is not None else json_answer(200, self.status_document())
 
     def logs_refusal(self, request: Request) -> Answer | None:
         """Why a request-records route must not answer, or None when it may."""
