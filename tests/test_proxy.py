@@ -17,6 +17,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from vespa.http import timeouts
+from vespa.corridor.refusal import Reason
 from vespa.worker import Worker
 from vespa.config import load_settings
 
@@ -484,7 +485,7 @@ async def test_an_upgrade_request_with_a_body_cannot_desync_the_backend(make_wor
 
 
 async def test_a_body_sent_in_slow_pieces_is_not_a_stall(make_worker):
-    client, _ = await make_worker(VESPA_BODY_READ_TIMEOUT="0.5")
+    client, _ = await make_worker(VESPA_BODY_READ_TIMEOUT="0.5", VESPA_MIN_UPLOAD_RATE="0")
 
     async def pieces():
         for _ in range(4):
@@ -738,3 +739,36 @@ async def test_a_backend_reset_in_a_body_that_ends_at_close_cuts_the_client(behi
         await response.read()
     await wait_until(lambda: worker.ledger.totals.outcomes["error"] == 1)
     assert worker.ledger.totals.outcomes["success"] == 0
+
+
+async def test_a_streamed_upload_slower_than_the_minimum_rate_is_cut(make_worker, backend):
+    """Issue #17 item 7: never pausing long enough to stall, 10 bytes every 0.1 s would hold a
+    backend connection for ever; past the idle timeout it must average VESPA_MIN_UPLOAD_RATE."""
+    client, worker = await make_worker(VESPA_BODY_READ_TIMEOUT="0.5", VESPA_MIN_UPLOAD_RATE="1000")
+
+    async def trickle():
+        for _ in range(100):  # 10 s at most
+            await asyncio.sleep(0.1)
+            yield b"z" * 10
+
+    started = asyncio.get_running_loop().time()
+    response = await client.post("/upload", data=trickle(),
+                                 headers={"Content-Length": "1000000"})
+    assert response.status == 408 and "VESPA_MIN_UPLOAD_RATE" in (await response.json())["error"]
+    assert asyncio.get_running_loop().time() - started < 3
+
+
+async def test_a_request_waits_for_a_backend_connection_at_most_the_max_wait(make_worker):
+    """Issue #17 item 7: with every connection to the backend held (slow uploads, hung
+    generations), the others get 503 + Retry-After after the max wait time, never wait for
+    ever."""
+    client, worker = await make_worker(VESPA_CONNECTION_LIMIT="1", VESPA_MAX_WAIT_TIME="0.5")
+    hung = asyncio.ensure_future(client.get("/hang"))
+    await wait_until(lambda: worker.ledger.in_flight)
+    started = asyncio.get_running_loop().time()
+    response = await client.get("/echo")
+    assert response.status == 503 and response.headers["Retry-After"] == "1"
+    assert "VESPA_CONNECTION_LIMIT" in (await response.json())["error"]
+    assert 0.4 < asyncio.get_running_loop().time() - started < 3
+    assert worker.metrics.rejections[Reason.BACKEND_BUSY] == 1
+    hung.cancel()

@@ -219,3 +219,38 @@ async def test_a_lone_surrogate_in_a_body_keeps_its_record(recording):
     status, record = await fetch(client, "/_vespa/logs/lone")
     assert status == 200
     assert record["request"]["body"]["json"] == {"text": "\ud800 and héllo"}
+
+
+async def test_a_request_refused_before_its_signature_is_kept_as_metadata_only(fleet, tmp_path):
+    """Issue #17 item 8: what anyone may send (a 401-bound request) never fills the disk with
+    its headers and body: the record keeps what happened, not what was sent."""
+    f = await fleet("full", VESPA_REQUEST_LOG_DIR=str(tmp_path), VESPA_LOGS_TOKEN=TOKEN)
+    await ready(f)
+    forged = dict(f.auth_data(await f.route()), signature="AAAA")
+    async with f.session.post(f"{f.url}/echo", json={"auth_data": forged,
+                                                     "payload": {"big": "x" * 5000}},
+                              headers={"X-Request-Id": "forged", "X-Junk": "y" * 500}) as answer:
+        assert answer.status == 401
+    await wait_until(lambda: f.worker.recorder.written >= 1)
+    async with f.session.get(f.url + "/_vespa/logs/forged",
+                             headers={"x-vespa-logs-token": TOKEN}) as response:
+        record = await response.json()
+    assert record["status"] == 401 and record["outcome"] == "refused"
+    assert "x" * 100 not in json.dumps(record) and "y" * 100 not in json.dumps(record)
+    assert record["request"]["headers"] == []
+
+
+async def test_records_take_at_most_their_disk_limit_the_oldest_going_first(recording, tmp_path):
+    client, worker = await recording(VESPA_REQUEST_LOG_MAX_BYTES="20000",
+                                     VESPA_REQUEST_LOG_MAX_PER_SECOND="0")
+    for n in range(40):
+        async with client.post("/echo", json={"n": n, "pad": "p" * 600},
+                               headers={"X-Request-Id": f"r{n:02d}"}) as response:
+            assert response.status == 200
+    await written(worker, 40)
+    on_disk = [entry for entry in os.scandir(worker.recorder.directory)
+               if entry.name.endswith(".json")]
+    assert sum(entry.stat().st_size for entry in on_disk) <= 20000
+    assert worker.recorder.removed_over_disk > 0
+    names = sorted(entry.name for entry in on_disk)
+    assert names[-1].endswith("-r39.json")  # the newest is kept

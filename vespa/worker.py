@@ -66,7 +66,9 @@ class Worker:
                                  request_timeout=settings.request_timeout,
                                  max_body_bytes=settings.max_body_bytes,
                                  body_read_timeout=settings.body_read_timeout,
-                                 authorization=settings.backend_api_key)
+                                 authorization=settings.backend_api_key,
+                                 slot_timeout=settings.max_wait_time,
+                                 min_upload_rate=settings.min_upload_rate)
         self.background: list[asyncio.Task] = []
         self.session: aiohttp.ClientSession | None = None  # control plane: health, reports
         self.keyring: KeyRing | None = None
@@ -86,7 +88,8 @@ class Worker:
                 settings.request_log_dir, max_body_bytes=settings.request_log_max_body_bytes,
                 retention_hours=settings.request_log_retention_hours,
                 cleanup_interval=settings.request_log_cleanup_interval,
-                max_per_second=settings.request_log_max_per_second or None)
+                max_per_second=settings.request_log_max_per_second or None,
+                max_disk_bytes=settings.request_log_max_bytes)
         self.own_routes = OwnRoutes(self.state, self.metrics, self.status, self.recorder,
                                     settings.logs_token, settings.request_log_retention_hours,
                                     UpdateRoute(settings.master_token, settings.update_flag),

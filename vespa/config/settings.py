@@ -100,6 +100,10 @@ class Settings:
     envelope_read_timeout: float = setting(
         "VESPA_ENVELOPE_READ_TIMEOUT", NUMBER, 60.0,
         "seconds a signed request's envelope may take to arrive whole → 408")
+    min_upload_rate: float = setting(
+        "VESPA_MIN_UPLOAD_RATE", number(zero=True), 1024.0,
+        "bytes/s a streamed request body must average once it has taken longer than "
+        "`VESPA_BODY_READ_TIMEOUT` → 408 (`0`: no minimum)")
     max_client_connections: int = setting(
         "VESPA_MAX_CLIENT_CONNECTIONS", whole(), 256,
         "open connections one client address may hold; more are answered 429 and closed")
@@ -207,6 +211,9 @@ class Settings:
     request_log_cleanup_interval: float = setting(
         "VESPA_REQUEST_LOG_CLEANUP_INTERVAL_SECONDS", NUMBER, 600.0,
         "how often old records are removed")
+    request_log_max_bytes: int = setting(
+        "VESPA_REQUEST_LOG_MAX_BYTES", whole(), 1 << 30,
+        "disk the records may take; past it the oldest are removed", shown="1 GiB")
     request_log_max_per_second: float = setting(
         "VESPA_REQUEST_LOG_MAX_PER_SECOND", number(zero=True), 200.0,
         "records kept per second at most (`0`: no limit); the rest are skipped")

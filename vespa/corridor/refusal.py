@@ -33,6 +33,7 @@ class Reason(str, Enum):
     QUEUE_TIMEOUT = "queue_timeout"
     BACKEND_FAILED = "backend_failed"
     BACKEND_TIMEOUT = "backend_timeout"
+    BACKEND_BUSY = "backend_busy"
     SESSION_GONE = "session_gone"
     SESSION_LIMIT = "session_limit"
 
@@ -53,6 +54,7 @@ RULES: dict[Reason, tuple[int, Outcome]] = {
     Reason.QUEUE_TIMEOUT: (429, Outcome.REJECTED),
     Reason.BACKEND_FAILED: (502, Outcome.ERROR),
     Reason.BACKEND_TIMEOUT: (504, Outcome.ERROR),
+    Reason.BACKEND_BUSY: (503, Outcome.REJECTED),
     Reason.SESSION_GONE: (410, Outcome.ERROR),
     Reason.SESSION_LIMIT: (429, Outcome.REJECTED),
 }
@@ -77,6 +79,8 @@ def refusal_for(error: Exception) -> Refused:
     if isinstance(error, Refused):
         return error
     if isinstance(error, ProxyError):
+        if error.status == 503:  # every connection stayed busy: it may go elsewhere
+            return Refused(Reason.BACKEND_BUSY, error.message, {"Retry-After": "1"})
         return Refused(Reason.BACKEND_TIMEOUT if error.status == 504 else Reason.BACKEND_FAILED,
                        error.message)
     if isinstance(error, BodyTooLarge):

@@ -39,6 +39,15 @@ class BodyStalled(Exception):
         self.timeout = timeout
 
 
+class BodyTooSlow(BodyStalled):
+    """A streamed body arrived slower on average than the minimum rate (not just paused)."""
+
+    def __init__(self, rate: float, waited: float):
+        Exception.__init__(self, f"the request body came at {rate:.0f} bytes/s over "
+                                 f"{waited:.0f}s, slower than VESPA_MIN_UPLOAD_RATE allows")
+        self.timeout = waited
+
+
 def check_length(request: Request, limit: int, setting: str = "VESPA_MAX_BODY_BYTES") -> None:
     """``BodyTooLarge`` when the request says its body is larger than ``limit``."""
     length = request.content_length
@@ -104,30 +113,42 @@ async def _read_parts(request: Request, limit: int, idle_timeout: float) -> byte
 
 
 class BoundedBody:
-    """A request body streamed upstream chunk by chunk, stopped once it passes ``limit`` or
-    stalls for ``idle_timeout`` seconds."""
+    """A request body streamed upstream chunk by chunk, stopped once it passes ``limit``, stalls
+    for ``idle_timeout`` seconds, or arrives slower on average than ``min_rate`` bytes/s once
+    it has been waited for longer than ``idle_timeout`` (only the time spent waiting for the
+    client counts: a slow backend is not the client's fault)."""
 
-    def __init__(self, request: Request, limit: int, idle_timeout: float):
+    def __init__(self, request: Request, limit: int, idle_timeout: float,
+                 min_rate: float = 0.0):
         self.request = request
         self.limit = limit
         self.idle_timeout = idle_timeout
+        self.min_rate = min_rate
         self.length = request.content_length
         self.read = 0
+        self.waited = 0.0  # seconds spent waiting for the client's bytes
 
     def __aiter__(self) -> BoundedBody:
         return self
 
     async def __anext__(self) -> bytes:  # a class, not an async generator: mypyc has none
+        loop = self.request.conn.loop
+        started = loop.time()
         chunk = await read_chunk(self.request, self.idle_timeout)
+        self.waited += loop.time() - started
         if not chunk:
             raise StopAsyncIteration
         self.read += len(chunk)
         if self.read > self.limit:
             raise BodyTooLarge(self.limit)
+        if self.min_rate and self.waited > self.idle_timeout \
+                and self.read < self.min_rate * self.waited:
+            self.request.give_up()
+            raise BodyTooSlow(self.read / self.waited, self.waited)
         return chunk
 
 
-async def upload(request: Request, limit: int, idle_timeout: float
+async def upload(request: Request, limit: int, idle_timeout: float, min_rate: float = 0.0
                  ) -> bytes | BoundedBody | None:
     """The body to send upstream: None when there is none, bytes when it is small, else a
     bounded stream."""
@@ -135,4 +156,4 @@ async def upload(request: Request, limit: int, idle_timeout: float
         return None
     if is_small(request):
         return await read_body(request, limit, idle_timeout)
-    return BoundedBody(request, limit, idle_timeout)
+    return BoundedBody(request, limit, idle_timeout, min_rate)

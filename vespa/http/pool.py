@@ -42,6 +42,13 @@ class MalformedResponse(ConnectionError):
     """The backend's bytes are not valid HTTP."""
 
 
+class NoSlot(Exception):
+    """Every connection to the backend stayed busy for as long as a request may wait."""
+
+    def __init__(self, timeout: float | None):
+        super().__init__(f"all connections to the backend stayed busy for {timeout:g}s")
+
+
 class BackendResponse(Inbound):
     """One response as it arrives: head first, then body chunks until done or failed."""
 
@@ -270,13 +277,21 @@ class Slots:
             return True
         return False
 
-    async def acquire(self) -> None:
+    async def acquire(self, timeout: float | None = None) -> None:
+        """A slot, waiting for one in line for at most ``timeout`` seconds (``NoSlot``)."""
         if self.take():
             return
         waiter = asyncio.get_running_loop().create_future()
         self.waiters.append(waiter)
         try:
-            await waiter
+            if timeout is None:
+                await waiter
+            else:
+                await asyncio.wait_for(waiter, timeout)
+        except asyncio.TimeoutError:
+            if waiter in self.waiters:  # cancelled by the timeout: release() would skip it
+                self.waiters.remove(waiter)
+            raise NoSlot(timeout) from None
         except BaseException:
             if waiter.done() and not waiter.cancelled():
                 self.release()  # handed a slot but cancelled before taking it: pass it on
@@ -311,8 +326,8 @@ class BackendPool:
         self.open: set[BackendConnection] = set()
         self.loop = asyncio.get_running_loop()
 
-    async def acquire(self) -> BackendConnection:
-        await self.slots.acquire()
+    async def acquire(self, slot_timeout: float | None = None) -> BackendConnection:
+        await self.slots.acquire(slot_timeout)
         try:
             return await self._connection()
         except BaseException:

@@ -20,7 +20,7 @@ from yarl import URL
 from .body import SMALL_BODY, BoundedBody, upload
 from .messages import BodyError, Reply, Request, http_date
 from .pool import (BackendClosed, BackendConnection, BackendPool, BackendResponse, BackendTimeout,
-                   MalformedResponse)
+                   MalformedResponse, NoSlot)
 
 HOP_BY_HOP = frozenset({
     b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization",
@@ -141,7 +141,8 @@ class Upstream:
 
     def __init__(self, base_url: str, *, connection_limit: int, connect_timeout: float,
                  request_timeout: float, max_body_bytes: int,
-                 body_read_timeout: float = 30.0, authorization: str | None = None):
+                 body_read_timeout: float = 30.0, authorization: str | None = None,
+                 slot_timeout: float | None = None, min_upload_rate: float = 0.0):
         url = URL(base_url)
         self.base_url = base_url.rstrip("/")
         self.base_path = url.raw_path.rstrip("/")
@@ -154,6 +155,8 @@ class Upstream:
         self.read_timeout = request_timeout
         self.max_body_bytes = max_body_bytes
         self.body_read_timeout = body_read_timeout
+        self.slot_timeout = slot_timeout  # how long a request may wait for a connection
+        self.min_upload_rate = min_upload_rate  # bytes/s a streamed upload must average
         # the backend's own credentials, sent instead of any client's (e.g. vLLM's --api-key)
         self.authorization = None if authorization is None else \
             b"Authorization: Bearer %s\r\n" % authorization.encode("latin-1")
@@ -176,8 +179,8 @@ class Upstream:
         exchange = exchange if exchange is not None else Exchange()
         pool, reply = self.pool, request.reply
         assert pool is not None and reply is not None
-        sent = body if body is not None else await upload(request, self.max_body_bytes,
-                                                             self.body_read_timeout)
+        sent = body if body is not None else await upload(
+            request, self.max_body_bytes, self.body_read_timeout, self.min_upload_rate)
         target = self.base_path + (path_qs if path_qs is not None else request.target)
         if isinstance(sent, bytes):
             framing = b"Content-Length: %d\r\n" % len(sent)
@@ -226,7 +229,10 @@ class Upstream:
             conn = pool.acquire_idle()
             if conn is None:
                 try:
-                    conn = await pool.acquire()
+                    conn = await pool.acquire(self.slot_timeout)
+                except NoSlot as busy:
+                    raise ProxyError(503, f"{busy} (VESPA_CONNECTION_LIMIT "
+                                          f"{self.connection_limit}); retry shortly") from None
                 except (OSError, asyncio.TimeoutError) as unreachable:
                     raise ProxyError(502, f"backend unreachable at {self.base_url}: "
                                           f"{unreachable or type(unreachable).__name__}") from None

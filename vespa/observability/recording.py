@@ -37,14 +37,20 @@ def record_entry(request: Request, visit: Visit, ttfb: float | None) -> dict:
         response_body = response.body
     else:
         response_headers, response_body = [], None
+    if visit.outcome is None:  # refused before it was load (often before its signature was
+        # checked): what anyone may send is kept as metadata only, never its headers or body
+        request_headers: list = []
+        request_body = None
+    else:
+        request_headers, request_body = request.raw_headers, envelope.body
     entry = {
         "id": visit.rid, "method": request.method, "path": path, "query": query,
         "client": request.remote, "status": visit.status,
         "outcome": visit.outcome.value if visit.outcome is not None else "refused",
         "received_at": visit.received_at, "started_at": visit.started_at,
         "finished_at": time.time(), "ttfb_seconds": ttfb,
-        "request_headers": request.raw_headers,
-        "request_body": envelope.body, "request_content_type": request.header(b"content-type"),
+        "request_headers": request_headers,
+        "request_body": request_body, "request_content_type": request.header(b"content-type"),
         "response_headers": response_headers, "response_body": response_body,
         "response_content_type": header(response_headers, "Content-Type"),
         "bytes": {"in": exchange.bytes_in, "out": exchange.bytes_out},

@@ -185,7 +185,7 @@ class RequestRecorder:
     def __init__(self, directory: str, max_body_bytes: int = 1 << 20,
                  retention_hours: float = 24.0, cleanup_interval: float = 600.0,
                  queue_limit: int = 1000, max_per_second: float | None = 200.0,
-                 max_cpu_share: float | None = 0.02):
+                 max_cpu_share: float | None = 0.02, max_disk_bytes: int | None = 1 << 30):
         self.directory = os.fspath(directory)
         self.max_body_bytes = max_body_bytes
         self.retention_seconds = retention_hours * 3600.0
@@ -205,6 +205,10 @@ class RequestRecorder:
         self.over_budget = 0  # past max_per_second or max_cpu_share
         self.failures = 0  # could not write (disk full, unwritable directory, ...)
         self.removed = 0  # past the retention
+        # the directory's records take at most this much disk: the oldest go first
+        self.max_disk_bytes = max_disk_bytes
+        self.disk_bytes: int | None = None  # known once the writer has looked
+        self.removed_over_disk = 0
         self.last_failure_log = -FAILURE_LOG_INTERVAL
         self.stopping = threading.Event()
         self.thread: threading.Thread | None = None
@@ -289,6 +293,7 @@ class RequestRecorder:
                 os.makedirs(self.directory, exist_ok=True)
                 write_file(path, data)
             self.written += 1
+            self.count_disk(len(data))
         except Exception as exc:  # disk full, permissions, odd entry: drop it, keep going
             self.failures += 1
             now = time.monotonic()
@@ -296,6 +301,46 @@ class RequestRecorder:
                 self.last_failure_log = now
                 log.warning("request records: cannot write to %s: %s (%d record(s) lost so "
                             "far)", self.directory, exc, self.failures)
+
+    def count_disk(self, added: int) -> None:
+        """Keep the records within ``max_disk_bytes``: past it, the oldest are removed until
+        they take nine tenths of it."""
+        if self.max_disk_bytes is None:
+            return
+        if self.disk_bytes is None:
+            self.disk_bytes = sum(size for _, size in self.sized_records())
+        else:
+            self.disk_bytes += added
+        if self.disk_bytes <= self.max_disk_bytes:
+            return
+        records = self.sized_records()  # oldest first: names start with the time received
+        total = sum(size for _, size in records)
+        for path, size in records:
+            if total <= self.max_disk_bytes * 0.9:
+                break
+            try:
+                os.unlink(path)
+            except OSError:
+                continue
+            total -= size
+            self.removed_over_disk += 1
+        self.disk_bytes = total
+
+    def sized_records(self) -> list[tuple[str, int]]:
+        """(path, size) of every record in the directory, oldest first."""
+        found = []
+        try:
+            with os.scandir(self.directory) as entries:
+                for item in entries:
+                    if RECORD_NAME.fullmatch(item.name):
+                        try:
+                            found.append((item.path, item.stat().st_size))
+                        except OSError:
+                            continue
+        except OSError:
+            return []
+        found.sort()
+        return found
 
     def cleanup(self, now: float | None = None) -> int:
         """Remove records older than the retention (by mtime; other files are left alone);

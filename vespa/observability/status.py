@@ -67,5 +67,6 @@ def worker_status(*, state: WorkerState, admission: Admission, ledger: Ledger,
         status["request_records"] = {
             "directory": recorder.directory, "written": recorder.written,
             "skipped_over_budget": recorder.over_budget, "dropped_queue_full": recorder.dropped,
-            "failed": recorder.failures, "removed_past_retention": recorder.removed}
+            "failed": recorder.failures, "removed_past_retention": recorder.removed,
+            "removed_over_disk_limit": recorder.removed_over_disk}
     return status
