@@ -14,7 +14,7 @@ RESULTS_PATH = Path(__file__).resolve().parent / "RESULTS.md"
 # Which table row a test module feeds.
 CATEGORIES = {"test_faults": "fault", "test_drain": "fault", "test_hostile": "input",
               "test_smuggling": "input", "test_connections": "input",
-              "test_targets": "input", "test_load": "load"}
+              "test_targets": "input", "test_load": "load", "test_preauth": "preauth"}
 
 
 @dataclass
@@ -81,6 +81,14 @@ class Run:
                 f"{num(n['lost'])}, reported twice {num(n['doubled'])} |")
         if not loads:
             lines.append("| Load held | not run in this session |")
+        for case in (c for c in cases if c.category == "preauth"):
+            n = case.numbers
+            stalls = ", ".join(f"{k.removeprefix('stall_ms_').replace('_', ' ')} {v} ms"
+                               for k, v in n.items() if k.startswith("stall_ms_"))
+            lines.append(f"| Pre-auth cost ({case.outcome}) | one unauthenticated client "
+                         f"sending the largest envelopes a signed worker reads: RSS grew "
+                         f"{fmt(n.get('rss_growth_mb', '-'))} MB at most; longest stall other "
+                         f"clients saw: {stalls or '-'} |")
         lines += ["", "| case | result | time | numbers |", "|---|---|---|---|"]
         for case in sorted(cases, key=lambda c: (c.category, c.nodeid)):
             numbers = ", ".join(f"{k}={fmt(v)}" for k, v in case.numbers.items()
