@@ -772,3 +772,15 @@ async def test_a_request_waits_for_a_backend_connection_at_most_the_max_wait(mak
     assert 0.4 < asyncio.get_running_loop().time() - started < 3
     assert worker.metrics.rejections[Reason.BACKEND_BUSY] == 1
     hung.cancel()
+
+
+async def test_headers_named_in_any_connection_line_never_reach_the_backend(make_worker, backend):
+    """Issue #18 item 2: RFC 9110 §7.6.1 — every Connection line counts, not only the last."""
+    client, _ = await make_worker()
+    response = await client.get("/echo", headers=[("Connection", "x-first"),
+                                                  ("Connection", "x-second"),
+                                                  ("X-First", "1"), ("X-Second", "2"),
+                                                  ("X-Kept", "3")])
+    assert response.status == 200
+    seen = {name.lower() for name, _ in backend.log.requests[-1]["headers"]}
+    assert "x-kept" in seen and not {"x-first", "x-second"} & seen

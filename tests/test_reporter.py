@@ -642,3 +642,39 @@ async def test_loading_worker_reports_while_loading(emulator, make_reporter):
     await run_for(reporter, lambda: len(emulator.reports) >= 3, timeout=2.0)
     assert all(r["max_perf"] == 0 and r["error_msg"] == "" for r in emulator.reports)
     assert state.phase is Phase.LOADING
+
+
+async def test_a_legacy_delivery_half_done_resends_only_the_undelivered_half(make_reporter):
+    """Issue #18 item 2: the legacy format is two POSTs (successes, failures); when the first
+    reaches the autoscaler and the second fails, only the second half is sent again."""
+    from aiohttp import web
+
+    received: list[dict] = []
+    failing = {"second": True}
+
+    async def delete(request: web.Request) -> web.Response:
+        body = await request.json()
+        if failing["second"] and not body["success"]:
+            return web.json_response({"error": "down"}, status=500)
+        received.append(body)
+        return web.json_response({})
+
+    app = web.Application()
+    app.router.add_post("/delete_requests/", delete)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        ledger = Ledger()
+        serve(ledger, 1, 1.0)
+        serve(ledger, 2, 1.0, Outcome.ERROR, 500)
+        reporter = make_reporter(f"http://127.0.0.1:{port}", ledger=ledger,
+                                 delete_format="legacy")
+        assert not await reporter.report_finished()
+        failing["second"] = False
+        assert await reporter.report_finished()
+        assert [(b["request_idxs"], b["success"]) for b in received] == [([1], True),
+                                                                         ([2], False)]
+    finally:
+        await runner.cleanup()
