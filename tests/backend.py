@@ -64,6 +64,14 @@ def make_backend() -> tuple[web.Application, BackendLog]:
                 await asyncio.sleep(delay)
         log.sse_last_event_at = time.monotonic()
         await response.write(b"data: [DONE]\n\n")
+        linger = float(request.query.get("linger", "0"))  # vLLM ends its body a moment later
+        if linger:
+            try:
+                await asyncio.sleep(linger)
+            except asyncio.CancelledError:
+                log.cancelled.append(("sse", time.monotonic()))
+                log.cancel_seen.set()
+                raise
         return response
 
     @routes.get("/ndjson")

@@ -86,6 +86,7 @@ def make_openai_backend() -> tuple[web.Application, OpenAILog]:
                 await asyncio.sleep(3600)
             await asyncio.sleep(0.02)
         await response.write(chunk(None, "stop") + b"data: [DONE]\n\n")
+        await asyncio.sleep(float(body.get("linger", 0)))  # vLLM ends its body a moment later
         return response
 
     @routes.get("/v1/models")

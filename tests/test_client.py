@@ -463,3 +463,33 @@ async def test_command_line_serves_lists_and_explains(stack, backends, tmp_path)
     assert code == 0 and f"1. {stack.emulator.endpoint}  id 1  active" in output
     code, output = await run_cli(tmp_path, "--endpoint", "x")
     assert code == 2 and "--api-key ENDPOINT_KEY or --account-key" in output
+
+
+async def test_streams_the_openai_sdk_finishes_are_successes_not_cancellations(stack, backends):
+    """Issue #18 item 1: the openai SDK (sync and async) stops reading at "data: [DONE]" and
+    hangs up; the backend (as vLLM does) ends its body a moment later. Through client.py and
+    straight to a dev-mode worker, every one of them must count, and be reported, as a success."""
+    backend = await backends()
+    client = await serving(stack, backend)
+    worker = stack.servers[-1].worker
+    openai = openai_sdk()
+    linger = {"linger": 0.05}
+    for _ in range(3):
+        stream = await stack.sdk(client).chat.completions.create(
+            model="m", messages=HI, stream=True, extra_body=linger)
+        assert "".join([e.choices[0].delta.content or "" async for e in stream])
+
+    def sync_streams(base_url: str, n: int) -> list[str]:
+        with openai.OpenAI(base_url=base_url, api_key=ENDPOINT_KEY, max_retries=0,
+                           timeout=30) as sdk:
+            return ["".join(e.choices[0].delta.content or "" for e in sdk.chat.completions.create(
+                model="m", messages=HI, stream=True, extra_body=linger)) for _ in range(n)]
+
+    assert all(await asyncio.to_thread(sync_streams, client.url + "/v1", 3))
+    done = worker.ledger.totals.outcomes
+    await wait_until(lambda: done["success"] == 6)
+    assert done["cancelled"] == 0
+    idxs = [r["request_idx"] for r in stack.emulator.routes]
+    await wait_until(lambda: set(idxs) <= set(stack.emulator.deleted_request_idxs()))
+    assert all(r["success"] and r.get("status", "Success") == "Success"
+               for r in stack.emulator.deleted)

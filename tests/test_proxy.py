@@ -18,6 +18,7 @@ from multidict import CIMultiDict
 
 from vespa.http import timeouts
 from vespa.corridor.refusal import Reason
+from vespa.http.upstream import STREAM_END_GRACE
 from vespa.worker import Worker
 from vespa.config import load_settings
 
@@ -205,7 +206,8 @@ async def test_client_disconnect_mid_stream_cancels_backend(make_worker, backend
     left_at = time.monotonic()
     response.close()
     await asyncio.wait_for(backend.log.cancel_seen.wait(), 2)
-    assert backend.log.cancelled[0][1] - left_at < 0.2
+    # within the grace a stream gets to end after its client left (issue #18 item 1), and 0.2 s
+    assert backend.log.cancelled[0][1] - left_at < STREAM_END_GRACE + 0.2
     await wait_until(lambda: worker.ledger.totals.outcomes["cancelled"] == 1)
 
 
@@ -784,3 +786,36 @@ async def test_headers_named_in_any_connection_line_never_reach_the_backend(make
     assert response.status == 200
     seen = {name.lower() for name, _ in backend.log.requests[-1]["headers"]}
     assert "x-kept" in seen and not {"x-first", "x-second"} & seen
+
+
+async def read_until_done_then_leave(port: int, path: str) -> bytes:
+    """What an SSE client such as the openai SDK does: read to "data: [DONE]", hang up."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: w\r\n\r\n".encode())
+    seen = await asyncio.wait_for(reader.readuntil(b"data: [DONE]\n\n"), 10)
+    writer.close()
+    return seen
+
+
+async def test_a_stream_whose_client_left_at_its_last_event_counts_as_complete(make_worker,
+                                                                                backend):
+    """Issue #18 item 1: the client leaves at [DONE], the backend ends its body 50 ms later
+    (as vLLM does): a success, not a cancellation."""
+    client, worker = await make_worker()
+    for _ in range(5):
+        seen = await read_until_done_then_leave(client.port, "/sse?n=3&linger=0.05")
+        assert seen.startswith(b"HTTP/1.1 200")
+    await wait_until(lambda: worker.ledger.totals.outcomes["success"] == 5)
+    assert worker.ledger.totals.outcomes["cancelled"] == 0
+    assert not backend.log.cancelled
+
+
+async def test_a_stream_nobody_reads_still_stops_soon_after_its_client_left(make_worker, backend):
+    """The grace is short: a backend that goes on after its client left is cut (vLLM aborts the
+    generation), and the request is a cancellation."""
+    client, worker = await make_worker()
+    started = asyncio.get_running_loop().time()
+    await read_until_done_then_leave(client.port, "/sse?n=3&linger=30")
+    await asyncio.wait_for(backend.log.cancel_seen.wait(), 5)
+    assert asyncio.get_running_loop().time() - started < 2
+    await wait_until(lambda: worker.ledger.totals.outcomes["cancelled"] == 1)

@@ -38,6 +38,9 @@ _CREDENTIALS_DROP = _REQUEST_DROP | {b"authorization"}
 _RELAYED_DROP = HOP_BY_HOP | {b"content-length", b"x-request-id"}
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+# How long a backend may take to end a stream whose client left: an SSE client may hang up at
+# its last event, before the backend's end of body; a generation nobody reads stops after it.
+STREAM_END_GRACE = 0.3
 
 
 class Exchange:
@@ -80,6 +83,26 @@ class ProxyError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+async def ends_within(response: BackendResponse, grace: float) -> bool:
+    """Whether the backend ends its response within ``grace`` seconds (what still arrives is
+    dropped: nobody reads it)."""
+    loop = response.conn.loop
+    deadline = loop.time() + grace
+    timer = loop.call_later(grace, response.wake)
+    try:
+        while True:
+            response.take()
+            if response.error is not None:
+                return False
+            if response.done:
+                return True
+            if loop.time() >= deadline:
+                return False
+            await response.arrival()
+    finally:
+        timer.cancel()
 
 
 class UpstreamBroken(Exception):
@@ -342,7 +365,12 @@ class Upstream:
         except (BackendClosed, BackendTimeout, MalformedResponse) as exc:
             reply.abort()  # a cut: the client cannot mistake it for the end
             raise UpstreamBroken(f"backend failed mid-response: {exc}") from None
-        except ConnectionError:
-            # The client went away while we wrote to it: a cancellation, as when the front
-            # server cancels the request of a lost connection.
+        except (ConnectionError, asyncio.CancelledError):
+            # The client went away: the front server cancels the request of a lost connection,
+            # or a write found it gone. A client often leaves as soon as it has read the last
+            # event (the openai SDK at "data: [DONE]") while the backend ends its body a moment
+            # later: the answer is complete if the backend ends it within a short grace, else
+            # the backend's work is cancelled (its connection is closed).
+            if await ends_within(upstream, STREAM_END_GRACE):
+                return
             raise asyncio.CancelledError() from None
