@@ -6,6 +6,9 @@ add each test's outcome and write ``RESULTS.md`` at the end of the session.
 
 from __future__ import annotations
 
+import os
+import platform
+import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,7 +60,8 @@ class Run:
         loads = [c for c in cases if c.category == "load" and c.numbers.get("requests")]
         lines = ["# Reliability suite results", "",
                  f"Written by `tests/reliability/conftest.py` at the end of a pytest session "
-                 f"({time.strftime('%Y-%m-%d %H:%M:%S')}, {len(cases)} reliability tests ran, "
+                 f"({time.strftime('%Y-%m-%d %H:%M:%S')}, commit {commit()}, {machine()}; "
+                 f"{len(cases)} reliability tests ran, "
                  f"{time.monotonic() - self.started:.0f} s session).", "",
                  "| | measured |", "|---|---|"]
         survived = ", ".join(sorted({short(c) for c in faults if c.outcome == "passed"}))
@@ -98,6 +102,25 @@ class Run:
         return "\n".join(lines) + "\n"
 
 
+def commit() -> str:
+    """The checkout's commit, with ``+`` when its tracked files differ from it."""
+    root = RESULTS_PATH.parents[2]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, text=True,
+                              capture_output=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=root, text=True, capture_output=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    dirty = "\n".join(line for line in dirty.splitlines() if not line.endswith("RESULTS.md"))
+    return (head or "unknown") + ("+" if dirty.strip() else "")
+
+
+def machine() -> str:
+    return (f"{os.cpu_count()} cores, Python {platform.python_version()}, "
+            f"{platform.machine()}")
+
+
 def passed(cases: list[Case]) -> int:
     return sum(c.outcome == "passed" for c in cases)
 
@@ -124,3 +147,41 @@ def fmt(value) -> str:
 
 
 RUN = Run()
+
+
+# -- the README's copy ---------------------------------------------------------------------------
+README = RESULTS_PATH.parents[2] / "README.md"
+START, END = "<!-- reliability:start -->", "<!-- reliability:end -->"
+
+
+def readme_block(results: str) -> str:
+    """What the README shows of a RESULTS.md: when and where it was written, and its summary
+    table (the per-case table stays in RESULTS.md)."""
+    lines = results.splitlines()
+    written = next(line for line in lines if line.startswith("Written by"))
+    table = []
+    for line in lines[lines.index("| | measured |"):]:
+        if not line.startswith("|"):
+            break
+        table.append(line)
+    note = written.replace("Written by `tests/reliability/conftest.py` at the end of a pytest "
+                           "session", "From `tests/reliability/RESULTS.md`, written by the suite")
+    return "\n".join([note, "", *table])
+
+
+def readme_section(readme: str) -> str:
+    return readme.split(START, 1)[1].split(END, 1)[0].strip()
+
+
+def rewrite_readme() -> bool:
+    """Put RESULTS.md's summary into the README; True when it changed."""
+    text = README.read_text()
+    head, rest = text.split(START, 1)
+    new = f"{head}{START}\n{readme_block(RESULTS_PATH.read_text())}\n{END}{rest.split(END, 1)[1]}"
+    if new != text:
+        README.write_text(new)
+    return new != text
+
+
+if __name__ == "__main__":  # python tests/reliability/results.py: the README from RESULTS.md
+    print("README.md: reliability table " + ("rewritten" if rewrite_readme() else "current"))
