@@ -66,4 +66,4 @@ log "installing: ${PACKAGES[*]}"
 "$VENV/bin/python" -m pip install --quiet "${PACKAGES[@]}" 2>&1 | grep -v "is ignored: it is neither" >&2 || true
 "$VENV/bin/python" -c "$CHECK" || { log "install incomplete: imports failed"; exit 1; }
 printf '%s\n' "$WANTED" > "$STAMP"
-log "ready: $VENV ($(du -sh "$VENV" | cut -f1)); run: $VENV/bin/python -m backends.tts --port 8000"
+log "ready: $VENV ($(du -sh "$VENV" | cut -f1)); run: $VENV/bin/python -m backends.tts --port ${VESPA_BACKEND_PORT:-8000} (what VESPA_BACKEND=tts launches)"

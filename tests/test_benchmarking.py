@@ -67,6 +67,11 @@ async def slow(backend_url, session):
     await asyncio.sleep(30)
     return 1.0
 
+async def paced(backend_url, session):
+    CALLS.append(backend_url)
+    await asyncio.sleep(0.35)
+    return 42.0
+
 def not_async(backend_url, session):
     CALLS.append(backend_url)
     return 5.0
@@ -250,6 +255,20 @@ async def test_benchmark_timeout_is_an_error(backend, bench, tmp_path, session):
         await Lifecycle(plan, WorkerState(), session).throughput()
     assert time.monotonic() - started < 2.0
     assert cached(plan) == {}
+
+
+async def test_a_running_benchmark_says_so_every_few_seconds(backend, bench, tmp_path, session,
+                                                             caplog):
+    """A first vLLM benchmark takes about 40 s: a line with the time so far, not silence."""
+    backend.healthy = True
+    plan = make_plan(backend.url, tmp_path, benchmark=f"{bench}:paced")
+    lifecycle = Lifecycle(plan, WorkerState(), session)
+    lifecycle.progress_interval = 0.1
+    with caplog.at_level("INFO", logger="vespa.lifecycle"):
+        assert await lifecycle.throughput() == 42.0
+    ticks = [r.getMessage() for r in caplog.records
+             if r.getMessage().startswith(f"benchmark {bench}:paced running: ")]
+    assert len(ticks) >= 2, caplog.text
 
 
 async def test_run_benchmark_directly(backend, bench):

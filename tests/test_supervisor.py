@@ -119,3 +119,21 @@ async def test_missing_backend_venv_is_a_clear_error(fleet, tmp_path):
     await wait_until(lambda: any(r["error_msg"] for r in f.emulator.reports), timeout=10)
     error = next(r["error_msg"] for r in f.emulator.reports if r["error_msg"])
     assert "run backends/setup_tts.sh" in error
+
+
+def test_the_backends_log_of_the_workers_own_polls_is_recognised():
+    """vLLM (uvicorn) logs every GET of /health and /metrics the worker makes, every few seconds:
+    those lines go to the backend's log file only (the kill test in test_start_server checks the
+    terminal); everything else still reaches the worker's log."""
+    from vespa.backend.supervisor import polls_pattern
+
+    quiet = polls_pattern(["/health", "/metrics"])
+    polls = ['(APIServer pid=1) INFO:     127.0.0.1:51234 - "GET /metrics HTTP/1.1" 200 OK',
+             'INFO:     127.0.0.1:51234 - "GET /health HTTP/1.1" 200 OK',
+             '127.0.0.1 [06/Dec/2026:21:30:05 +0000] "GET /health?probe=1 HTTP/1.1" 200 2 "-"']
+    others = ['INFO:     127.0.0.1:51234 - "POST /v1/chat/completions HTTP/1.1" 200 OK',
+              'INFO:     127.0.0.1:51234 - "GET /healthz HTTP/1.1" 404 Not Found',
+              'INFO:     127.0.0.1:51234 - "GET /v1/models HTTP/1.1" 200 OK',
+              "INFO 12-06 21:30:05 [loggers.py:123] Avg prompt throughput: 0.0 tokens/s"]
+    assert [bool(quiet.search(line)) for line in polls] == [True] * len(polls)
+    assert [bool(quiet.search(line)) for line in others] == [False] * len(others)

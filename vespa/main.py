@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import gc
 import logging
 import signal
+import socket
 import ssl
 import sys
 
@@ -28,6 +30,35 @@ def ssl_context(settings: Settings) -> ssl.SSLContext | None:
                           f"a certificate at {settings.ssl_cert} and key at {settings.ssl_key} "
                           f"(VESPA_SSL_CERT, VESPA_SSL_KEY): {exc}") from None
     return context
+
+
+def port_problem(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be listened on now, or None. With SO_REUSEADDR, as the servers
+    set it: a connection in TIME_WAIT does not count, a listener does."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            return "is taken (something already listens there)"
+        return f"cannot be bound ({exc.strerror or exc})"
+    return None
+
+
+def check_ports(settings: Settings) -> None:
+    """The worker's port and a launched backend's, free before anything starts: else one line
+    naming the setting (exit 2), not a traceback once the backend is already up, nor a worker
+    whose health checks reach whatever holds the backend's port."""
+    wanted = [("VESPA_WORKER_PORT", settings.host, settings.worker_port)]
+    if settings.backend is not None:
+        wanted.append(("VESPA_BACKEND_PORT", "127.0.0.1", settings.backend_port))
+    for name, host, port in wanted:
+        problem = port_problem(host, port)
+        if problem is not None:
+            raise ConfigError(name, str(port), f"a port this worker can listen on: {port} "
+                              f"{problem}; stop that, or set {name} to another port")
 
 
 async def serve(settings: Settings, stop: asyncio.Event) -> None:
@@ -79,6 +110,7 @@ def main() -> None:
     try:
         settings = load_settings()
         ssl_context(settings)
+        check_ports(settings)
     except ConfigError as exc:
         print(f"vespa: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -22,7 +22,7 @@ from .backend.insight import BackendInsight
 from .backend.launch import backend_process
 from .backend.lifecycle import Lifecycle, StartupPlan
 from .backend.logwatch import LogWatch
-from .backend.supervisor import Supervisor
+from .backend.supervisor import Supervisor, polls_pattern
 from .config import Settings
 from .corridor.admission import Admission
 from .corridor.doorway import Doorway, EnvelopeLimits
@@ -296,10 +296,14 @@ class Worker:
             log.error(problem)
             return
         assert self.settings.backend_log is not None  # config sets it for a launched backend
+        polls = [self.settings.healthcheck_endpoint]  # the worker's own: kept out of its log
+        if self.insight is not None:
+            polls.append("/metrics")
         self.supervisor = Supervisor(spec, self.settings.backend_log,
                                      restarts=self.settings.backend_restarts,
                                      on_exit=self.state.fail,
-                                     on_restart=self.metrics.backend_restart)
+                                     on_restart=self.metrics.backend_restart,
+                                     quiet=polls_pattern(polls))
         self.spawn(self.supervisor.run(), "supervisor")
 
     def lifecycle(self) -> Lifecycle:

@@ -3,6 +3,7 @@
 --child-pidfile F   start a grandchild (sleep) and write "<own pid> <grandchild pid>" to F
 --crash-after S     exit with code 3 S seconds after start
 --crash-once F      crash only if marker file F does not exist yet (then create it)
+--access-log        print a line per request, as uvicorn (vLLM's server) logs it
 """
 
 import argparse
@@ -20,6 +21,7 @@ async def main() -> None:
     parser.add_argument("--child-pidfile")
     parser.add_argument("--crash-after", type=float)
     parser.add_argument("--crash-once")
+    parser.add_argument("--access-log", action="store_true")
     args = parser.parse_args()
     print("backend starting", flush=True)
     if args.child_pidfile:
@@ -33,7 +35,16 @@ async def main() -> None:
     async def echo(request):
         return web.json_response({"pid": os.getpid(), "body": (await request.read()).decode()})
 
-    app = web.Application()
+    @web.middleware
+    async def access_log(request, handler):
+        response = await handler(request)
+        peer = request.transport.get_extra_info("peername") or ("?", 0)
+        print(f'INFO:     {peer[0]}:{peer[1]} - "{request.method} {request.path_qs} '
+              f'HTTP/{request.version.major}.{request.version.minor}" {response.status} OK',
+              flush=True)
+        return response
+
+    app = web.Application(middlewares=[access_log] if args.access_log else [])
     app.router.add_get("/health", health)
     app.router.add_route("*", "/echo", echo)
     runner = web.AppRunner(app)

@@ -10,7 +10,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Awaitable, Callable, TypeVar
 
 import aiohttp
 
@@ -19,6 +19,7 @@ from .benchmarking import BenchmarkCache, BenchmarkError, cache_key, gpu_name, r
 from .logwatch import LogWatch
 
 log = logging.getLogger("vespa.lifecycle")
+T = TypeVar("T")
 
 
 class StartupError(RuntimeError):
@@ -33,6 +34,22 @@ async def backend_healthy(session: aiohttp.ClientSession, url: str, timeout: flo
             return response.status == 200
     except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
         return False
+
+
+async def with_progress(work: Awaitable[T], what: str, every: float) -> T:
+    """``await work``, logging "<what>: Ns" every ``every`` seconds until it is done."""
+    task = asyncio.ensure_future(work)
+    started = time.monotonic()
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=every)
+            if done:
+                return task.result()
+            log.info("%s: %.0fs", what, time.monotonic() - started)
+    finally:
+        if not task.done():  # cancelled while waiting: the work goes too
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
 
 @dataclass
@@ -68,6 +85,7 @@ class Lifecycle:
         self.on_throughput = on_throughput
         self.on_change = on_change
         self.cache = BenchmarkCache(plan.cache_path)
+        self.progress_interval = 5.0  # a line this often while the benchmark runs
 
     async def run(self) -> None:
         try:
@@ -133,8 +151,11 @@ class Lifecycle:
             return plan.fixed_throughput
         if plan.benchmark is None:
             if plan.throughput_required:
-                raise StartupError("no throughput to report: set VESPA_BENCHMARK "
-                                   "(module:function) or VESPA_MAX_THROUGHPUT")
+                raise StartupError(
+                    "no throughput to report: set VESPA_BENCHMARK=module:function (for an "
+                    "OpenAI-compatible server benchmarks.openai_chat:benchmark; also "
+                    "benchmarks.openai_completions, benchmarks.tgi, benchmarks.tts) or "
+                    "VESPA_MAX_THROUGHPUT=<workload units a second>")
             return None
         gpu = await gpu_name()
         key = cache_key(plan.benchmark, plan.benchmark_identity, gpu)
@@ -142,10 +163,13 @@ class Lifecycle:
         if cached is not None:
             log.info("benchmark cache hit: %.4g units/s", cached)
             return cached
-        log.info("running benchmark %s", plan.benchmark)
+        log.info("running benchmark %s (at most %gs, VESPA_BENCHMARK_TIMEOUT)", plan.benchmark,
+                 plan.benchmark_timeout)
         try:
-            measured = await run_benchmark(plan.benchmark, plan.backend_url,
-                                           plan.benchmark_timeout, plan.backend_api_key)
+            measured = await with_progress(
+                run_benchmark(plan.benchmark, plan.backend_url, plan.benchmark_timeout,
+                              plan.backend_api_key),
+                f"benchmark {plan.benchmark} running", self.progress_interval)
         except BenchmarkError as exc:
             raise StartupError(str(exc)) from None
         log.info("benchmark: %.4g units/s", measured)

@@ -2,7 +2,9 @@
 
 The backend runs in its own process group (so stopping it stops its children too) and is told
 to die with the worker (Linux parent-death signal), so no orphans are left even when the worker
-itself is killed. Its output goes to a log file and, line by line, to the worker's log.
+itself is killed. Its output goes to a log file and, line by line, to the worker's log; lines
+matching ``quiet`` (its access log of the worker's own health checks and metrics scrapes, one
+every few seconds) go to the file only.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import collections
 import ctypes
 import logging
 import os
+import re
 import signal
 from dataclasses import dataclass, field
 from typing import Callable
@@ -37,16 +40,25 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
         pass
 
 
+def polls_pattern(paths: list[str]) -> re.Pattern[str]:
+    """An access-log line of a GET or HEAD of one of ``paths`` (any query): the request line in
+    quotes, as uvicorn (vLLM), aiohttp and most servers log it."""
+    alternatives = "|".join(re.escape(path) for path in paths)
+    return re.compile(rf'"(?:GET|HEAD) (?:{alternatives})(?:\?[^" ]*)? HTTP/')
+
+
 class Supervisor:
     def __init__(self, spec: ProcessSpec, log_path: str, *, restarts: int = 0,
                  grace: float = 15.0, on_exit: Callable[[str], None] = lambda _: None,
-                 on_restart: Callable[[], None] = lambda: None):
+                 on_restart: Callable[[], None] = lambda: None,
+                 quiet: re.Pattern[str] | None = None):
         self.spec = spec
         self.log_path = log_path
         self.restarts_left = restarts
         self.grace = grace
         self.on_exit = on_exit
         self.on_restart = on_restart
+        self.quiet = quiet
         self.process: asyncio.subprocess.Process | None = None
         self.stopping = False
         self.tail: collections.deque[str] = collections.deque(maxlen=20)
@@ -94,7 +106,7 @@ class Supervisor:
             while line := await self._next_line():
                 await loop.run_in_executor(None, sink.write, line)
                 text = line.decode("utf-8", "replace").rstrip()
-                if text:
+                if text and not (self.quiet is not None and self.quiet.search(text)):
                     self.tail.append(text[:300])
                     log.info("%s: %s", self.spec.name, text)
 
