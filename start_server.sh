@@ -271,25 +271,21 @@ apply_update() {  # move the checkout to what fetch_update fetched (local edits 
   say "update: the checkout is at $(git rev-parse --short HEAD); starting again"
 }
 
-run_worker() {  # the worker until it exits (its exit code); restarted from new code on update
-  "$VESPA_PYTHON" -m vespa &
-  local worker=$! stopping=0
-  trap 'stopping=1; kill -TERM "$worker" 2>/dev/null' TERM INT  # a stop is the worker's drain
-  while kill -0 "$worker" 2>/dev/null; do
-    if [[ "$stopping" == 0 && -e "$UPDATE_FLAG" ]]; then
+watch_updates() {  # while the worker runs: POST /pyworker/update drains it, moves the checkout
+  while running "$WORKER_PID"; do
+    if [[ -e "$UPDATE_FLAG" ]]; then
       rm -f "$UPDATE_FLAG"
       if fetch_update; then
         say "update: draining the worker (SIGTERM)"
-        kill -TERM "$worker" 2>/dev/null
-        wait "$worker" 2>/dev/null
+        kill -TERM "$WORKER_PID" 2>/dev/null
+        reap "$WORKER_PID" || true
         apply_update
         exec bash "$REPO/start_server.sh"
       fi
       say "update: not done; the worker keeps running"
     fi
-    sleep 1
+    pause 1
   done
-  wait "$worker"
 }
 
 on_vast() {
@@ -313,7 +309,7 @@ on_vast() {
   fi
   say "starting the worker"
   set +e
-  run_worker
+  run_worker watch_updates
   local code=$?
   set -e
   [[ $code == 0 ]] && exit 0
