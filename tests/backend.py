@@ -33,6 +33,7 @@ def make_backend() -> tuple[web.Application, BackendLog]:
     @routes.route("*", "/echo{tail:.*}")
     async def echo(request: web.Request) -> web.Response:
         body = await request.read()
+        await asyncio.sleep(float(request.query.get("echo_delay", "0")))
         seen = {
             "method": request.method,
             "path": request.path,

@@ -258,3 +258,57 @@ def test_session_auth_and_the_close_body():
     sessions = Sessions(limit=1)
     session = sessions.create({}, SessionPlan(5, "/c", "text"), Entry(1.0, 1, 0.0), now=0.0)
     assert close_body(session) == {"payload": "text", "session_id": session.session_id}
+
+
+# -- found by a review: each fails without its fix --------------------------------------------
+async def test_a_blocked_request_in_a_session_gives_the_session_no_second_record(fleet):
+    f = await fleet("url", VESPA_BLOCKED_PATHS="/admin*")
+    await ready(f)
+    response, auth_data = await create(f, lifetime=30)
+    session_id = (await response.json())["session_id"]
+    assert (await in_session(f, auth_data, session_id, path="/admin/x")).status == 403
+    await call(f, "end", {"session_id": session_id, "session_auth": auth_data})
+    idx = auth_data["request_idx"]
+    await wait_until(lambda: idx in f.emulator.deleted_request_idxs())
+    await asyncio.sleep(0.2)  # a second record would be on its way by now
+    assert f.emulator.deleted_request_idxs().count(idx) == 1
+    assert f.emulator.deleted[0]["success"] is True
+
+
+async def test_an_on_close_route_on_a_blocked_path_is_refused_at_create(fleet):
+    f = await fleet("url", VESPA_BLOCKED_PATHS="/admin*")
+    await ready(f)
+    response, _ = await create(f, on_close_route="/admin/shutdown")
+    assert response.status == 403 and "VESPA_BLOCKED_PATHS" in (await response.json())["error"]
+    assert not f.worker.sessions.open
+
+
+async def test_a_session_call_nested_too_deep_is_422_not_a_500(fleet):
+    f = await fleet("url")
+    await ready(f)
+    async with f.session.post(f"{f.url}/session/get",
+                              data=b"[" * 5000 + b"]" * 5000) as answer:
+        assert answer.status == 422
+
+
+async def test_a_session_does_not_expire_under_a_request_in_flight(fleet, backend):
+    f = await fleet("url")
+    await ready(f)
+    response, auth_data = await create(f, lifetime=0.3)
+    session_id = (await response.json())["session_id"]
+    answer = await in_session(f, auth_data, session_id, path="/echo/slow?echo_delay=1.6")
+    assert answer.status == 200  # 1.6 s, past its lifetime with the sweep going on: not cut
+    await wait_until(lambda: f.worker.sessions.ends["expired"] == 1, timeout=5)
+
+
+async def test_the_session_port_caps_connections_per_client(fleet):
+    port = free_port()
+    f = await fleet("url", VESPA_WORKER_HTTP_PORT=str(port), VESPA_MAX_CLIENT_CONNECTIONS="2")
+    await ready(f)
+    held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    answer = await asyncio.wait_for(reader.read(), 5)
+    assert answer.startswith(b"HTTP/1.1 429")
+    writer.close()
+    for _, w in held:
+        w.close()

@@ -115,6 +115,7 @@ class Worker:
         self.session_server: FrontServer | None = None  # VESPA_WORKER_HTTP_PORT
         self.session_listener: asyncio.Server | None = None
         self.closing: set[asyncio.Task] = set()  # on_close POSTs on their way
+        self.closing_slots = asyncio.Semaphore(4)  # ... at most this many at once
         if self.recorder is not None:
             self.corridor.wants_record = self.recorder.wanted
             self.corridor.record = self.keep_record
@@ -144,7 +145,8 @@ class Worker:
                 "VESPA_BACKEND_QUEUE_LIMIT); retry in 1s")
 
     def on_session_close(self, path: str, body: dict) -> asyncio.Task:
-        """POST an ended session's on_close_route to the backend, in the background."""
+        """POST an ended session's on_close_route to the backend, in the background (a few at
+        a time: each create and end is one more backend call outside admission)."""
         task = asyncio.get_running_loop().create_task(self.post_session_close(path, body))
         self.closing.add(task)
         task.add_done_callback(self.closing.discard)
@@ -154,9 +156,12 @@ class Worker:
         if self.session is None:
             return
         url = self.settings.backend_url + path
+        key = self.settings.backend_api_key
+        headers = {"Authorization": f"Bearer {key}"} if key else None
         try:
-            async with self.session.post(url, json=body,
-                                         timeout=aiohttp.ClientTimeout(total=timeout)) as answer:
+            async with self.closing_slots, self.session.post(
+                    url, json=body, headers=headers,
+                    timeout=aiohttp.ClientTimeout(total=timeout)) as answer:
                 await answer.read()
                 if answer.status >= 400:
                     log.warning("session %s: on_close_route %s answered %d",
@@ -220,13 +225,15 @@ class Worker:
                                   write_timeout=settings.request_timeout,
                                   max_per_client=settings.max_client_connections)
         loop = asyncio.get_running_loop()
+        # a TLS handshake comes before the per-client count (connection_made): keep it short
         self.listener = await loop.create_server(
             self.server, host, port, ssl=ssl_context, backlog=backlog,  # type: ignore[arg-type]
-            reuse_address=True)
+            reuse_address=True, ssl_handshake_timeout=10.0 if ssl_context else None)
         if settings.http_port:  # Vast's platform ends sessions over plain HTTP here
             self.session_server = FrontServer(self.desk.serve_end_only,
                                               keepalive_timeout=settings.keepalive_timeout,
-                                              write_timeout=settings.request_timeout)
+                                              write_timeout=settings.request_timeout,
+                                              max_per_client=settings.max_client_connections)
             try:
                 self.session_listener = await loop.create_server(
                     self.session_server, host, settings.http_port,  # type: ignore[arg-type]

@@ -93,7 +93,7 @@ class Corridor:
                     (session is None or not session.vouches_for(envelope.auth_data)):
                 await self.doorway.check_signature(envelope)
             workload = self.admission.bounded(workload_of(envelope.cost, self.default_cost))
-            self.at_the_door(request, target, envelope, workload, visit)
+            self.at_the_door(request, target, envelope, workload, visit, session)
             await self.serve(request, envelope, workload, visit, session)
         except Refused as refused:
             self.metrics.rejected(refused.reason)
@@ -108,13 +108,17 @@ class Corridor:
             self.account(request, visit, target)
 
     def at_the_door(self, request: Request, target: str | None, envelope: Envelope,
-                    workload: float, visit: Visit) -> None:
+                    workload: float, visit: Visit, session: Session | None) -> None:
         """Refuse a signed-right request the worker will not take (draining, a blocked path):
-        received and rejected in the ledger at once."""
+        received and rejected in the ledger at once (in a session: no record of its own, the
+        session's request_idx is the session's)."""
         refused = self.doorway.refusal(target, self.state.draining)
         if refused is not None:
-            self.ledger.reject(workload, envelope.request_idx, refused.status, time.time(),
-                               envelope.reqnum)
+            if session is None:
+                self.ledger.reject(workload, envelope.request_idx, refused.status, time.time(),
+                                   envelope.reqnum)
+            else:
+                self.ledger.reject(workload, None, refused.status, time.time())
             visit.outcome = Outcome.REJECTED
             raise refused
 

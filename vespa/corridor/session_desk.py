@@ -10,6 +10,7 @@ a session cuts its requests in flight and POSTs its ``on_close_route`` to the ba
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -101,6 +102,10 @@ class SessionDesk:
                 plan = plan_from(json.loads(envelope.body or b"null"))
             except SessionInputError as invalid:
                 raise Refused(Reason.ENVELOPE, str(invalid)) from None
+            route = plan.on_close_route
+            if route is not None and self.doorway.refusal(route, False) is not None:
+                raise Refused(Reason.BLOCKED, f"on_close_route {route[:200]} is blocked on this "
+                                              "worker (VESPA_BLOCKED_PATHS)")
             now = time.time()
             workload = self.admission.bounded(workload_of(envelope.cost, self.default_cost))
             refused = self.refusal()
@@ -134,7 +139,7 @@ class SessionDesk:
             return call
         closing = self.close(call.session_id, "ended")
         if closing is not None:  # as Vast's worker: the backend has heard before the answer
-            await closing
+            await asyncio.shield(closing)  # a client that leaves does not cancel it
         return json_answer(200, {"ended": True, "removed_session": call.session_id})
 
     async def get(self, request: Request, rid: str) -> Answer:
@@ -150,12 +155,16 @@ class SessionDesk:
         """The open session a call names with the right ``session_auth``, or the answer that
         says why not."""
         try:
-            body = json.loads(await read_body(request, CALL_BODY_LIMIT, self.body_read_timeout))
+            body = json.loads(await read_body(
+                request, CALL_BODY_LIMIT, self.body_read_timeout,
+                self.doorway.limits.read_timeout, "VESPA_ENVELOPE_READ_TIMEOUT"))
         except BodyTooLarge:
             return json_error(413, f"a session call is at most {CALL_BODY_LIMIT} bytes", rid)
-        except (BodyStalled, BodyError) as unreadable:
+        except BodyStalled as stalled:
+            return json_error(408, str(stalled), rid)
+        except BodyError as unreadable:
             return json_error(400, f"request body cannot be read: {unreadable}", rid)
-        except ValueError:
+        except (ValueError, RecursionError):
             return json_error(422, 'body must be JSON {"session_id": ..., "session_auth": ...}',
                               rid)
         session_id = body.get("session_id") if isinstance(body, dict) else None

@@ -150,4 +150,7 @@ class Sessions:
         return session
 
     def expired(self, now: float) -> list[str]:
-        return [sid for sid, session in self.open.items() if session.expiration <= now]
+        """The sessions whose time is up; one with a request still in flight is not (a long
+        generation outlives a short lifetime), it expires once idle past its expiration."""
+        return [sid for sid, session in self.open.items()
+                if session.expiration <= now and not session.requests]
