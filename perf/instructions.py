@@ -3,12 +3,15 @@
     python perf/instructions.py                       # this checkout, JSON POSTs at c=8
     python perf/instructions.py --tree /tmp/before    # another checkout (e.g. a git worktree)
     python perf/instructions.py --tree /tmp/before --tree .   # an A/B in one go
+    python perf/instructions.py --signed url          # signed as Vast's client sends (or full)
 
 Throughput ratios on a shared 2-core machine move by ±10 % from run to run; callgrind counts the
 user-space instructions the worker executes, which repeat to within 0.2 % for the same code, so a
 change worth 2 % shows. It starts ``perf/backend.py`` and the worker (under ``valgrind
 --tool=callgrind``, about 50x slower), warms up, zeroes the counters, runs wrk for a few seconds
-and divides the instructions by the requests answered. It needs valgrind and wrk
+and divides the instructions by the requests answered. ``--signed url|full`` runs the worker as on
+Vast (perf/signed.py's autoscaler holds the key) and sends what Vast's client sends, signed under
+that scheme (perf/clients.py). It needs valgrind and wrk
 (``apt-get install -y valgrind wrk``). Kernel time (the socket calls) is not counted: compare
 with ``perf/run.py``'s CPU column for the whole cost.
 """
@@ -24,8 +27,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import clients  # noqa: E402
+import signed  # noqa: E402
 from run import (LOOPBACK, HarnessError, Processes, find_wrk, free_port, proxy_env,  # noqa: E402
-                 run_wrk, start_backend, wait_ready, write_scripts)
+                 run_wrk, signed_env, start_autoscaler, start_backend, wait_ready)
 
 VALGRIND_READY_TIMEOUT = 180.0  # start-up under callgrind takes a while
 
@@ -38,22 +43,26 @@ def callgrind_total(dump: Path) -> int:
     raise HarnessError(f"no totals in {dump}")
 
 
-def measure(tree: Path, procs: Processes, wrk: str, script: Path, backend_url: str,
-            tmp: Path, connections: int, seconds: int) -> tuple[int, int]:
+def measure(tree: Path, procs: Processes, wrk: str, client: clients.PlainClient,
+            backend_url: str, env: dict[str, str], tmp: Path, connections: int,
+            seconds: int) -> tuple[int, int]:
     """(requests answered, instructions executed) by the worker of ``tree``."""
     port = free_port()
     out = tmp / f"callgrind-{port}.out"
     proc = procs.start(f"vespa-{port}", [
         "valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
         sys.executable, str(tree / "server.py")],
-        env={**proxy_env(backend_url, port), "VESPA_MAX_THROUGHPUT": "1000000"})
+        env={**proxy_env(backend_url, port), "VESPA_MAX_THROUGHPUT": "1000000", **env})
     url = f"http://{LOOPBACK}:{port}"
     wait_ready(procs, proc, f"vespa ({tree})", url + "/_vespa/readyz", VALGRIND_READY_TIMEOUT)
-    target = url + "/v1/chat/completions"
-    run_wrk(wrk, script, target, connections, 3)  # warm-up: caches, pool, route table
-    subprocess.run(["callgrind_control", "--zero", str(proc.pid)], check=True,
-                   capture_output=True, timeout=60)
-    result = run_wrk(wrk, script, target, connections, seconds)
+    target = url + client.path("json_c32")
+    script = clients.write_script(tmp, f"instructions-{port}", client.script("json_c32"))
+    for duration in (3, seconds):  # a warm-up (caches, pool, route table), then the count
+        if duration == seconds:
+            subprocess.run(["callgrind_control", "--zero", str(proc.pid)], check=True,
+                           capture_output=True, timeout=60)
+        result = run_wrk(wrk, script, target, connections, duration, client.wrk_args())
+        client.used(result)
     subprocess.run(["callgrind_control", "--dump", str(proc.pid)], check=True,
                    capture_output=True, timeout=60)
     dumps = sorted(tmp.glob(f"callgrind-{port}.out.*"))
@@ -68,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="a checkout to measure (repeat for an A/B); default: this one")
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--seconds", type=int, default=6)
+    parser.add_argument("--signed", choices=("none", "url", "full"), default="none",
+                        help="the worker checks signatures, sent under this scheme")
     args = parser.parse_args(argv)
     trees = [t.resolve() for t in args.tree or [Path(__file__).resolve().parent.parent]]
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
@@ -78,14 +89,26 @@ def main(argv: list[str] | None = None) -> int:
         procs = Processes(tmp)
         try:
             wrk = find_wrk()
-            script = write_scripts(tmp)["json_c32"]
             backend = start_backend(procs)
+            env: dict[str, str] = {}
+            if args.signed != "none":
+                key, key_path = signed.autoscaler_key()
+                env = signed_env(start_autoscaler(procs, key_path), 1)
             for tree in trees:
+                client = clients.PlainClient()
+                if args.signed == "url":
+                    client = clients.EnvelopeClient(signed.url_signed_body(
+                        key, signed.PUBLIC_URL, clients.CHAT_PAYLOAD))
+                elif args.signed == "full":  # a fresh worker each tree: the pool from line 0
+                    client = clients.PoolClient(signed.Pool(key_path, signed.PUBLIC_URL),
+                                                restart=lambda: None)
+                    client.prepare(20_000)
                 started = time.monotonic()
-                requests, instructions = measure(tree, procs, wrk, script, backend.base_url,
-                                                 tmp, args.connections, args.seconds)
+                requests, instructions = measure(tree, procs, wrk, client, backend.base_url,
+                                                 env, tmp, args.connections, args.seconds)
+                what = "JSON POSTs" if args.signed == "none" else f"{args.signed}-signed POSTs"
                 print(f"{tree}: {instructions / requests:,.0f} instructions a request "
-                      f"({requests:,} JSON POSTs at c={args.connections}, "
+                      f"({requests:,} {what} at c={args.connections}, "
                       f"{time.monotonic() - started:.0f}s)")
         except HarnessError as exc:
             print(f"perf: {exc}", file=sys.stderr)

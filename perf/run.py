@@ -1,7 +1,7 @@
 """Vespa performance harness: one command, one interleaved run, ratios against the backend.
 
-    python perf/run.py                      # vespa vs. the backend called directly
-    python perf/run.py --with-naive --with-nginx
+    python perf/run.py                      # the backend direct, vespa unsecured and signed
+    python perf/run.py --with-vast --with-nginx   # + Vast's own worker and nginx
     python perf/run.py --with-records       # + vespa with request records on (VESPA_REQUEST_LOG_DIR)
     python perf/run.py --proxy-cmd "{python} perf/naive_proxy.py --port {port} --backend {backend}"
     python perf/run.py --profile            # + a py-spy profile of vespa under JSON c=32 load
@@ -9,9 +9,11 @@
 Starts ``perf/backend.py`` and each proxy on free loopback ports, then runs wrk (one thread)
 against the backend DIRECTLY and THROUGH each proxy, interleaved round by round, for three
 scenarios: small JSON POST throughput at c=32, SSE (50 events) streams/s at c=32, and p50
-latency at c=1. Prints a markdown table of medians and ratios with the Worker-core targets and
-writes everything to ``perf/results/latest.json``. Exit code 0 unless a measurement failed: the
-harness measures, it does not gate. See perf/README.md.
+latency at c=1. Vespa runs unsecured and, as on Vast, signed: envelopes and signatures as Vast's
+client sends them, under the url-only and the full scheme (perf/signed.py, perf/clients.py).
+Prints markdown tables of medians and ratios (against the backend, and the signed rows against
+Vespa unsecured) with their targets and writes everything to ``perf/results/latest.json``. Exit
+code 0 unless a measurement failed: the harness measures, it does not gate. See perf/README.md.
 """
 
 from __future__ import annotations
@@ -40,11 +42,14 @@ REPO_ROOT = PERF_DIR.parent
 RESULTS_DIR = PERF_DIR / "results"
 LOOPBACK = "127.0.0.1"
 READY_TIMEOUT = 30.0
-PERF_MARK = "PERF_JSON "
 
 sys.path.insert(0, str(PERF_DIR))
 import backend as perf_backend  # noqa: E402  (the bodies we expect back, for the sanity check)
+import clients  # noqa: E402
 import profiling  # noqa: E402
+import signed  # noqa: E402
+
+PERF_MARK = clients.PERF_MARK
 
 
 # -- scenarios -----------------------------------------------------------------------------------
@@ -53,41 +58,23 @@ import profiling  # noqa: E402
 class Scenario:
     key: str
     title: str
-    path: str
     connections: int
-    post_json: bool
     metric: str          # "rps" (higher is better) or "p50_us" (lower is better)
     target: float        # ratio floor for rps metrics, added-µs ceiling for p50
 
 
+# the requests themselves (paths, bodies, signatures) are each target's client's: perf/clients.py
 SCENARIOS = (
-    Scenario("json_c32", "JSON c=32", "/v1/chat/completions", 32, True, "rps", 0.6),
-    Scenario("sse_c32", "SSE c=32", "/sse", 32, False, "rps", 0.85),
-    Scenario("p50_c1", "added p50 c=1", "/v1/chat/completions", 1, True, "p50_us", 200.0),
+    Scenario("json_c32", "JSON c=32", 32, "rps", 0.6),
+    Scenario("sse_c32", "SSE c=32", 32, "rps", 0.85),
+    Scenario("p50_c1", "added p50 c=1", 1, "p50_us", 200.0),
 )
 
-CHAT_REQUEST = json.dumps({"model": "perf-model", "max_tokens": 16,
-                           "messages": [{"role": "user", "content": "Say hello."}]})
-
-LUA_DONE = """
-done = function(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format(
-    '%s{"requests":%d,"duration_us":%d,"bytes":%d,"p50_us":%.1f,"p99_us":%.1f,'
-    .. '"errors":{"connect":%d,"read":%d,"write":%d,"status":%d,"timeout":%d}}\\n',
-    "PERF_JSON ", summary.requests, summary.duration, summary.bytes,
-    latency:percentile(50), latency:percentile(99),
-    e.connect, e.read, e.write, e.status, e.timeout))
-end
-"""  # prints one line starting with PERF_MARK
-
-
-def lua_script(post_json: bool) -> str:
-    """A wrk script: the POST body and headers when asked, and a machine-readable summary."""
-    if not post_json:
-        return LUA_DONE
-    return (f'wrk.method = "POST"\nwrk.body = [[{CHAT_REQUEST}]]\n'
-            'wrk.headers["Content-Type"] = "application/json"\n' + LUA_DONE)
+# The production path's rows, by what they send: "unsigned" is Vast's unsecured mode
+# (UNSECURED=true: the same envelopes, reports on, no signature checked), "url" and "full" the
+# signed ones. Against Vespa unsecured in dev mode (the "vespa" row: plain requests, no
+# autoscaler), issue #20's targets: JSON c=32 ratio floor, added p50 ceiling.
+SIGNED_TARGETS = {"unsigned": (None, None), "url": (0.9, 50.0), "full": (0.8, None)}
 
 
 # -- processes -----------------------------------------------------------------------------------
@@ -107,14 +94,25 @@ class Processes:
         self.log_dir = log_dir
         self.started: list[tuple[str, subprocess.Popen, Path]] = []
 
-    def start(self, name: str, argv: list[str], env: dict | None = None) -> subprocess.Popen:
-        log_path = self.log_dir / f"{name}.log"
-        with open(log_path, "wb") as log:
+    def start(self, name: str, argv: list[str], env: dict | None = None,
+              cwd: Path = REPO_ROOT) -> subprocess.Popen:
+        log_path = self.log_dir / f"{name.replace(' ', '_')}.log"
+        with open(log_path, "ab") as log:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
-                                    stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT,
+                                    stderr=subprocess.STDOUT, env=env, cwd=cwd,
                                     start_new_session=True, preexec_fn=_die_with_parent)
         self.started.append((name, proc, log_path))
         return proc
+
+    def stop(self, proc: subprocess.Popen) -> None:
+        """End one process (and its group) that this harness started."""
+        _signal_group(proc, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            _signal_group(proc, signal.SIGKILL)
+            proc.wait(timeout=5)
+        self.started = [entry for entry in self.started if entry[1] is not proc]
 
     def log_tail(self, proc: subprocess.Popen, lines: int = 20) -> str:
         for _, p, path in self.started:
@@ -192,6 +190,9 @@ class Target:
     base_url: str
     pid: int | None = None
     rounds: dict[str, list[dict]] = field(default_factory=dict)
+    client: clients.PlainClient = field(default_factory=clients.PlainClient)
+    scripts: dict[str, Path] = field(default_factory=dict)  # scenario key -> wrk script
+    warmup: dict[str, float] = field(default_factory=dict)  # scenario key -> req/s warming up
 
 
 def start_backend(procs: Processes) -> Target:
@@ -212,15 +213,104 @@ def proxy_env(backend_url: str, port: int) -> dict[str, str]:
 
 
 def start_command_proxy(procs: Processes, name: str, template: str, ready_path: str,
-                        backend_url: str, **env: str) -> Target:
+                        backend_url: str, port: int | None = None, **env: str) -> Target:
     """Start a proxy from a command template with {port}, {backend} and {python} placeholders."""
-    port = free_port()
+    port = port or free_port()
     argv = shlex.split(template.format(port=port, backend=backend_url,
                                        python=shlex.quote(sys.executable)))
     proc = procs.start(name, argv, env={**proxy_env(backend_url, port), **env})
     url = f"http://{LOOPBACK}:{port}"
     wait_ready(procs, proc, name, url + ready_path)
     return Target(name, url, proc.pid)
+
+
+# -- the signed path: an autoscaler holding the key, Vespa signed, Vast's own worker ---------------
+
+MASTER_TOKEN = "perf-master-token"
+
+
+def start_autoscaler(procs: Processes, key_path: Path) -> str:
+    """perf/signed.py's minimal autoscaler; its URL."""
+    port = free_port()
+    proc = procs.start("autoscaler", [sys.executable, str(PERF_DIR / "signed.py"), "autoscaler",
+                                      "--port", str(port), "--key", str(key_path)])
+    url = f"http://{LOOPBACK}:{port}"
+    wait_ready(procs, proc, "autoscaler", url + "/pubkey/")
+    return url
+
+
+def signed_env(autoscaler_url: str, worker_id: int) -> dict[str, str]:
+    """A Vespa worker as on Vast: signatures checked (VESPA_SIGNATURE_SCHEME's default, auto),
+    the key from the autoscaler, which also gets every report. The public URL is a fixed name
+    (the signatures bind it; the pool of full-scheme signatures is made for it once); the
+    throughput is given so no benchmark runs against the perf backend."""
+    return {"VESPA_UNSECURED": "false", "REPORT_ADDR": autoscaler_url,
+            "CONTAINER_ID": str(worker_id), "MASTER_TOKEN": MASTER_TOKEN,
+            "VESPA_PUBLIC_URL": signed.PUBLIC_URL, "VESPA_WORKER_HTTP_PORT": "0",
+            "VESPA_MAX_THROUGHPUT": "1000000"}
+
+
+def start_signed_vespa(procs: Processes, scheme: str, backend_url: str, autoscaler_url: str,
+                       key, pool_dir: Path) -> Target:
+    """Vespa checking signatures, sent as Vast's client sends them under ``scheme`` ("unsigned":
+    the url-only requests to a worker in Vast's unsecured mode, which checks none)."""
+    name = "vespa unsigned" if scheme == "unsigned" else f"vespa signed {scheme}"
+    worker_id = {"unsigned": 4, "url": 1, "full": 2}[scheme]
+    env = signed_env(autoscaler_url, worker_id)
+    if scheme == "unsigned":
+        env["VESPA_UNSECURED"] = "true"
+    target = start_command_proxy(procs, name, "{python} -m vespa", "/_vespa/readyz",
+                                 backend_url, **env)
+    if scheme in ("unsigned", "url"):
+        target.client = clients.EnvelopeClient(
+            signed.url_signed_body(key, signed.PUBLIC_URL, clients.CHAT_PAYLOAD))
+        return target
+    port = int(target.base_url.rsplit(":", 1)[1])
+
+    def restart() -> None:  # the same worker afresh: its replay window empty
+        proc = next(p for _, p, _ in procs.started if p.pid == target.pid)
+        procs.stop(proc)
+        fresh = start_command_proxy(procs, name, "{python} -m vespa", "/_vespa/readyz",
+                                    backend_url, port=port, **env)
+        target.pid = fresh.pid
+
+    key_path = signed.autoscaler_key(pool_dir)[1]
+    target.client = clients.PoolClient(signed.Pool(key_path, signed.PUBLIC_URL, pool_dir),
+                                       restart)
+    return target
+
+
+VAST_WORKER_ID = 3
+
+
+def start_vast_worker(procs: Processes, backend_url: str, autoscaler_url: str, key,
+                      tmp: Path) -> Target | None:
+    """Vast's own worker (PyPI vastai), url-only signatures from the same key."""
+    try:
+        import vastai.serverless.server.worker  # noqa: F401
+    except ImportError as exc:
+        print(f"note: Vast's worker is not importable here ({exc}): pip install "
+              "'vastai==1.9.1' (the test extra has it); skipping its row", file=sys.stderr)
+        return None
+    port, http_port = free_port(), free_port()
+    workdir = tmp / "vast-worker"
+    workdir.mkdir()
+    env = {**os.environ, "WORKER_PORT": str(port), "WORKER_HTTP_PORT": str(http_port),
+           "CONTAINER_ID": str(VAST_WORKER_ID), "REPORT_ADDR": autoscaler_url,
+           "PUBLIC_IPADDR": LOOPBACK, f"VAST_TCP_PORT_{port}": str(port),
+           "MASTER_TOKEN": MASTER_TOKEN, "PYTHONUNBUFFERED": "1"}
+    env.pop("USE_SSL", None)
+    env.pop("UNSECURED", None)
+    proc = procs.start("vast worker", [sys.executable, str(PERF_DIR / "vast_worker.py"),
+                                       "--backend", backend_url], env=env, cwd=workdir)
+    url = f"http://{LOOPBACK}:{port}"
+    # ready once it has reported itself loaded (after its benchmark); it has no route for it
+    wait_ready(procs, proc, "vast worker", f"{autoscaler_url}/_perf/ready/{VAST_WORKER_ID}",
+               timeout=90)
+    target = Target("vast worker", url, proc.pid)
+    target.client = clients.EnvelopeClient(
+        signed.url_signed_body(key, f"http://{LOOPBACK}:{port}", clients.CHAT_PAYLOAD))
+    return target
 
 
 NGINX_CONF = """
@@ -273,17 +363,15 @@ def start_nginx(procs: Processes, backend_url: str, tmp: Path) -> Target | None:
 
 def sanity_check(target: Target) -> None:
     """One JSON request and one SSE stream through ``target`` must come back whole."""
-    status, body = http_get(target.base_url + "/v1/chat/completions", timeout=5,
-                            data=CHAT_REQUEST.encode())
-    if status != 200 or body != perf_backend.CHAT_BODY:
-        raise HarnessError(f"{target.name}: POST /v1/chat/completions gave HTTP {status}, "
-                           f"{len(body)} bytes (expected 200 and the backend's "
-                           f"{len(perf_backend.CHAT_BODY)} bytes): {body[:200]!r}")
-    status, body = http_get(target.base_url + "/sse", timeout=5)
-    expected = b"".join(perf_backend.SSE_CHUNKS)
-    if status != 200 or body != expected:
-        raise HarnessError(f"{target.name}: GET /sse gave HTTP {status}, {len(body)} bytes "
-                           f"(expected 200 and {len(expected)} bytes of SSE)")
+    for key, expected in (("json_c32", perf_backend.CHAT_BODY),
+                          ("sse_c32", b"".join(perf_backend.SSE_CHUNKS))):
+        data, headers = target.client.sanity_request(key)
+        path = target.client.path(key)
+        status, body = clients.http(target.base_url + path, data, headers)
+        if status != 200 or body != expected:
+            raise HarnessError(f"{target.name}: {'POST' if data else 'GET'} {path} gave HTTP "
+                               f"{status}, {len(body)} bytes (expected 200 and the backend's "
+                               f"{len(expected)} bytes): {body[:200]!r}")
 
 
 # -- wrk -----------------------------------------------------------------------------------------
@@ -315,10 +403,11 @@ def cpu_seconds(pid: int | None) -> float | None:
         return None
 
 
-def run_wrk(wrk: str, script: Path, url: str, connections: int, duration: int) -> dict:
+def run_wrk(wrk: str, script: Path, url: str, connections: int, duration: int,
+            extra: list[str] | None = None) -> dict:
     """One wrk run (one thread); returns its summary plus rps, or raises HarnessError."""
     argv = [wrk, "-t1", f"-c{connections}", f"-d{duration}s", "--timeout", "5s",
-            "-s", str(script), url]
+            "-s", str(script), url] + (extra or [])
     try:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 30)
     except subprocess.TimeoutExpired:
@@ -347,24 +436,45 @@ def check_run(result: dict) -> str | None:
 
 # -- measuring -----------------------------------------------------------------------------------
 
-def write_scripts(tmp: Path) -> dict[str, Path]:
-    scripts = {}
-    for scenario in SCENARIOS:
-        path = tmp / f"{scenario.key}.lua"
-        path.write_text(lua_script(scenario.post_json))
-        scripts[scenario.key] = path
-    return scripts
+def write_scripts(tmp: Path, targets: list[Target]) -> None:
+    for target in targets:
+        for scenario in SCENARIOS:
+            target.scripts[scenario.key] = clients.write_script(
+                tmp, f"{target.name}-{scenario.key}", target.client.script(scenario.key))
 
 
-def warm_up(wrk: str, scripts: dict[str, Path], targets: list[Target], seconds: int) -> None:
+def expected_requests(targets: list[Target], scenario: Scenario, seconds: int) -> int:
+    """How many requests a wrk run of ``seconds`` may send to a signed Vespa worker (at most what
+    Vespa unsecured answers, measured or warming up), with a margin."""
+    rates = [run["rps"] for t in targets if t.name.startswith("vespa")
+             for run in t.rounds.get(scenario.key, [])]
+    rates += [t.warmup[scenario.key] for t in targets
+              if t.name.startswith("vespa") and scenario.key in t.warmup]
+    if not rates and scenario.key == "p50_c1":  # one connection: never more than at 32
+        return expected_requests(targets, SCENARIOS[0], seconds)
+    rate = max(rates) if rates else 20_000.0
+    return int(rate * seconds * 1.3) + 2 * scenario.connections + 200
+
+
+def one_run(wrk: str, targets: list[Target], target: Target, scenario: Scenario,
+            duration: int) -> dict:
+    """One wrk run of ``scenario`` against ``target`` (its client prepared and told after)."""
+    target.client.prepare(expected_requests(targets, scenario, duration))
+    result = run_wrk(wrk, target.scripts[scenario.key],
+                     target.base_url + target.client.path(scenario.key),
+                     scenario.connections, duration, target.client.wrk_args())
+    target.client.used(result)
+    return result
+
+
+def warm_up(wrk: str, targets: list[Target], seconds: int) -> None:
     for target in targets:
         for scenario in SCENARIOS[:2]:
-            run_wrk(wrk, scripts[scenario.key], target.base_url + scenario.path,
-                    scenario.connections, seconds)
+            target.warmup[scenario.key] = one_run(wrk, targets, target, scenario, seconds)["rps"]
 
 
-def measure(wrk: str, scripts: dict[str, Path], targets: list[Target], scenarios: list[Scenario],
-            rounds: int, duration: int) -> list[str]:
+def measure(wrk: str, targets: list[Target], scenarios: list[Scenario], rounds: int,
+            duration: int) -> list[str]:
     """Interleaved rounds; fills ``target.rounds`` and returns the problems found."""
     problems = []
     for r in range(rounds):
@@ -372,9 +482,9 @@ def measure(wrk: str, scripts: dict[str, Path], targets: list[Target], scenarios
         order = targets if r % 2 == 0 else list(reversed(targets))
         for scenario in scenarios:
             for target in order:
+                target.client.prepare(expected_requests(targets, scenario, duration))
                 cpu_before = cpu_seconds(target.pid)
-                result = run_wrk(wrk, scripts[scenario.key], target.base_url + scenario.path,
-                                 scenario.connections, duration)
+                result = one_run(wrk, targets, target, scenario, duration)
                 cpu_after = cpu_seconds(target.pid)
                 if cpu_before is not None and cpu_after is not None and result["requests"]:
                     # CPU per request barely moves with the machine's noise, unlike req/s
@@ -383,7 +493,7 @@ def measure(wrk: str, scripts: dict[str, Path], targets: list[Target], scenarios
                 problem = check_run(result)
                 if problem:
                     problems.append(f"round {r + 1} {scenario.key} {target.name}: {problem}")
-                print(f"  round {r + 1}/{rounds}  {scenario.title:<14} {target.name:<8} "
+                print(f"  round {r + 1}/{rounds}  {scenario.title:<14} {target.name:<18} "
                       f"{result['rps']:>9.0f} req/s  p50 {result['p50_us']:>7.0f} µs"
                       + (f"  !! {problem}" if problem else ""), flush=True)
     return problems
@@ -393,16 +503,19 @@ def median_of(target: Target, scenario: Scenario) -> float:
     return statistics.median(run[scenario.metric] for run in target.rounds[scenario.key])
 
 
-def compare(direct: Target, proxy: Target, scenario: Scenario) -> dict:
-    """One table cell: the direct and proxied medians, their ratio (or difference), pass/fail."""
+def compare(direct: Target, proxy: Target, scenario: Scenario,
+            target: float | None = -1.0) -> dict:
+    """One table cell: the direct (or base) and proxied medians, their ratio (or difference),
+    pass/fail against ``target`` (the scenario's by default; None: no target)."""
     d, p = median_of(direct, scenario), median_of(proxy, scenario)
+    goal = scenario.target if target == -1.0 else target
     if scenario.metric == "rps":
         value = p / d if d else 0.0
-        passed = value >= scenario.target
+        passed = None if goal is None else value >= goal
     else:
         value = p - d
-        passed = value <= scenario.target
-    return {"direct": d, "proxied": p, "value": value, "target": scenario.target,
+        passed = None if goal is None else value <= goal
+    return {"direct": d, "proxied": p, "value": value, "target": goal,
             "pass": passed, "kind": "ratio" if scenario.metric == "rps" else "added_us",
             "per_round": _per_round(direct, proxy, scenario),
             "cpu_us_per_request": {"direct": _cpu(direct, scenario), "proxy": _cpu(proxy, scenario)}}
@@ -426,12 +539,42 @@ def _per_round(direct: Target, proxy: Target, scenario: Scenario) -> list[float]
 # -- report --------------------------------------------------------------------------------------
 
 def format_cell(cell: dict) -> tuple[str, str]:
-    verdict = "PASS" if cell["pass"] else "FAIL"
+    verdict = {True: " PASS", False: " FAIL", None: ""}[cell["pass"]]
     if cell["kind"] == "ratio":
-        return (f"{cell['value']:.2f}× {verdict}",
+        return (f"{cell['value']:.2f}×{verdict}",
                 f"{cell['direct']:,.0f} → {cell['proxied']:,.0f}")
-    return (f"{cell['value']:+,.0f} µs {verdict}",
+    return (f"{cell['value']:+,.0f} µs{verdict}",
             f"{cell['direct']:,.0f} → {cell['proxied']:,.0f} µs")
+
+
+def signed_rows(base: Target, proxies: list[Target], scenarios: list[Scenario]) -> list[dict]:
+    """The signed rows (and Vast's worker) against Vespa unsecured, with issue #20's targets."""
+    rows = []
+    for proxy in proxies:
+        if proxy is base or not (proxy.name.startswith(("vespa signed", "vespa unsigned"))
+                                 or proxy.name == "vast worker"):
+            continue
+        scheme = proxy.name.rsplit(" ", 1)[1] if proxy.name.startswith("vespa signed") \
+            else "unsigned" if proxy.name == "vespa unsigned" else ""
+        ratio, added = SIGNED_TARGETS.get(scheme, (None, None))
+        goals = {"json_c32": ratio, "sse_c32": None, "p50_c1": added}
+        rows.append({"proxy": proxy.name, "against": base.name,
+                     "cells": {s.key: compare(base, proxy, s, goals[s.key]) for s in scenarios}})
+    return rows
+
+
+def signed_table(rows: list[dict], scenarios: list[Scenario]) -> str:
+    raw = {"json_c32": "req/s vespa → this", "sse_c32": "streams/s vespa → this",
+           "p50_c1": "p50 vespa → this"}
+    titles = {"json_c32": "JSON c=32 × vespa (url ≥ 0.9×, full ≥ 0.8×)",
+              "sse_c32": "SSE c=32 × vespa", "p50_c1": "p50 c=1 over vespa (url ≤ +50 µs)"}
+    header = ["path"] + [part for s in scenarios for part in (titles[s.key], raw[s.key])]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [row["proxy"]] + [part for s in scenarios
+                                  for part in format_cell(row["cells"][s.key])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def markdown_table(rows: list[dict], scenarios: list[Scenario]) -> str:
@@ -467,7 +610,12 @@ def machine_info(wrk: str) -> dict:
     # compiled or plain Python (vespa/compiled.py), as the worker started here will see it
     request_path = subprocess.run([sys.executable, "-c", "import vespa; print(vespa.HOT_PATH)"],
                                   cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
-    return {"cpus": os.cpu_count(), "loadavg_at_start": os.getloadavg(),
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                            text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                           cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
+    return {"commit": commit or None, "uncommitted_changes": bool(dirty),
+            "cpus": os.cpu_count(), "loadavg_at_start": os.getloadavg(),
             "platform": platform.platform(), "python": platform.python_version(),
             "aiohttp": aiohttp_version, "wrk": wrk_version.strip(),
             "vespa_request_path": request_path or "unknown"}
@@ -487,21 +635,21 @@ def find_py_spy() -> str:
     return py_spy
 
 
-def profile(procs: Processes, wrk: str, scripts: dict[str, Path], target: Target,
+def profile(procs: Processes, wrk: str, targets: list[Target], target: Target,
             duration: int, native: bool) -> dict:
     """Load ``target`` with JSON c=32 while py-spy samples it; save speedscope + top functions."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    out = RESULTS_DIR / f"profile-{target.name}-{stamp}.speedscope.json"
+    out = RESULTS_DIR / f"profile-{target.name.replace(' ', '-')}-{stamp}.speedscope.json"
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     rate = 200
-    argv = [find_py_spy(), "record", "--pid", str(target.pid), "--duration", str(duration),
+    py_spy = find_py_spy()
+    target.client.prepare(expected_requests(targets, SCENARIOS[0], duration + 2))  # may restart
+    argv = [py_spy, "record", "--pid", str(target.pid), "--duration", str(duration),
             "--rate", str(rate), "--format", "speedscope", "--function", "--subprocesses",
             "--output", str(out)] + (["--native"] if native else [])
     spy = procs.start("py-spy", argv)
     time.sleep(0.5)  # py-spy attaches; the load then runs a little longer than the sampling
-    scenario = SCENARIOS[0]
-    result = run_wrk(wrk, scripts[scenario.key], target.base_url + scenario.path,
-                     scenario.connections, duration + 1)
+    result = one_run(wrk, targets, target, SCENARIOS[0], duration + 1)
     try:
         spy.wait(timeout=duration + 30)
     except subprocess.TimeoutExpired:
@@ -542,14 +690,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="add perf/naive_proxy.py as a reference row")
     parser.add_argument("--with-nginx", action="store_true",
                         help="add nginx as a reference row (skipped if nginx is not installed)")
+    parser.add_argument("--signed", default="unsigned,url,full",
+                        help="vespa rows as on Vast, by what they are sent: unsigned (Vast's "
+                        "unsecured mode), url, full (signed under that scheme); default all "
+                        "three, or none")
+    parser.add_argument("--with-vast", action="store_true",
+                        help="add Vast's own worker (PyPI vastai), signed url-only, as a "
+                        "reference row")
+    parser.add_argument("--signing-dir", type=Path, default=signed.SIGNING_DIR,
+                        help="where the autoscaler key and the full-scheme pool are kept")
     parser.add_argument("--profile", action="store_true",
                         help="after measuring, py-spy the first proxy under JSON c=32 load")
+    parser.add_argument("--profile-target", default=None,
+                        help="with --profile: the row to profile (default: the first proxy)")
     parser.add_argument("--profile-native", action="store_true",
                         help="with --profile: include C frames (py-spy --native)")
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / "latest.json")
     args = parser.parse_args(argv)
     if args.duration < 1 or args.rounds < 1 or args.duration > 120 or args.rounds > 20:
         parser.error("--duration must be 1..120 and --rounds 1..20")
+    args.signed = [] if args.signed in ("", "none") else args.signed.split(",")
+    if not set(args.signed) <= set(SIGNED_TARGETS) or len(set(args.signed)) != len(args.signed):
+        parser.error("--signed takes some of unsigned,url,full, or none")
+    if args.proxy_cmd:  # another proxy instead of vespa: no vespa rows beside it
+        args.signed = []
     known = {s.key for s in SCENARIOS}
     args.scenarios = [s for s in SCENARIOS if s.key in set(args.only.split(","))]
     if not args.scenarios or not set(args.only.split(",")) <= known:
@@ -579,6 +743,16 @@ def start_proxies(procs: Processes, args: argparse.Namespace, backend_url: str,
         proxies.append(start_command_proxy(
             procs, "naive", "{python} perf/naive_proxy.py --port {port} --backend {backend}",
             "/health", backend_url))
+    if args.signed or args.with_vast:
+        key, key_path = signed.autoscaler_key(args.signing_dir)
+        autoscaler_url = start_autoscaler(procs, key_path)
+        for scheme in args.signed:
+            proxies.append(start_signed_vespa(procs, scheme, backend_url, autoscaler_url, key,
+                                              args.signing_dir))
+        if args.with_vast:
+            vast = start_vast_worker(procs, backend_url, autoscaler_url, key, tmp)
+            if vast:
+                proxies.append(vast)
     if args.with_nginx:
         nginx = start_nginx(procs, backend_url, tmp)
         if nginx:
@@ -588,7 +762,6 @@ def start_proxies(procs: Processes, args: argparse.Namespace, backend_url: str,
 
 def run(args: argparse.Namespace, procs: Processes, tmp: Path) -> int:
     wrk = find_wrk()
-    scripts = write_scripts(tmp)
     info = machine_info(wrk)
     print(f"{info['cpus']} CPUs, load average {info['loadavg_at_start'][0]:.2f}, "
           f"{info['wrk']}, aiohttp {info['aiohttp']}; vespa's request path: "
@@ -596,12 +769,13 @@ def run(args: argparse.Namespace, procs: Processes, tmp: Path) -> int:
     direct = start_backend(procs)
     proxies = start_proxies(procs, args, direct.base_url, tmp)
     targets = [direct] + proxies
+    write_scripts(tmp, targets)
     for target in targets:
         sanity_check(target)
     print("targets: " + ", ".join(f"{t.name} {t.base_url}" for t in targets))
     if args.warmup:
-        warm_up(wrk, scripts, targets, args.warmup)
-    problems = measure(wrk, scripts, targets, args.scenarios, args.rounds, args.duration)
+        warm_up(wrk, targets, args.warmup)
+    problems = measure(wrk, targets, args.scenarios, args.rounds, args.duration)
 
     rows = [{"proxy": p.name, "cells": {s.key: compare(direct, p, s) for s in args.scenarios}}
             for p in proxies]
@@ -609,15 +783,29 @@ def run(args: argparse.Namespace, procs: Processes, tmp: Path) -> int:
     print(f"\nMedians of {args.rounds} interleaved rounds of {args.duration}s, wrk -t1, "
           f"{info['cpus']} CPUs (backend, proxy and wrk share them):\n")
     print(table)
+    unsecured = next((p for p in proxies if p.name == "vespa"), None)
+    against = signed_rows(unsecured, proxies, args.scenarios) if unsecured else []
+    against_table = signed_table(against, args.scenarios) if against else ""
+    if against:
+        print("\nThe production path against Vespa unsecured in dev mode (the vespa row; same "
+              "run):\n")
+        print(against_table)
     payload = {
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": info,
         "settings": {"duration_s": args.duration, "rounds": args.rounds,
-                     "warmup_s": args.warmup, "proxy_cmd": args.proxy_cmd},
+                     "warmup_s": args.warmup, "proxy_cmd": args.proxy_cmd,
+                     "signed": args.signed, "with_vast": args.with_vast},
         "rows": rows, "table_markdown": table, "problems": problems,
+        "signed_rows": against, "signed_table_markdown": against_table,
         "raw": {t.name: t.rounds for t in targets},
     }
     if args.profile:
-        payload["profile"] = profile(procs, wrk, scripts, proxies[0], args.duration,
+        chosen = [p for p in proxies if p.name == args.profile_target] if args.profile_target \
+            else proxies[:1]
+        if not chosen:
+            raise HarnessError(f"--profile-target {args.profile_target!r} is not one of "
+                               f"{', '.join(p.name for p in proxies)}")
+        payload["profile"] = profile(procs, wrk, targets, chosen[0], args.duration,
                                      args.profile_native)
     write_json(args.output, payload)
     print(f"\nresults: {args.output}")

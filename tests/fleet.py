@@ -7,7 +7,7 @@ import functools
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
-from Crypto.PublicKey import RSA
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from vespa.worker import Worker
 from vespa.config import load_settings
@@ -18,12 +18,12 @@ from .serving import WorkerTestServer
 
 
 @functools.lru_cache(maxsize=1)
-def autoscaler_key() -> RSA.RsaKey:
-    return RSA.generate(2048)
+def autoscaler_key() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
 
 @pytest.fixture(scope="session")
-def private_key() -> RSA.RsaKey:
+def private_key() -> rsa.RSAPrivateKey:
     return autoscaler_key()
 
 

@@ -10,7 +10,8 @@ import pytest
 from Crypto.Hash import SHA256
 from Crypto.PublicKey import RSA
 from Crypto.Signature import pkcs1_15
-from hypothesis import given, settings, strategies as st
+from cryptography.hazmat.primitives.asymmetric import rsa
+from hypothesis import example, given, settings, strategies as st
 
 from vespa.corridor import auth
 from vespa.corridor.auth import PublicKey, ReplayWindow, verify
@@ -19,14 +20,28 @@ URL = "http://203.0.113.7:41234"
 AUTH = {"cost": 100, "endpoint": "my-endpoint", "reqnum": 7, "request_idx": 3, "url": URL}
 
 
+def new_key() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+def pem_of(private_key) -> str:
+    return PublicKey(private_key.public_key()).pem
+
+
 @pytest.fixture(scope="module")
-def private_key() -> RSA.RsaKey:
-    return RSA.generate(2048)
+def private_key() -> rsa.RSAPrivateKey:
+    return new_key()
 
 
 @pytest.fixture(scope="module")
 def public_key(private_key) -> PublicKey:
-    return PublicKey.from_pem(private_key.public_key().export_key("PEM"))
+    return PublicKey.from_pem(pem_of(private_key))
+
+
+@pytest.fixture
+def fresh_public_key(private_key) -> PublicKey:
+    """The same key parsed anew: nothing verified yet (the module's key remembers)."""
+    return PublicKey.from_pem(pem_of(private_key))
 
 
 def signed(private_key, scheme: str = "full", **changes) -> dict:
@@ -70,6 +85,36 @@ def test_message_builders_name_missing_fields():
         auth.signed_message(AUTH, "nope")
 
 
+json_scalars = (st.none() | st.booleans() | st.integers() | st.integers(-2**70, 2**70)
+                | st.floats() | st.text(st.characters(codec=None, categories=None), max_size=12))
+json_values = st.recursive(json_scalars, lambda children: st.lists(children, max_size=3)
+                           | st.dictionaries(st.text(max_size=5), children, max_size=3),
+                           max_leaves=6)
+
+
+@settings(max_examples=300, deadline=None)
+@given(values=st.fixed_dictionaries({name: json_values for name in auth.FULL_FIELDS}))
+@example(values={"cost": float("nan"), "endpoint": "\ud800\n\"", "reqnum": 10**5000,
+                 "request_idx": -0.0, "url": [1, {"a": None}]})
+@example(values={"cost": 1e16, "endpoint": "", "reqnum": True, "request_idx": 10**18,
+                 "url": float("-inf")})
+def test_property_messages_are_exactly_what_json_dumps_writes(values):
+    """The messages are written directly for JSON scalars: byte for byte what the autoscaler's
+    json.dumps(obj, indent=4[, sort_keys=True]) writes, whatever the values; what json.dumps
+    refuses (an integer past str()'s digit limit) is an AuthDataError either way."""
+    for build, fields, sort_keys in ((auth.full_message, auth.FULL_FIELDS, True),
+                                     (auth.url_message, ("url",), True),
+                                     (auth.legacy_message, auth.LEGACY_FIELDS, False)):
+        try:
+            expected = json.dumps({name: values[name] for name in fields}, indent=4,
+                                  sort_keys=sort_keys)
+        except ValueError:
+            with pytest.raises(auth.AuthDataError, match="not plain JSON"):
+                build(values)
+            continue
+        assert build(values) == expected
+
+
 # -- every scheme ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("scheme", auth.SCHEMES)
@@ -95,11 +140,16 @@ def test_legacy_autoscaler_without_request_idx_verifies_under_auto(private_key, 
 
 
 def test_verify_accepts_a_pycryptodome_key(private_key):
+    assert verify(signed(private_key), RSA.import_key(pem_of(private_key))).ok
+
+
+def test_verify_accepts_a_cryptography_key(private_key):
     assert verify(signed(private_key), private_key.public_key()).ok
+    assert verify(signed(private_key), private_key).ok
 
 
 def test_another_autoscaler_key_fails(public_key):
-    other = RSA.generate(2048)
+    other = new_key()
     verdict = verify(signed(other), public_key)
     assert not verdict.ok and "does not verify under any scheme" in verdict.reason
 
@@ -169,7 +219,7 @@ def test_property_fast_verify_agrees_with_pycryptodome(private_key, public_key, 
         raw[flip] ^= 0x80
     digest = SHA256.new(auth.full_message(auth_data).encode())
     try:
-        pkcs1_15.new(private_key.public_key()).verify(digest, bytes(raw))
+        pkcs1_15.new(RSA.import_key(public_key.pem)).verify(digest, bytes(raw))
         expected = True
     except ValueError:
         expected = False
@@ -177,29 +227,51 @@ def test_property_fast_verify_agrees_with_pycryptodome(private_key, public_key, 
     assert verify(with_signature, public_key, "full").ok is expected
 
 
-def test_the_private_rsa_operation_verify_relies_on(private_key, public_key):
+def encoded_block(size: int, data: bytes) -> bytes:
+    """EMSA-PKCS1-v1_5 (RFC 8017 section 9.2): 00 01 FF..FF 00 data."""
+    return b"\x00\x01" + b"\xff" * (size - 3 - len(data)) + b"\x00" + data
+
+
+def raw_signature(private_key, block: bytes) -> bytes:
+    """The RSA signature whose public operation gives ``block`` (block^d mod n)."""
+    numbers = private_key.private_numbers()
+    n = numbers.public_numbers.n
+    return pow(int.from_bytes(block, "big"), numbers.d, n).to_bytes(len(block), "big")
+
+
+def test_the_rsa_recovery_verify_relies_on(private_key, fresh_public_key):
     """PublicKey does one RSA operation per request, whatever the number of schemes tried, with
-    pycryptodome's private RsaKey._encrypt (the public pkcs1_15 verify does one per scheme:
-    perf/rsa_verify.py measures both). What that relies on, pinned so that a pycryptodome
-    release that changes it fails here: _encrypt is signature^e mod n, and of a valid signature
-    it gives the EMSA-PKCS1-v1_5 encoding of the SHA-256 digest (RFC 8017 section 9.2)."""
-    key = private_key.public_key()
-    assert public_key.raw_rsa == public_key.rsa_key._encrypt  # not the slower pow fallback
-    message = auth.full_message(AUTH).encode()
-    signature = pkcs1_15.new(private_key).sign(SHA256.new(message))
-    size = key.size_in_bytes()
-    digest_info = bytes.fromhex("3031300d060960864801650304020105000420")  # SHA-256, NULL params
-    encoded = digest_info + hashlib.sha256(message).digest()
-    expected = b"\x00\x01" + b"\xff" * (size - 3 - len(encoded)) + b"\x00" + encoded
-    tampered = bytearray(signature)
+    cryptography's public recover_data_from_signature(signature, PKCS1v15(), None) (its verify
+    does one per scheme: perf/rsa_verify.py measures both). What that relies on, pinned so that a
+    release that changes it fails here: it gives the data under a well-formed EMSA-PKCS1-v1_5
+    signature padding (RFC 8017 section 9.2) and refuses any other block, so comparing that data
+    with the whole DigestInfo and digest is the standard's verification."""
+    key = fresh_public_key
+    message = auth.full_message(AUTH)
+    digest = hashlib.sha256(message.encode()).digest()
+    for info in auth.SHA256_DIGEST_INFOS:  # with and without the NULL parameters
+        raw = raw_signature(private_key, encoded_block(key.size_bytes, info + digest))
+        assert key.recover(raw) == info + digest
+        assert verify(dict(AUTH, signature=base64.b64encode(raw).decode()), key, "full").ok
+    good = encoded_block(key.size_bytes, auth.SHA256_DIGEST_INFOS[0] + digest)
+    not_padded_as_a_signature = [
+        b"\x00\x02" + good[2:],  # encryption padding
+        good[:10] + b"\xfe" + good[11:],  # a byte of the padding string is not FF
+        b"\x00\x01" + b"\xff" * 4 + b"\x00" + good[7:],  # padding string shorter than 8 bytes
+        b"\x00\x01" + b"\xff" * (key.size_bytes - 2),  # no separator
+    ]
+    for block in not_padded_as_a_signature:
+        assert key.recover(raw_signature(private_key, block)) is None
+    # well padded around other data: recovered, and no scheme's DigestInfo and digest
+    longer = encoded_block(key.size_bytes, b"\x00" + auth.SHA256_DIGEST_INFOS[0] + digest)
+    raw = raw_signature(private_key, longer)
+    assert key.recover(raw) == b"\x00" + auth.SHA256_DIGEST_INFOS[0] + digest
+    assert not verify(dict(AUTH, signature=base64.b64encode(raw).decode()), key, "full").ok
+    tampered = bytearray(raw_signature(private_key, good))
     tampered[-1] ^= 0x01
-    for raw, valid in ((signature, True), (bytes(tampered), False)):
-        value = int.from_bytes(raw, "big")
-        recovered = key._encrypt(value)
-        assert int(recovered) == pow(value, key.e, key.n)
-        assert (int(recovered).to_bytes(size, "big") == expected) is valid
-        assert (public_key.recover_block(raw) == expected) is valid
-    assert public_key.block_matches(public_key.recover_block(signature), auth.full_message(AUTH))
+    assert key.recover(bytes(tampered)) is None
+    assert key.recover(key.modulus.to_bytes(key.size_bytes, "big")) is None  # >= n
+    assert len(key.verified) == 0  # only url-only signatures are remembered
 
 
 # -- malformed input: a failed verdict with a reason, never an exception -----------------------
@@ -311,13 +383,13 @@ def test_refused_requests_do_not_enter_the_window(private_key, public_key):
 
 def test_window_accepts_out_of_order_arrivals_inside_it():
     window = ReplayWindow(size=10)
-    assert [window.admit(n, "s") for n in (5, 3, 9, 4, 3)] == ["", "", "", "", window.check(3, "s")]
-    assert window.check(3, "s").startswith("replayed")
+    assert [window.admit(n, b"s") for n in (5, 3, 9, 4, 3)] == ["", "", "", "", window.check(3, b"s")]
+    assert window.check(3, b"s").startswith("replayed")
 
 
 def test_window_requires_integer_reqnum():
     window = ReplayWindow()
-    assert window.admit("7", "s") == window.admit(True, "s") == "reqnum must be an integer"
+    assert window.admit("7", b"s") == window.admit(True, b"s") == "reqnum must be an integer"
     with pytest.raises(ValueError):
         ReplayWindow(size=0)
 
@@ -325,16 +397,16 @@ def test_window_requires_integer_reqnum():
 def test_window_memory_is_bounded_even_for_many_signatures_of_one_reqnum():
     window = ReplayWindow(size=50)
     for n in range(500):
-        reason = window.admit(1000 + n // 100, f"sig{n}")
+        reason = window.admit(1000 + n // 100, f"sig{n}".encode())
         assert reason == "" or reason.startswith("request too old")
         assert len(window) <= 50
     assert window.floor > 1000  # what was forgotten can never be accepted again
-    assert window.check(1000, "sig0").startswith("request too old")
+    assert window.check(1000, b"sig0").startswith("request too old")
 
 
 @settings(max_examples=200, deadline=None)
 @given(size=st.integers(1, 30),
-       arrivals=st.lists(st.tuples(st.integers(0, 200), st.sampled_from("abc")), max_size=300))
+       arrivals=st.lists(st.tuples(st.integers(0, 200), st.sampled_from([b"a", b"b", b"c"])), max_size=300))
 def test_property_window_is_bounded_and_never_accepts_a_replay(size, arrivals):
     window = ReplayWindow(size=size)
     accepted = set()
@@ -353,5 +425,184 @@ def test_property_fresh_reqnums_inside_the_window_are_accepted(size, reqnums):
     highest = None
     for reqnum in reqnums:
         inside = highest is None or reqnum >= highest - size
-        assert (window.admit(reqnum, f"s{reqnum}") == "") is inside
+        assert (window.admit(reqnum, f"s{reqnum}".encode()) == "") is inside
         highest = reqnum if highest is None else max(highest, reqnum)
+
+
+# -- the verified-signature cache (url-only: one signature for every request to a worker) -------
+
+def url_signed(private_key, url: str = URL, **changes) -> dict:
+    return signed(private_key, "url", url=url, **changes)
+
+
+def with_signature(auth_data: dict, raw: bytes) -> dict:
+    return dict(auth_data, signature=base64.b64encode(raw).decode())
+
+
+@pytest.mark.parametrize("scheme", ["auto", "url"])
+def test_a_url_only_signature_is_verified_once_then_remembered(private_key, fresh_public_key,
+                                                               scheme):
+    key = fresh_public_key
+    auth_data = url_signed(private_key)
+    raw = base64.b64decode(auth_data["signature"])
+    assert verify(auth_data, key, scheme, expected_url=URL).ok
+    assert list(key.verified.entries) == [auth_data["signature"]]
+    assert key.verified.get(auth_data["signature"]) == (  # no RSA operation from here on
+        raw, key.recover(raw), "url", auth.url_message(auth_data))
+    for reqnum in range(3):  # every request routed here: the same message and signature
+        assert verify(dict(auth_data, reqnum=reqnum), key, scheme,
+                      expected_url=URL) == auth.Verdict(True, "", "url")
+    assert len(key.verified) == 1
+
+
+def test_a_remembered_signature_still_refuses_a_tampered_message(private_key, fresh_public_key):
+    key = fresh_public_key
+    auth_data = url_signed(private_key)
+    assert verify(auth_data, key).ok and len(key.verified) == 1
+    for scheme in ("auto", "url"):
+        verdict = verify(dict(auth_data, url=URL + "0"), key, scheme)
+        assert not verdict.ok and verdict.mismatch and verdict.scheme is None
+    # a signature under the url scheme is no signature under another
+    assert not verify(auth_data, key, "full").ok and not verify(auth_data, key, "legacy").ok
+    assert len(key.verified) == 1
+
+
+def test_a_tampered_signature_is_verified_afresh_and_refused(private_key, fresh_public_key):
+    key = fresh_public_key
+    auth_data = url_signed(private_key)
+    assert verify(auth_data, key).ok
+    raw = bytearray(base64.b64decode(auth_data["signature"]))
+    for index in (0, 100, 255):
+        tampered = bytearray(raw)
+        tampered[index] ^= 0x01
+        assert not verify(with_signature(auth_data, bytes(tampered)), key).ok
+    assert len(key.verified) == 1
+
+
+def test_a_rotated_key_starts_with_nothing_verified(private_key, fresh_public_key):
+    """The cache lives on the key: the key ring's new key (another autoscaler key, or the same
+    key fetched again) remembers nothing, and a signature of the old key fails under the new."""
+    auth_data = url_signed(private_key)
+    assert verify(auth_data, fresh_public_key).ok and len(fresh_public_key.verified) == 1
+    rotated = PublicKey.from_pem(pem_of(new_key()))
+    verdict = verify(auth_data, rotated)
+    assert not verdict.ok and verdict.mismatch and len(rotated.verified) == 0
+    again = PublicKey.from_pem(fresh_public_key.pem)
+    assert len(again.verified) == 0 and verify(auth_data, again).ok
+
+
+def test_only_url_only_signatures_that_verified_are_remembered(private_key, fresh_public_key):
+    key = fresh_public_key
+    assert verify(signed(private_key, "full"), key).ok
+    assert verify(signed(private_key, "legacy"), key).ok  # good once each: nothing to reuse
+    assert not verify(url_signed(new_key()), key).ok  # forged: cannot push a good one out
+    elsewhere = url_signed(private_key, url="http://203.0.113.9:1")
+    assert not verify(elsewhere, key, expected_url=URL).ok  # signed for another worker
+    assert len(key.verified) == 0
+
+
+def test_the_cache_at_its_bound_forgets_the_oldest_and_verifies_it_afresh(private_key):
+    key = PublicKey.from_pem(pem_of(private_key), cache_size=3)
+    requests = [url_signed(private_key, url=f"http://203.0.113.7:{port}")
+                for port in range(40000, 40005)]
+    texts = [auth_data["signature"] for auth_data in requests]
+    for auth_data in requests:
+        assert verify(auth_data, key).ok
+        assert len(key.verified) <= 3
+    assert list(key.verified.entries) == texts[2:]
+    assert verify(requests[0], key).ok  # forgotten: verified again, and remembered again
+    assert list(key.verified.entries) == texts[3:] + texts[:1]
+    assert not verify(dict(requests[4], url=requests[3]["url"]), key).ok
+    with pytest.raises(ValueError):
+        auth.VerifiedSignatures(0)
+
+
+@settings(max_examples=150, deadline=None)
+@given(steps=st.lists(st.tuples(st.integers(0, 3), st.sampled_from(
+    ["as signed", "url", "signature", "spelling", "another key"]), st.sampled_from(
+    ["auto", "url", "full"])), min_size=1, max_size=12),
+    size=st.integers(1, 3))
+def test_property_a_cache_hit_answers_exactly_as_a_fresh_verification(private_key, public_key,
+                                                                      steps, size):
+    """Whatever came before (which signatures were remembered, which were pushed out), a key
+    with the cache gives the verdict a freshly parsed key gives, for every message and
+    signature, altered or not."""
+    cached = PublicKey.from_pem(public_key.pem, cache_size=size)
+    for which, change, scheme in steps:
+        auth_data = URL_SIGNED[which]
+        if change == "url":
+            auth_data = dict(auth_data, url=URL_SIGNED[(which + 1) % 4]["url"])
+        elif change == "signature":
+            raw = bytearray(base64.b64decode(auth_data["signature"]))
+            raw[which] ^= 0x04
+            auth_data = with_signature(auth_data, bytes(raw))
+        elif change == "spelling":
+            auth_data = dict(auth_data, signature=spellings(auth_data["signature"])[which + 5])
+        elif change == "another key":
+            auth_data = OTHER_KEY_SIGNED[which]
+        fresh = PublicKey.from_pem(public_key.pem)
+        assert verify(auth_data, cached, scheme) == verify(auth_data, fresh, scheme)
+        assert len(cached.verified) <= size
+
+
+URL_SIGNED: list[dict] = []
+OTHER_KEY_SIGNED: list[dict] = []
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _url_signed_requests(private_key):
+    other = new_key()
+    URL_SIGNED[:] = [url_signed(private_key, url=f"http://203.0.113.7:{4000 + i}")
+                     for i in range(4)]
+    OTHER_KEY_SIGNED[:] = [url_signed(other, url=f"http://203.0.113.7:{4000 + i}")
+                           for i in range(4)]
+
+
+# -- base64 spellings: one signature, 16 ways to write it (issue #17) ----------------------------
+
+B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+
+
+def spellings(signature: str) -> list[str]:
+    """Every standard-base64 spelling of the signature's bytes: the character before the padding
+    carries bits no byte uses (4 of them for 256 bytes, whose base64 ends in '==')."""
+    body = signature.rstrip("=")
+    unused = {2: 4, 1: 2, 0: 0}[len(signature) - len(body)]
+    value = B64.index(body[-1]) & ~((1 << unused) - 1)
+    return [body[:-1] + B64[value | low] + signature[len(body):] for low in range(1 << unused)]
+
+
+def test_the_spellings_are_16_and_decode_to_the_same_signature(private_key):
+    signature = signed(private_key)["signature"]
+    written = spellings(signature)
+    assert len(set(written)) == 16 and signature in written
+    assert {base64.b64decode(text, validate=True) for text in written} == {
+        base64.b64decode(signature)}
+
+
+@pytest.mark.parametrize("scheme", ["full", "legacy"])
+def test_a_replay_in_another_base64_spelling_is_refused(private_key, public_key, scheme):
+    """Issue #17: the replay window keyed on the signature's text, so each of the 16 spellings
+    of one signature was served (and reported) once. It keys on the bytes now."""
+    window = ReplayWindow(size=100)
+    auth_data = signed(private_key, scheme)
+    verdicts = [verify(dict(auth_data, signature=text), public_key, replay=window)
+                for text in spellings(auth_data["signature"])]
+    assert sum(v.ok for v in verdicts) == 1 and len(window) == 1
+    assert all(v.reason.startswith("replayed request") for v in verdicts if not v.ok)
+    for text in spellings(auth_data["signature"]):  # each spelling alone verifies
+        assert verify(dict(auth_data, signature=text), public_key).ok
+
+
+def test_every_spelling_of_a_url_only_signature_is_its_own_cache_entry(private_key,
+                                                                        fresh_public_key):
+    """The cache keys on the signature's exact text: another spelling is verified afresh (it
+    decodes to the same bytes, so it verifies) and remembered as itself; none of them lets a
+    tampered message through."""
+    auth_data = url_signed(private_key)
+    for text in spellings(auth_data["signature"]):
+        assert verify(dict(auth_data, signature=text), fresh_public_key).ok
+    assert len(fresh_public_key.verified) == 16
+    tampered = dict(auth_data, url=URL + "0")
+    assert not any(verify(dict(tampered, signature=text), fresh_public_key).ok
+                   for text in spellings(auth_data["signature"]))

@@ -348,3 +348,105 @@ def test_any_json_object_either_opens_or_raises_envelope_error(document):
         assert exc.problems and all(isinstance(p, str) for p in exc.problems)
     else:
         assert check_auth_data(envelope.auth_data) == []
+
+
+# -- the payload passed on as the client wrote it --------------------------------------------------
+
+def test_the_payload_bytes_are_cut_from_the_envelope_not_re_encoded():
+    payload = (b'{ "prompt" : "h\\u00e9llo \xc3\xa9", "n": 1.0e3, "big": 123456789012345678901234,'
+               b' "stop": ["\\n"],\n\t"z": null, "a": -0.0 }')
+    body = (b'{"auth_data": ' + json.dumps(AUTH).encode() + b', "session_id": null,\n'
+            b' "payload": ' + payload + b' }\n')
+    envelope = open_body(body, unsecured=False)
+    assert envelope.body == payload  # spacing, key order, number spellings, escapes: as sent
+    assert envelope.auth_data == AUTH and envelope.cost == 100.0 and envelope.session_id is None
+
+
+@pytest.mark.parametrize("payload", [b"null", b"[]", b'"text"', b"3", b"{}", b"-1.5e-7", b"true"])
+def test_any_json_payload_is_cut_whole(payload):
+    body = b'{"payload":' + payload + b',"auth_data":' + json.dumps(AUTH).encode() + b"}"
+    assert open_body(body, unsecured=False).body == payload
+
+
+def test_a_repeated_key_counts_once_as_json_loads_reads_it_the_last():
+    body = (b'{"payload": {"first": 1}, "auth_data": ' + json.dumps(AUTH).encode()
+            + b', "payload": {"last": 2}}')
+    assert open_body(body, unsecured=False).body == b'{"last": 2}'
+
+
+@pytest.mark.parametrize("body", [
+    "\ufeff".encode() + envelope_body(),  # a byte-order mark: json.loads reads it
+    envelope_body().decode().encode("utf-16"),  # json.loads reads UTF-16 and UTF-32 too
+    envelope_body().decode().encode("utf-32-le"),
+])
+def test_what_is_not_read_directly_is_json_loads_to_decide(body):
+    envelope = open_body(body, unsecured=False)
+    assert envelope.auth_data == AUTH and json.loads(envelope.body) == {"prompt": "hi"}
+
+
+LONE = b'{"auth_data": {"cost": 1, "endpoint": "e", "reqnum": 1, "request_idx": 1, ' \
+       b'"signature": "s", "url": "u"}, "payload": {"p": "%s lone"}}'
+
+
+@pytest.mark.parametrize("body,passed_on", [
+    (LONE % b"\\ud800", b'{"p": "\\ud800 lone"}'),  # escaped: cut as it is
+    (LONE % b"\xed\xa0\x80", b'{"p":"\\ud800 lone"}'),  # raw: json.loads reads it, re-escaped
+])
+def test_a_lone_surrogate_in_the_payload_is_passed_on_escaped(body, passed_on):
+    """It used to reach the backend re-encoded, and a lone surrogate cannot be UTF-8: the
+    worker failed with a 500."""
+    envelope = open_body(body, unsecured=False)
+    assert envelope.body == passed_on
+    assert json.loads(envelope.body) == {"p": "\ud800 lone"}
+
+
+def reference_open_body(body: bytes) -> list[str] | tuple[dict, object, object]:
+    """What open_body answered before the payload was cut from the body (json.loads, then
+    json.dumps of the payload): its problems, or (auth_data, session_id, payload)."""
+    try:
+        document = json.loads(body)
+    except RecursionError:
+        return ["body is JSON nested too deeply to be an envelope"]
+    except (ValueError, UnicodeDecodeError):
+        return ['body must be a JSON envelope {"auth_data": {...}, "payload": {...}}, but it is '
+                'not JSON']
+    if not isinstance(document, dict):
+        return ['body must be a JSON object {"auth_data": ..., "payload": ...}']
+    if "auth_data" not in document:
+        return ["auth_data is missing: send requests through the autoscaler's /route/"] + (
+            [] if "payload" in document else ["payload is missing"])
+    problems = check_auth_data(document["auth_data"])
+    if "payload" not in document:
+        problems.append("payload is missing (it is the JSON body the backend receives)")
+    session_id = document.get("session_id")
+    if session_id is not None and not isinstance(session_id, str):
+        problems.append("session_id must be a string (from /session/create) or null")
+    return problems or (document["auth_data"], session_id, document["payload"])
+
+
+@settings(max_examples=400, deadline=None)
+@given(auth=well_formed_auth, payload=json_values, session=st.none() | st.text(max_size=5),
+       indent=st.none() | st.integers(0, 3), space=st.sampled_from(["", " ", "\n", "\t \r\n"]),
+       ascii_only=st.booleans(), cut=st.none() | st.integers(0, 400),
+       insert=st.sampled_from(["", ",", "}", "{", '"', ":", "x", " ", "\\", "]", "0"]))
+def test_property_the_envelope_reads_as_json_loads_reads_it(auth, payload, session, indent, space,
+                                                            ascii_only, cut, insert):
+    """Any envelope, formatted any way and then broken anywhere: open_body opens what json.loads
+    reads (the same auth data, a payload that is the same JSON) and refuses what it refuses."""
+    document = {"auth_data": auth, "session_id": session, "payload": payload}
+    text = json.dumps(document, indent=indent, ensure_ascii=ascii_only)
+    text = space + text.replace(", ", "," + space) + space
+    if cut is not None:
+        cut = min(cut, len(text))
+        text = text[:cut] + insert + text[cut:]
+    body = text.encode("utf-8", "surrogatepass")
+    expected = reference_open_body(body)
+    try:
+        envelope = open_body(body, unsecured=False)
+    except EnvelopeError as error:
+        assert error.problems == expected, body
+        return
+    assert (envelope.auth_data, envelope.session_id) == expected[:2], body
+    assert json.loads(envelope.body) == expected[2]
+    if cut is None:
+        assert envelope.body in body  # the payload's own bytes

@@ -11,6 +11,7 @@ import pytest
 
 from .conftest import wait_until
 from .fleet import Fleet, fleet, ready  # noqa: F401  (fixture)
+from .test_auth import spellings
 
 
 @pytest.mark.parametrize("scheme", ["full", "url", "legacy"])
@@ -97,6 +98,23 @@ async def test_replay_is_refused_and_bad_signatures_are_not_load(fleet):
     assert f.emulator.deleted_request_idxs() == [auth_data["request_idx"]]
     assert sum(r["rej_load"] for r in f.emulator.reports) == 0
     assert sum(r["new_load"] for r in f.emulator.reports) == 30
+
+
+async def test_a_replay_in_another_base64_spelling_is_refused_and_reported_once(fleet):
+    """Issue #17: base64 ignores the unused low bits of the last character, so one signature
+    has 16 spellings; keyed on the text, the replay window served (and reported) each once."""
+    f = await fleet("full")
+    await ready(f)
+    auth_data = f.auth_data(await f.route(cost=30))
+    statuses = []
+    for text in spellings(auth_data["signature"]):
+        response = await f.post("/echo", dict(auth_data, signature=text), {"n": 1})
+        statuses.append(response.status)
+    assert sorted(statuses) == [200] + [401] * 15
+    await wait_until(lambda: f.worker.ledger.totals.received == 1 and not f.worker.ledger.outbox)
+    await asyncio.sleep(0.2)
+    assert f.emulator.deleted_request_idxs() == [auth_data["request_idx"]]
+    assert len(f.backend.log.requests) == 1
 
 
 async def test_get_with_query_auth_keeps_other_parameters(fleet):

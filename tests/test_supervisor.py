@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -109,7 +110,7 @@ async def test_backend_restarts_and_the_worker_recovers(fleet, tmp_path):
     auth_data = f.emulator.signer.auth_data(f.url, cost=3)
     response = await f.post("/echo", auth_data, {"after": "restart"})
     assert response.status == 200
-    assert (await response.json())["body"] == '{"after":"restart"}'
+    assert json.loads((await response.json())["body"]) == {"after": "restart"}
     assert (tmp_path / "log").read_text().count("backend starting") == 2
 
 

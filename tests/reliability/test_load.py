@@ -10,6 +10,7 @@ the worker accepted or rejected but never reported; doubled = reported more than
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import os
 import random
@@ -42,6 +43,16 @@ MIX = {"short": 34, "short_full": 5, "get": 10, "stream": 18, "cancel": 4, "aban
        "error": 5, "blocked": 5, "heavy": 0.25, "forged": 5, "malformed": 5, "replay": 4}
 COSTS = [2, 3, 5, 10]
 NOT_LOAD = {"forged", "malformed", "replay"}  # refused before the ledger: never reported
+
+
+def echoed_index(body: bytes) -> object:
+    """The "i" of the JSON body the echo backend received (the payload as the client wrote it,
+    whatever its spacing), or None."""
+    try:
+        payload = json.loads(json.loads(body)["body_text"])
+    except (ValueError, KeyError, TypeError):
+        return None
+    return payload.get("i") if isinstance(payload, dict) else None
 
 
 @dataclass
@@ -122,7 +133,7 @@ class LoadRun:
                     headers={"Content-Type": "application/json"}, timeout=timeout) as response:
                 body = await response.read()
                 if path == "/echo" and response.status == 200 and \
-                        b'"i":%d}' % auth_data["request_idx"] not in body.replace(b"\\", b""):
+                        echoed_index(body) != auth_data["request_idx"]:
                     return f"someone else's answer: {body[:200]!r}"
                 return response.status
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:

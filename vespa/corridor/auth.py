@@ -2,6 +2,11 @@
 
 Values in, values out: no clock, environment or socket here. The public key is parsed once into a
 ``PublicKey``; ``verify`` returns a ``Verdict`` whose ``reason`` is fit for a 401 error message.
+
+RSA goes through ``cryptography`` (OpenSSL): one public operation per signature whatever the
+number of schemes tried (``recover_data_from_signature``, then each scheme's DigestInfo and
+digest compared), and none for a signature the key has already verified under the url-only scheme,
+where every request routed to one worker carries the same signature (``VerifiedSignatures``).
 """
 
 from __future__ import annotations
@@ -14,19 +19,25 @@ import hmac
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from json.encoder import encode_basestring_ascii
+from typing import Final
 
-from Crypto.Hash import SHA256
-from Crypto.PublicKey import RSA
-from Crypto.Signature import pkcs1_15
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from mypy_extensions import mypyc_attr
 
-SCHEMES = ("full", "url", "legacy")
+SCHEMES: Final = ("full", "url", "legacy")
 """Signature schemes, in the order ``auto`` tries them (the message that binds most first)."""
-FULL_FIELDS = ("cost", "endpoint", "reqnum", "request_idx", "url")
-LEGACY_FIELDS = ("cost", "endpoint", "reqnum", "url")
-REPLAY_SCHEMES = frozenset({"full", "legacy"})
+FULL_FIELDS: Final = ("cost", "endpoint", "reqnum", "request_idx", "url")  # sorted, as signed
+URL_FIELDS: Final = ("url",)
+LEGACY_FIELDS: Final = ("cost", "endpoint", "reqnum", "url")
+REPLAY_SCHEMES: Final = frozenset({"full", "legacy"})
 """Schemes whose message carries reqnum; under url-only every request has the same signature."""
 DEFAULT_REPLAY_WINDOW = 10_000
+VERIFIED_CACHE_SIZE = 64
+"""Signatures a key remembers having verified (url-only: one per worker URL it was signed for)."""
+PKCS1V15: Final = padding.PKCS1v15()
 
 
 @mypyc_attr(native_class=False)  # a builtin exception's subclass stays a Python class
@@ -44,65 +55,135 @@ class Verdict:
     mismatch: bool = False  # a well-formed signature that matches no scheme's message
 
 
+ACCEPTED: Final = {name: Verdict(True, "", name) for name in SCHEMES}  # made once, not per request
+
 # DER DigestInfo prefixes for SHA-256 (RFC 8017 section 9.2, note 1), with and without the NULL
 # parameters: pycryptodome's pkcs1_15 accepts both, and so do we.
-SHA256_DIGEST_INFOS = (
+SHA256_DIGEST_INFOS: Final = (
     bytes.fromhex("3031300d060960864801650304020105000420"),
     bytes.fromhex("302f300b0609608648016503040201" "0420"),
 )
 
 
+class VerifiedSignatures:
+    """Signatures a key has verified, by their exact text: (their bytes, the data under their
+    padding, the scheme and the message they verified), at most ``size`` of them, the oldest
+    forgotten first.
+
+    What is kept depends on the key and the signature's text alone (base64 decoding and the RSA
+    operation are functions of them), and every request's own message is still built and
+    compared: with the message remembered (equal text, equal digest) or, when it differs, by its
+    digest under every scheme in order, as without the cache. So a hit accepts exactly what a
+    fresh verification would; another message, another signature, another base64 spelling of the
+    same bytes (another text: verified afresh) get the answer they would get without it. Only
+    signatures that verified under a scheme without reqnum (url-only, where the same signature
+    comes with every request routed to a worker) go in: a flood of forged ones costs their RSA
+    operations and cannot push the good one out. It lives on its ``PublicKey``, so a new key
+    starts with none.
+    """
+
+    def __init__(self, size: int = VERIFIED_CACHE_SIZE):
+        if size < 1:
+            raise ValueError("the verified-signature cache holds at least 1 signature")
+        self.size = size
+        self.entries: dict[str, tuple[bytes, bytes, str, str]] = {}
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def get(self, signature: str) -> tuple[bytes, bytes, str, str] | None:
+        return self.entries.get(signature)
+
+    def remember(self, signature: str, raw: bytes, recovered: bytes, scheme: str,
+                 message: str) -> None:
+        entries = self.entries
+        if signature in entries:
+            return
+        while len(entries) >= self.size:
+            del entries[next(iter(entries))]
+        entries[signature] = (raw, recovered, scheme, message)
+
+
 class PublicKey:
     """The autoscaler's RSA public key, parsed once and prepared for the request path.
 
-    Verifying costs one RSA public operation per signature whatever the number of schemes tried:
-    the recovered EMSA-PKCS1-v1_5 block is compared with the expected block of each message.
+    Verifying costs one RSA public operation per signature whatever the number of schemes tried
+    (none for one in ``verified``): the data under the recovered EMSA-PKCS1-v1_5 padding is
+    compared with the DigestInfo and digest of each scheme's message.
     """
 
-    def __init__(self, rsa_key: RSA.RsaKey):
-        self.rsa_key = rsa_key.public_key()
-        self.size_bytes = self.rsa_key.size_in_bytes()
-        self.modulus = int(self.rsa_key.n)
-        exponent = int(self.rsa_key.e)
-        # pycryptodome's private _encrypt (signature^e mod n): its modexp is ~3x faster than
-        # Python's pow, kept as a fallback. The public pkcs1_15 verify would cost one RSA
-        # operation per scheme tried (perf/rsa_verify.py); tests/test_auth.py pins what this
-        # relies on.
-        self.raw_rsa = getattr(self.rsa_key, "_encrypt", None) or (
-            lambda value: pow(value, exponent, self.modulus))
+    def __init__(self, key: rsa.RSAPublicKey, cache_size: int = VERIFIED_CACHE_SIZE):
+        if not isinstance(key, rsa.RSAPublicKey):
+            raise ValueError(f"not an RSA public key: {type(key).__name__}")
+        self.key = key
+        self.size_bytes = (key.key_size + 7) // 8
+        self.modulus = key.public_numbers().n
         # what an operator compares with the autoscaler's /pubkey/ when signatures fail
-        self.fingerprint = "sha256:" + hashlib.sha256(
-            self.rsa_key.export_key("DER")).hexdigest()[:16]
-        self.block_prefixes = tuple(
-            b"\x00\x01" + b"\xff" * (self.size_bytes - 3 - len(info) - 32) + b"\x00" + info
-            for info in SHA256_DIGEST_INFOS)
+        der = key.public_bytes(serialization.Encoding.DER,
+                               serialization.PublicFormat.SubjectPublicKeyInfo)
+        self.fingerprint = "sha256:" + hashlib.sha256(der).hexdigest()[:16]
+        self.verified = VerifiedSignatures(cache_size)
 
     @classmethod
-    def from_pem(cls, pem: str | bytes) -> "PublicKey":
-        """Parse a PEM public key; ValueError with a readable message when it is not one."""
+    def from_pem(cls, pem: str | bytes, cache_size: int = VERIFIED_CACHE_SIZE) -> "PublicKey":
+        """Parse a PEM public key (SubjectPublicKeyInfo or PKCS#1); ValueError with a readable
+        message when it is not one."""
+        data = pem.encode("ascii", "replace") if isinstance(pem, str) else pem
         try:
-            return cls(RSA.import_key(pem))
-        except (ValueError, IndexError, TypeError) as exc:
+            key = serialization.load_pem_public_key(data)
+        except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
             raise ValueError(f"not an RSA public key in PEM form: {exc}") from None
+        if not isinstance(key, rsa.RSAPublicKey):
+            raise ValueError(f"not an RSA public key in PEM form: a {type(key).__name__}")
+        return cls(key, cache_size)
+
+    @classmethod
+    def of(cls, key: object) -> "PublicKey":
+        """A ``PublicKey`` for a key object: a ``cryptography`` RSA key (public or private), or
+        anything with pycryptodome's ``public_key().export_key("PEM")``."""
+        if isinstance(key, PublicKey):
+            return key
+        if isinstance(key, rsa.RSAPrivateKey):
+            return cls(key.public_key())
+        if isinstance(key, rsa.RSAPublicKey):
+            return cls(key)
+        try:
+            pem = key.public_key().export_key("PEM")  # type: ignore[attr-defined]
+        except AttributeError:
+            raise ValueError(f"not an RSA key: {type(key).__name__}") from None
+        return cls.from_pem(pem)
 
     @property
     def pem(self) -> str:
-        return self.rsa_key.export_key("PEM").decode("ascii")
+        return self.key.public_bytes(serialization.Encoding.PEM,
+                                     serialization.PublicFormat.SubjectPublicKeyInfo
+                                     ).decode("ascii")
 
-    def recover_block(self, raw_signature: bytes) -> bytes | None:
-        """signature^e mod n as a block of the key's size; None when the signature is >= n."""
-        value = int.from_bytes(raw_signature, "big")
-        if value >= self.modulus:
+    def recover(self, raw_signature: bytes) -> bytes | None:
+        """The data under the signature's PKCS#1 v1.5 padding (of a signature: a DigestInfo and
+        digest), by one RSA public operation; None when it is no signature block under this key
+        (>= the modulus, or not padded as a signature)."""
+        try:
+            return self.key.recover_data_from_signature(raw_signature, PKCS1V15, None)
+        except (InvalidSignature, ValueError):
             return None
-        return int(self.raw_rsa(value)).to_bytes(self.size_bytes, "big")
 
-    def block_matches(self, block: bytes, message: str) -> bool:
-        """Whether ``block`` is the PKCS#1 v1.5 encoding of SHA-256 of the UTF-8 ``message``."""
+    @staticmethod
+    def signs(recovered: bytes, message: str) -> bool:
+        """Whether ``recovered`` is the DigestInfo and SHA-256 digest of the UTF-8 ``message``."""
         digest = hashlib.sha256(message.encode("utf-8")).digest()
-        return any(hmac.compare_digest(block, prefix + digest) for prefix in self.block_prefixes)
+        return recovered[:-32] in SHA256_DIGEST_INFOS and \
+            hmac.compare_digest(recovered[-32:], digest)
 
 
 # -- canonical messages ----------------------------------------------------------------------
+# The autoscaler signs json.dumps(obj, indent=4[, sort_keys=True]). That encoder is Python code
+# (indent turns the C one off) and costs several µs a message; for JSON scalars (all the fields
+# ever are) the same text is written directly, and anything else goes through json.dumps.
+# tests/test_auth.py checks the two agree.
+
+_MISSING = object()
+
 
 def _pick(auth_data: Mapping, fields: tuple[str, ...]) -> dict:
     missing = [name for name in fields if name not in auth_data]
@@ -118,22 +199,65 @@ def _dumps(obj: dict, sort_keys: bool) -> str:
         raise AuthDataError(f"auth_data is not plain JSON: {exc}") from None
 
 
+def _scalar_text(value: object) -> str | None:
+    """``value`` as json.dumps writes it (ensure_ascii) when it is a plain JSON string, integer,
+    finite float, boolean or null; None for anything else."""
+    kind = type(value)
+    if kind is str:
+        return encode_basestring_ascii(str(value))
+    if kind is int:
+        number = int(value)  # type: ignore[call-overload]
+        if -10**18 < number < 10**18:  # far from int's str() digit limit
+            return str(number)
+        return None
+    if kind is float:
+        real = float(value)  # type: ignore[arg-type]
+        if real - real == 0.0:  # finite: json.dumps writes repr
+            return repr(real)
+        return None
+    if value is None:
+        return "null"
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    return None
+
+
+def _message(auth_data: Mapping, fields: tuple[str, ...], sort_keys: bool) -> str:
+    """json.dumps({name: auth_data[name] for name in fields}, indent=4, sort_keys=sort_keys),
+    ``fields`` already in the order the message has them."""
+    lines = []
+    for name in fields:
+        value = auth_data.get(name, _MISSING)
+        if value is _MISSING:
+            _pick(auth_data, fields)  # raises, naming every missing field
+        text = _scalar_text(value)
+        if text is None:
+            return _dumps(_pick(auth_data, fields), sort_keys)
+        lines.append('    "' + name + '": ' + text)
+    return "{\n" + ",\n".join(lines) + "\n}"
+
+
 def full_message(auth_data: Mapping) -> str:
     """The full scheme: cost, endpoint, reqnum, request_idx, url, sorted, JSON types as received."""
-    return _dumps(_pick(auth_data, FULL_FIELDS), sort_keys=True)
+    return _message(auth_data, FULL_FIELDS, True)
 
 
 def url_message(auth_data: Mapping) -> str:
     """The url-only scheme (2026): ``{"url": ...}``, the same for every request to a worker."""
-    return _dumps(_pick(auth_data, ("url",)), sort_keys=True)
+    url = auth_data.get("url", _MISSING)
+    if isinstance(url, str) and type(url) is str:
+        return '{\n    "url": ' + encode_basestring_ascii(url) + "\n}"
+    return _message(auth_data, URL_FIELDS, True)
 
 
 def legacy_message(auth_data: Mapping) -> str:
     """The 2024 scheme: cost, endpoint, reqnum, url in that order, not sorted."""
-    return _dumps(_pick(auth_data, LEGACY_FIELDS), sort_keys=False)
+    return _message(auth_data, LEGACY_FIELDS, False)
 
 
-MESSAGE_BUILDERS = {"full": full_message, "url": url_message, "legacy": legacy_message}
+MESSAGE_BUILDERS: Final = {"full": full_message, "url": url_message, "legacy": legacy_message}
 
 
 def signed_message(auth_data: Mapping, scheme: str) -> str:
@@ -145,14 +269,18 @@ def signed_message(auth_data: Mapping, scheme: str) -> str:
 
 # -- signing and verifying -------------------------------------------------------------------
 
-def sign(private_key: RSA.RsaKey, auth_data: Mapping, scheme: str = "full") -> str:
+def sign(private_key: rsa.RSAPrivateKey, auth_data: Mapping, scheme: str = "full") -> str:
     """Sign auth_data as the autoscaler does (for the emulator and tests): standard base64."""
-    digest = SHA256.new(signed_message(auth_data, scheme).encode("utf-8"))
-    return base64.b64encode(pkcs1_15.new(private_key).sign(digest)).decode("ascii")
+    message = signed_message(auth_data, scheme).encode("utf-8")
+    return base64.b64encode(private_key.sign(message, PKCS1V15, hashes.SHA256())).decode("ascii")
 
 
 def decode_signature(signature: object, key: PublicKey) -> bytes | str:
-    """The signature's bytes, or a reason (str) why it cannot be one for this key."""
+    """The signature's bytes, or a reason (str) why it cannot be one for this key.
+
+    Base64 ignores the unused low bits of a last character before padding: several spellings
+    decode to the same bytes. The bytes are the signature (the replay window and the cache key
+    on them), never the spelling."""
     if not isinstance(signature, str):
         return "signature must be a base64 string"
     try:
@@ -171,26 +299,42 @@ def urls_match(signed_url: object, expected_url: str) -> bool:
     return signed_url.removesuffix("/") == expected_url.removesuffix("/")
 
 
-def verify(auth_data: Mapping, public_key: PublicKey | RSA.RsaKey, scheme: str = "auto", *,
+def verify(auth_data: Mapping, public_key: PublicKey | object, scheme: str = "auto", *,
            expected_url: str | None = None, replay: "ReplayWindow | None" = None) -> Verdict:
     """Check a request's auth_data; never raises on bad input, returns a failed Verdict instead.
 
     ``scheme`` is auto|full|url|legacy (auto accepts any scheme that verifies). With
     ``expected_url`` the signed url must be this worker's. With ``replay`` a verified (reqnum,
-    signature) under the full or legacy scheme is recorded and a replay of it refused.
+    signature bytes) under the full or legacy scheme is recorded and a replay of it refused.
+    ``public_key`` is a ``PublicKey`` (or a key object ``PublicKey.of`` takes).
     """
-    if not isinstance(auth_data, Mapping):
+    if not isinstance(auth_data, dict) and not isinstance(auth_data, Mapping):
         return Verdict(False, "auth_data must be a JSON object")
-    key = public_key if isinstance(public_key, PublicKey) else PublicKey(public_key)
-    tried = SCHEMES if scheme == "auto" else (scheme,)
-    if not set(tried) <= set(SCHEMES):
+    key = public_key if isinstance(public_key, PublicKey) else PublicKey.of(public_key)
+    tried: tuple[str, ...]
+    if scheme == "auto":
+        tried = SCHEMES
+    elif scheme in MESSAGE_BUILDERS:
+        tried = (scheme,)
+    else:
         return Verdict(False, f"unknown signature scheme {scheme!r}")
     if "signature" not in auth_data:
         return Verdict(False, "auth_data is missing signature")
-    raw = decode_signature(auth_data["signature"], key)
-    if isinstance(raw, str):
-        return Verdict(False, raw)
-    verified, unbuildable = _first_verified(auth_data, key.recover_block(raw), key, tried)
+    signature = auth_data["signature"]
+    remembered = key.verified.get(signature) if isinstance(signature, str) else None
+    if remembered is not None:
+        raw, recovered, seen_scheme, seen_message = remembered
+        found = _same_message(auth_data, seen_scheme, seen_message, tried) or \
+            _first_verified(auth_data, recovered, tried)
+    else:
+        decoded = decode_signature(signature, key)
+        if isinstance(decoded, str):
+            return Verdict(False, decoded)
+        raw = decoded
+        recovered_or_none = key.recover(raw)
+        found = _first_verified(auth_data, recovered_or_none, tried)
+        recovered = recovered_or_none or b""
+    verified, message, unbuildable = found
     if verified is None:
         return Verdict(False, _refusal(unbuildable, tried),
                        mismatch=len(unbuildable) < len(tried))
@@ -198,16 +342,36 @@ def verify(auth_data: Mapping, public_key: PublicKey | RSA.RsaKey, scheme: str =
         signed_url = repr(auth_data.get("url"))[:200]
         return Verdict(False, f"signed for another worker: url {signed_url} is not this worker's "
                               f"{expected_url!r}; route the request again", verified)
-    if replay is not None and verified in REPLAY_SCHEMES:
-        reason = replay.admit(auth_data.get("reqnum"), auth_data["signature"])
-        if reason:
-            return Verdict(False, reason, verified)
-    return Verdict(True, "", verified)
+    if verified in REPLAY_SCHEMES:
+        if replay is not None:
+            reason = replay.admit(auth_data.get("reqnum"), raw)
+            if reason:
+                return Verdict(False, reason, verified)
+    elif remembered is None and isinstance(signature, str):
+        key.verified.remember(signature, raw, recovered, verified, message)
+    return ACCEPTED[verified]
 
 
-def _first_verified(auth_data: Mapping, block: bytes | None, key: PublicKey,
-                    tried: tuple[str, ...]) -> tuple[str | None, list[str]]:
-    """The first scheme whose message verifies, and why each message that could not be made."""
+Found = tuple[str | None, str, list[str]]  # (the scheme that verified, its message, why not)
+
+
+def _same_message(auth_data: Mapping, scheme: str, message: str,
+                  tried: tuple[str, ...]) -> Found | None:
+    """The remembered signature's scheme and message, when this request's message under that
+    scheme is that very message; None otherwise (then every scheme is tried in order)."""
+    if scheme not in tried:
+        return None
+    try:
+        if MESSAGE_BUILDERS[scheme](auth_data) != message:
+            return None
+    except AuthDataError:
+        return None
+    return scheme, message, []
+
+
+def _first_verified(auth_data: Mapping, recovered: bytes | None, tried: tuple[str, ...]) -> Found:
+    """The first scheme whose message verifies (and that message), and why each message that
+    could not be made could not."""
     unbuildable = []
     for name in tried:
         try:
@@ -215,9 +379,9 @@ def _first_verified(auth_data: Mapping, block: bytes | None, key: PublicKey,
         except AuthDataError as exc:
             unbuildable.append(str(exc))
             continue
-        if block is not None and key.block_matches(block, message):
-            return name, unbuildable
-    return None, unbuildable
+        if recovered is not None and PublicKey.signs(recovered, message):
+            return name, message, unbuildable
+    return None, "", unbuildable
 
 
 def _refusal(unbuildable: list[str], tried: tuple[str, ...]) -> str:
@@ -231,14 +395,16 @@ def _refusal(unbuildable: list[str], tried: tuple[str, ...]) -> str:
 # -- replay window ---------------------------------------------------------------------------
 
 class ReplayWindow:
-    """Refuses replays of verified (reqnum, signature) pairs; bounded memory.
+    """Refuses replays of verified (reqnum, signature bytes) pairs; bounded memory.
 
-    Every admitted pair with reqnum >= (highest reqnum seen - ``size``) is remembered, so a replay
+    The signature is its decoded bytes, never its base64 spelling: base64 ignores the unused low
+    bits of the last character, so 16 spellings decode to the same 256 bytes, and keying on the
+    text would let each of them through once. Every admitted pair with reqnum >= (highest reqnum seen - ``size``) is remembered, so a replay
     inside the window is always caught; a reqnum below that floor is refused as too old. At most
     ``size`` pairs are kept: when more arrive (many signatures for one reqnum), the oldest are
     forgotten and the floor rises past them, so nothing forgotten can be accepted again.
     The default 10,000 tolerates late arrivals when reqnums are shared by a busy endpoint, and
-    costs at most ~4 MB (a 2048-bit signature is 344 characters).
+    costs at most ~4 MB (a 2048-bit signature is 256 bytes).
     """
 
     def __init__(self, size: int = DEFAULT_REPLAY_WINDOW):
@@ -247,13 +413,13 @@ class ReplayWindow:
         self.size = size
         self.max_reqnum: int | None = None
         self.floor: int | None = None
-        self.seen: set[tuple[int, str]] = set()
-        self.by_age: list[tuple[int, str]] = []  # min-heap over seen
+        self.seen: set[tuple[int, bytes]] = set()
+        self.by_age: list[tuple[int, bytes]] = []  # min-heap over seen
 
     def __len__(self) -> int:
         return len(self.seen)
 
-    def check(self, reqnum: object, signature: str) -> str:
+    def check(self, reqnum: object, signature: bytes) -> str:
         """Why this pair must be refused, or "" when it is fresh (nothing is recorded)."""
         if not isinstance(reqnum, int) or isinstance(reqnum, bool):
             return "reqnum must be an integer"
@@ -264,7 +430,7 @@ class ReplayWindow:
             return f"replayed request: reqnum {reqnum} was already served; route the request again"
         return ""
 
-    def admit(self, reqnum: object, signature: str) -> str:
+    def admit(self, reqnum: object, signature: bytes) -> str:
         """Check and, when fresh, record the pair; returns the refusal reason or ""."""
         reason = self.check(reqnum, signature)
         if reason or not isinstance(reqnum, int):  # check refuses any reqnum but an int
@@ -272,7 +438,7 @@ class ReplayWindow:
         self.record(reqnum, signature)
         return ""
 
-    def record(self, reqnum: int, signature: str) -> None:
+    def record(self, reqnum: int, signature: bytes) -> None:
         pair = (reqnum, signature)
         self.seen.add(pair)
         heapq.heappush(self.by_age, pair)

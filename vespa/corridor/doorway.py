@@ -17,7 +17,8 @@ from ..http.body import BodyTooLarge, arrived_body, check_length, is_small, read
 from ..http.messages import Request
 from ..http.target import path_of, redacted, spellings, without_params
 from .auth import PublicKey, ReplayWindow, verify
-from .envelope import BODY_METHODS, PASSTHROUGH, Envelope, EnvelopeError, open_envelope
+from .envelope import (BODY_METHODS, PASSTHROUGH, Envelope, EnvelopeError, open_envelope,
+                       with_path)
 from .refusal import BODY_ERRORS, Reason, Refused, refusal_for
 from .visit import Visit
 
@@ -139,10 +140,10 @@ class Doorway:
         except BODY_ERRORS as unreadable:
             raise refusal_for(unreadable) from None
         if envelope.auth_data is not None:  # Vast's client adds its endpoint key: never passed on
-            envelope = envelope._replace(path_qs=without_params(envelope.path_qs or target,
-                                                                CLIENT_CREDENTIALS))
+            envelope = with_path(envelope, without_params(envelope.path_qs or target,
+                                                          CLIENT_CREDENTIALS))
         elif envelope.path_qs is None and target != request.target:
-            envelope = envelope._replace(path_qs=target)
+            envelope = with_path(envelope, target)
         return envelope
 
     async def read_envelope(self, request: Request) -> bytes:

@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import json
 import math
-from typing import NamedTuple
+import re
+from collections.abc import Callable
+from typing import Final, NamedTuple
 from urllib.parse import unquote_plus
 
 from mypy_extensions import mypyc_attr
 
-BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
-QUERY_PREFIX = "serverless_"
-AUTH_FIELDS = ("cost", "endpoint", "reqnum", "request_idx", "signature", "url")
+BODY_METHODS: Final = frozenset({"POST", "PUT", "PATCH"})
+QUERY_PREFIX: Final = "serverless_"
+AUTH_FIELDS: Final = ("cost", "endpoint", "reqnum", "request_idx", "signature", "url")
 # The 2024 (legacy) autoscalers send no request_idx: such a request is load like any other, but
 # has no record for delete_requests.
-REQUIRED_FIELDS = tuple(name for name in AUTH_FIELDS if name != "request_idx")
+REQUIRED_FIELDS: Final = ("cost", "endpoint", "reqnum", "signature", "url")  # no request_idx
 _NUMERIC_QUERY_FIELDS = frozenset({"cost", "reqnum", "request_idx"})
 
 
@@ -78,20 +80,125 @@ def check_auth_data(auth_data: object, where: str = "auth_data") -> list[str]:
     return problems
 
 
-def _signed(auth_data: dict, **rest) -> Envelope:
-    problems = check_auth_data(auth_data)
-    if problems:
-        raise EnvelopeError(problems)
-    return Envelope(auth_data, cost=float(auth_data["cost"]),
-                    request_idx=auth_data.get("request_idx"), reqnum=auth_data["reqnum"], **rest)
+def _signed(auth_data: dict, body: bytes | None = None, path_qs: str | None = None,
+            session_id: str | None = None) -> Envelope:
+    """The envelope of auth data ``check_auth_data`` found well-formed."""
+    return Envelope(auth_data, body, path_qs, float(auth_data["cost"]),
+                    auth_data.get("request_idx"), session_id, auth_data["reqnum"])
 
 
-def open_body(body: bytes, *, unsecured: bool) -> Envelope:
-    """The envelope of a POST/PUT/PATCH body."""
-    if unsecured and b'"auth_data"' not in body:
-        return PASSTHROUGH
+def with_path(envelope: Envelope, path_qs: str) -> Envelope:
+    """``envelope`` with the backend's path and query ``path_qs`` (NamedTuple._replace is
+    interpreted Python, and twice the cost)."""
+    return Envelope(envelope.auth_data, envelope.body, path_qs, envelope.cost,
+                    envelope.request_idx, envelope.session_id)
+
+
+# The top level of a body envelope is read here with json's own C scanner (the one json.loads
+# uses), value by value, so that the payload's span is known: its bytes go to the backend as the
+# client wrote them, with no decode -> encode round trip. Anything this does not read directly
+# (not UTF-8, a byte-order mark, invalid JSON) goes to json.loads, whose answer stands.
+# (value, end) of the JSON value at an index; (string, end) of a JSON string after its quote
+_scan_value: Final[Callable[[str, int], tuple[object, int]]] = getattr(json.JSONDecoder(),
+                                                                       "scan_once")
+_scan_string: Final[Callable[[str, int, bool], tuple[str, int]]] = getattr(json.decoder,
+                                                                           "scanstring")
+_SPACE: Final = re.compile(r"[ \t\n\r]*")  # JSON's whitespace, as json.decoder skips it
+
+
+def _skip_space(text: str, at: int) -> int:
+    """The index of the first character at or after ``at`` that is not JSON whitespace."""
+    size = len(text)
+    for _ in range(4):  # usually none or one space: a regex call costs more than these looks
+        if at >= size:
+            return at
+        code = ord(text[at])
+        if code != 32 and code != 10 and code != 13 and code != 9:  # space \n \r \t
+            return at
+        at += 1
+    found = _SPACE.match(text, at)
+    return at if found is None else found.end()
+
+
+class _Members(NamedTuple):
+    document: dict  # the top-level object, as json.loads makes it (the last of a repeated key)
+    payload: bytes | None  # the "payload" value's own bytes; None when there is none
+
+
+ENVELOPE_KEYS: Final = frozenset({"auth_data", "payload", "session_id"})
+
+
+def _key_at(text: str, at: int) -> tuple[str, int]:
+    """The object key whose text starts at ``at`` (after its opening quote) and where it ends;
+    an envelope key written plainly is taken as it is, any other key is json's to read."""
+    close = text.find('"', at)
+    if close >= 0:
+        key = text[at:close]
+        if key in ENVELOPE_KEYS:
+            return key, close + 1
+    return _scan_string(text, at, True)
+
+
+def _read_object(text: str) -> tuple[dict, int, int] | None:
+    """The top-level JSON object in ``text`` and where its (last) "payload" value starts and
+    ends (-1, -1 without one); None when ``text`` is not a JSON object."""
+    end = _skip_space(text, 0)
+    if text[end:end + 1] != "{":
+        return None
+    document: dict = {}
+    payload_at = payload_end = -1
+    end = _skip_space(text, end + 1)
+    if text[end:end + 1] == "}":
+        end += 1
+    else:
+        while True:
+            if text[end:end + 1] != '"':
+                return None
+            key, end = _key_at(text, end + 1)
+            end = _skip_space(text, end)
+            if text[end:end + 1] != ":":
+                return None
+            start = _skip_space(text, end + 1)
+            value, end = _scan_value(text, start)
+            document[key] = value
+            if key == "payload":
+                payload_at, payload_end = start, end
+            end = _skip_space(text, end)
+            separator = text[end:end + 1]
+            end += 1
+            if separator == "}":
+                break
+            if separator != ",":
+                return None
+            end = _skip_space(text, end)
+    if _skip_space(text, end) != len(text):
+        return None
+    return document, payload_at, payload_end
+
+
+def _members(body: bytes) -> _Members | None:
+    """The envelope's top level and the payload's bytes cut from it; None when the body is not
+    UTF-8 JSON read this way (json.loads then decides)."""
     try:
-        document = json.loads(body)
+        text = body.decode("utf-8")
+        found = _read_object(text)
+    except (UnicodeDecodeError, ValueError, StopIteration, RecursionError, IndexError):
+        return None
+    if found is None:
+        return None
+    document, start, end = found
+    if start < 0:
+        return _Members(document, None)
+    if len(text) == len(body):  # ASCII: characters are bytes
+        return _Members(document, body[start:end])
+    return _Members(document, text[start:end].encode("utf-8"))
+
+
+def _loads(body: bytes, unsecured: bool) -> object:
+    """json.loads of a body that must be an envelope; EnvelopeError (or, unsecured, PASSTHROUGH)
+    when it is not JSON."""
+    try:
+        return json.loads(body)
     except RecursionError:  # nested deeper than Python's recursion limit: refuse, do not crash
         if unsecured:
             return PASSTHROUGH
@@ -101,6 +208,31 @@ def open_body(body: bytes, *, unsecured: bool) -> Envelope:
             return PASSTHROUGH
         raise EnvelopeError(["body must be a JSON envelope "
                              '{"auth_data": {...}, "payload": {...}}, but it is not JSON'])
+
+
+def _encoded(payload: object) -> bytes:
+    """A payload json.loads made, as JSON bytes (when its bytes could not be cut from the body)."""
+    try:
+        return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    except RecursionError:
+        raise EnvelopeError(["payload is nested too deeply"]) from None
+    except UnicodeEncodeError:  # a lone surrogate (\ud800) in a string: keep it escaped
+        return json.dumps(payload, separators=(",", ":")).encode("ascii")
+
+
+def open_body(body: bytes, *, unsecured: bool) -> Envelope:
+    """The envelope of a POST/PUT/PATCH body: read once, the payload's bytes passed on as sent."""
+    if unsecured and b'"auth_data"' not in body:
+        return PASSTHROUGH
+    members = _members(body)
+    payload: bytes | None = None
+    if members is not None:
+        document: object = members.document
+        payload = members.payload
+    else:
+        document = _loads(body, unsecured)
+        if document is PASSTHROUGH:
+            return PASSTHROUGH
     if not isinstance(document, dict):
         if unsecured:
             return PASSTHROUGH
@@ -120,12 +252,8 @@ def open_body(body: bytes, *, unsecured: bool) -> Envelope:
         problems.append("session_id must be a string (from /session/create) or null")
     if problems:
         raise EnvelopeError(problems)
-    try:
-        # a lone surrogate ("\ud800" in the JSON) has no UTF-8: it goes on as the same escape
-        payload = json.dumps(document["payload"], separators=(",", ":"),
-                             ensure_ascii=False).encode("utf-8", "backslashreplace")
-    except RecursionError:
-        raise EnvelopeError(["payload is nested too deeply"]) from None
+    if payload is None:
+        payload = _encoded(document["payload"])
     return _signed(document["auth_data"], body=payload, session_id=session_id)
 
 
@@ -161,8 +289,8 @@ def open_query(raw_path: str, *, unsecured: bool) -> Envelope:
         return PASSTHROUGH
     problems = check_auth_data(auth_data, "query")
     if problems:
-        raise EnvelopeError([p.replace("query.", f"query parameter {QUERY_PREFIX}")
-                             for p in problems])
+        raise EnvelopeError([problem.replace("query.", f"query parameter {QUERY_PREFIX}")
+                             for problem in problems])
     return _signed(auth_data, path_qs=path + ("?" + "&".join(kept) if kept else ""))
 
 

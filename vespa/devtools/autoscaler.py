@@ -18,7 +18,7 @@ import uuid
 from dataclasses import dataclass
 
 from aiohttp import web
-from Crypto.PublicKey import RSA
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from vespa.corridor import auth
 from vespa.devtools.signing import DEFAULT_ENDPOINT, Signer
@@ -132,7 +132,7 @@ class AutoscalerEmulator:
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, scheme: str = DEFAULT_SCHEME,
                  endpoint: str = DEFAULT_ENDPOINT, api_key: str | None = None,
-                 private_key: RSA.RsaKey | None = None, stale_after: float = 30.0):
+                 private_key: rsa.RSAPrivateKey | None = None, stale_after: float = 30.0):
         self.signer = Signer(private_key, scheme, endpoint)
         self.host, self.port = host, port
         self.endpoint, self.api_key, self.stale_after = endpoint, api_key, stale_after
