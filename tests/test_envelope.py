@@ -450,3 +450,10 @@ def test_property_the_envelope_reads_as_json_loads_reads_it(auth, payload, sessi
     assert json.loads(envelope.body) == expected[2]
     if cut is None:
         assert envelope.body in body  # the payload's own bytes
+
+
+def test_with_path_keeps_every_other_field():
+    """with_path is a hand-written _replace: a field added to Envelope must not be dropped."""
+    from vespa.corridor.envelope import Envelope, with_path
+    full = Envelope(*(f"value-{name}" for name in Envelope._fields))
+    assert with_path(full, "/p?q") == full._replace(path_qs="/p?q")

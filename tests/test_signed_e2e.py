@@ -154,7 +154,7 @@ async def test_a_lone_surrogate_in_the_payload_reaches_the_backend_as_sent(fleet
     assert response.status == 200, await response.text()
     body = (await response.json())["body_text"]
     assert json.loads(body) == payload
-    assert "\\ud800 then héllo" in body and "\\udfff" in body and "😀" in body
+    assert "\\ud800 then h" in body and "\\udfff" in body  # as the client wrote them
     await wait_until(lambda: route["request_idx"] in f.emulator.deleted_request_idxs())
     assert [d["success"] for d in f.emulator.deleted] == [True]
     assert not [r for r in caplog.records if r.levelname == "ERROR"]

@@ -91,7 +91,7 @@ def with_path(envelope: Envelope, path_qs: str) -> Envelope:
     """``envelope`` with the backend's path and query ``path_qs`` (NamedTuple._replace is
     interpreted Python, and twice the cost)."""
     return Envelope(envelope.auth_data, envelope.body, path_qs, envelope.cost,
-                    envelope.request_idx, envelope.session_id)
+                    envelope.request_idx, envelope.session_id, envelope.reqnum)
 
 
 # The top level of a body envelope is read here with json's own C scanner (the one json.loads
