@@ -455,5 +455,6 @@ def test_property_the_envelope_reads_as_json_loads_reads_it(auth, payload, sessi
 def test_with_path_keeps_every_other_field():
     """with_path is a hand-written _replace: a field added to Envelope must not be dropped."""
     from vespa.corridor.envelope import Envelope, with_path
-    full = Envelope(*(f"value-{name}" for name in Envelope._fields))
+    full = Envelope({"a": 1}, b"body", "/old", 2.0, 3, "session", 4)
+    assert None not in full and len(full) == len(Envelope._fields)  # every field set
     assert with_path(full, "/p?q") == full._replace(path_qs="/p?q")

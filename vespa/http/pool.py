@@ -126,6 +126,7 @@ class BackendConnection(FlowControl):
         self.parser: Any = httptools.HttpResponseParser(self)
         self.response: BackendResponse | None = None  # the request in progress
         self.reused = False
+        self.callback_error: MalformedResponse | None = None  # what a parser callback refused
         self.last_active = 0.0
         self.timer: asyncio.TimerHandle | None = None
 
@@ -145,7 +146,7 @@ class BackendConnection(FlowControl):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            cause = exc.__context__  # what one of our callbacks refused, if it was that
+            cause, self.callback_error = self.callback_error, None  # what a callback refused
             response.fail(cause if isinstance(cause, MalformedResponse) else
                           MalformedResponse(f"backend sent malformed HTTP: {exc}"))
             self.close()
@@ -164,13 +165,19 @@ class BackendConnection(FlowControl):
         self.pool.forget(self)
         self.parser = None  # it holds our callbacks: without it the connection needs no GC
 
+    def refusing(self, error: MalformedResponse) -> MalformedResponse:
+        """``error``, kept for ``data_received``: what llhttp raises for a failed callback does
+        not carry it reliably (compiled, its context is lost)."""
+        self.callback_error = error
+        return error
+
     # -- llhttp callbacks (only while a response is expected: data_received checks) ------------
     def on_message_begin(self) -> None:
         response = self.response
         assert response is not None
         if response.done:  # a second message to one request: never mixed in, never left for
             # the next request on this connection (it closes; the first answer stands)
-            raise MalformedResponse("backend sent a response nobody asked for")
+            raise self.refusing(MalformedResponse("backend sent a response nobody asked for"))
 
     def on_status(self, status: bytes) -> None:
         response = self.response
@@ -189,8 +196,8 @@ class BackendConnection(FlowControl):
         assert response is not None
         status = self.parser.get_status_code()
         if status < 100:  # llhttp takes any three digits; 000-099 is no HTTP status
-            raise MalformedResponse(f"backend sent malformed HTTP: status {status:03d} is not "
-                                    "an HTTP status code")
+            raise self.refusing(MalformedResponse(
+                f"backend sent malformed HTTP: status {status:03d} is not an HTTP status code"))
         if 100 <= status < 200:  # interim (e.g. 103 Early Hints): wait for the final response
             response.raw_headers.clear()
             response.reason = b""

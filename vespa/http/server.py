@@ -62,6 +62,7 @@ class Connection(FlowControl):
         self.parser: Any = httptools.HttpRequestParser(self)
         self.peer = ""
         self.counted = True  # in the server's count of its client's connections
+        self.callback_error: HttpError | None = None  # what a parser callback refused
         self.scheme = "http"
         self.parsing: Request | None = None  # the request whose head or body is arriving
         self.head_size = 0
@@ -128,7 +129,7 @@ class Connection(FlowControl):
                 self.refuse(None)
                 return
             except httptools.HttpParserError as exc:
-                cause = exc.__context__
+                cause, self.callback_error = self.callback_error, None
                 self.refuse(cause if isinstance(cause, HttpError) else
                             HttpError(400, f"malformed HTTP request: {exc}"))
                 return
@@ -163,10 +164,16 @@ class Connection(FlowControl):
             self.task.cancel()
         self.fail_writers(ConnectionResetError("client closed the connection"))
 
+    def refusing(self, error: HttpError) -> HttpError:
+        """``error``, kept for ``feed``: what llhttp raises for a failed callback does not
+        carry it reliably (compiled, its context is lost)."""
+        self.callback_error = error
+        return error
+
     # -- llhttp callbacks ----------------------------------------------------------------------
     def on_message_begin(self) -> None:
         if self.refused is not None:  # the connection is closing: nothing more is served
-            raise HttpError(0, "")
+            raise self.refusing(HttpError(0, ""))
         self.parsing = Request(self)
         self.head_size = 0
         self.url = b""
@@ -175,7 +182,7 @@ class Connection(FlowControl):
     def on_url(self, url: bytes) -> None:
         self.head_size += len(url)
         if self.head_size > MAX_TARGET:
-            raise HttpError(414, f"request target longer than {MAX_TARGET} bytes")
+            raise self.refusing(HttpError(414, f"request target longer than {MAX_TARGET} bytes"))
         self.url += url  # it may come in pieces
         self.progress = True
 
@@ -185,13 +192,13 @@ class Connection(FlowControl):
         self.progress = True
         self.head_size += len(name) + len(value) + 4
         if self.head_size > MAX_HEAD or len(request.raw_headers) >= MAX_FIELDS:
-            raise HttpError(431, f"request head larger than {MAX_HEAD} bytes or "
-                                 f"{MAX_FIELDS} header fields")
+            raise self.refusing(HttpError(431, f"request head larger than {MAX_HEAD} bytes or "
+                                 f"{MAX_FIELDS} header fields"))
         if request.body is not None:
             return  # a trailer field after a chunked body: never merged into the head
         lowered = name.lower()
         if lowered in request.fields and lowered in SINGLETON_FIELDS:
-            raise HttpError(400, f"repeated {name.decode('latin-1')} header")
+            raise self.refusing(HttpError(400, f"repeated {name.decode('latin-1')} header"))
         request.raw_headers.append((name, value))
         request.fields.setdefault(lowered, value)
 
@@ -210,14 +217,14 @@ class Connection(FlowControl):
         if coding is not None:
             # llhttp refuses a request whose last coding is not chunked only after this callback
             if coding.rsplit(b",", 1)[-1].strip().lower() != b"chunked":
-                raise HttpError(400, "Transfer-Encoding of a request must end with chunked")
+                raise self.refusing(HttpError(400, "Transfer-Encoding of a request must end with chunked"))
             request.chunked = True
         if parser.should_upgrade() and request.has_body:
             # llhttp would not parse the body of an Upgrade/CONNECT request: refuse it whole
-            raise HttpError(400, "an Upgrade or CONNECT request cannot carry a body here")
+            raise self.refusing(HttpError(400, "an Upgrade or CONNECT request cannot carry a body here"))
         expect = fields.get(b"expect") if request.version == "1.1" else None  # 1.0: ignored
         if expect is not None and expect.lower() != b"100-continue":
-            raise HttpError(417, f"unknown Expect: {expect.decode('latin-1')!r}")
+            raise self.refusing(HttpError(417, f"unknown Expect: {expect.decode('latin-1')!r}"))
         request.body = Body(self, not request.has_body, expect is not None)
         self.waiting.append(request)
         if self.task is None:
