@@ -247,6 +247,7 @@ def signed_env(autoscaler_url: str, worker_id: int) -> dict[str, str]:
     return {"VESPA_UNSECURED": "false", "REPORT_ADDR": autoscaler_url,
             "CONTAINER_ID": str(worker_id), "MASTER_TOKEN": MASTER_TOKEN,
             "VESPA_PUBLIC_URL": signed.PUBLIC_URL, "VESPA_WORKER_HTTP_PORT": "0",
+            "VESPA_USE_SSL": "false",  # CONTAINER_ID means a Vast instance: TLS by default
             "VESPA_MAX_THROUGHPUT": "1000000"}
 
 
