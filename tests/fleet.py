@@ -75,7 +75,7 @@ class Fleet:
 
 
 @pytest.fixture
-async def fleet(backend):
+async def fleet(backend, tmp_path):
     fleets = []
 
     async def start(scheme: str = "full", pubkey_down: bool = False, **env: str) -> Fleet:
@@ -90,7 +90,7 @@ async def fleet(backend):
             **fronted,
             "REPORT_ADDR": emulator.url, "CONTAINER_ID": "7", "MASTER_TOKEN": "mtoken-secret",
             "VESPA_WORKER_HTTP_PORT": "0",  # in-process: no session port next to 3000
-            "VESPA_USE_SSL": "false",
+            "VESPA_USE_SSL": "false", "VESPA_CACHE_DIR": str(tmp_path / f"cache-{port}"),
             "VESPA_PUBLIC_URL": f"http://127.0.0.1:{port}", "VESPA_MAX_THROUGHPUT": "1000",
             "VESPA_REPORT_INTERVAL": "0.05", "VESPA_HEALTHCHECK_INTERVAL": "0.2", **env})
         worker = Worker(settings)

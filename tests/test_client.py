@@ -53,7 +53,9 @@ class Stack:
                 "REPORT_ADDR": self.emulator.url, "CONTAINER_ID": str(container_id),
                 "MASTER_TOKEN": "mtoken", "VESPA_PUBLIC_URL": url, "VESPA_USE_SSL": "false",
                 "VESPA_MAX_THROUGHPUT": "1000", "VESPA_REPORT_INTERVAL": "0.05",
-                "VESPA_HEALTHCHECK_INTERVAL": "0.2", **env}
+                "VESPA_HEALTHCHECK_INTERVAL": "0.2",
+                "VESPA_CACHE_DIR": str(self.tmp_path / f"cache-{container_id}-{len(self.servers)}"),
+                **env}
 
     async def worker(self, backend: TestServer, container_id: int = 7,
                      ssl_context: ssl.SSLContext | None = None, **env: str) -> Worker:

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import ssl
 import time
 
 import aiohttp
 
 from .autoscaler.keyring import KeyRing
+from .autoscaler.replay_mark import ReplayMark
 from .autoscaler.reporter import Identity, Reporter
 from .backend.insight import BackendInsight
 from .backend.launch import backend_process
@@ -25,6 +27,7 @@ from .backend.logwatch import LogWatch
 from .backend.supervisor import Supervisor, polls_pattern
 from .config import Settings
 from .corridor.admission import Admission
+from .corridor.auth import PublicKey
 from .corridor.doorway import Doorway, EnvelopeLimits
 from .corridor.gate import Gate
 from .corridor.handler import Corridor
@@ -72,6 +75,7 @@ class Worker:
         self.background: list[asyncio.Task] = []
         self.session: aiohttp.ClientSession | None = None  # control plane: health, reports
         self.keyring: KeyRing | None = None
+        self.replay_mark: ReplayMark | None = None
         self.reporter: Reporter | None = None
         self.supervisor: Supervisor | None = None
         self.insight: BackendInsight | None = None
@@ -194,7 +198,10 @@ class Worker:
                                           interval=settings.insight_interval)
             self.spawn(self.insight.run(), "insight")
         if settings.report_addrs and not settings.unsecured:
-            self.keyring = self.doorway.keys = KeyRing(settings.report_addrs, self.session)
+            self.replay_mark = ReplayMark(os.path.join(settings.cache_dir, "replay-mark"))
+            self.doorway.replay.on_new_max = self.replay_mark.save
+            self.keyring = self.doorway.keys = KeyRing(settings.report_addrs, self.session,
+                                                       on_key=self.on_key)
             self.spawn(self.keyring.run(), "pubkey")
         if settings.report_addrs:
             if settings.container_id is None:
@@ -283,6 +290,18 @@ class Worker:
         await self.upstream.close()
         if self.session is not None:
             await self.session.close()
+        if self.replay_mark is not None:
+            self.replay_mark.close()
+
+    def on_key(self, key: PublicKey) -> None:
+        """A new autoscaler key: the reqnums it signed before a restart stay spent."""
+        assert self.replay_mark is not None
+        high_water = self.replay_mark.load(key.fingerprint)
+        self.replay_mark.bind(key.fingerprint)
+        if high_water is not None:
+            self.doorway.replay.restore(high_water)
+            log.info("replay window: reqnums up to %d were signed before a restart and are "
+                     "refused as too old", high_water)
 
     async def final_report(self, timeout: float = 5.0) -> None:
         """Tell the autoscaler about the last finished requests before the process ends."""

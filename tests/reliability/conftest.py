@@ -158,12 +158,14 @@ async def emulator():
 
 @pytest.fixture
 def worker_process(tmp_path):
-    """``worker_process(backend_url, emulator_or_None, **env)``: ``python -m vespa``, killed at
-    the end if still running."""
+    """``worker_process(backend_url, emulator_or_None, port=None, **env)``: ``python -m vespa``
+    (on ``port``, e.g. a stopped worker's, or a free one), killed at the end if still running;
+    every worker of a test shares one cache dir."""
     procs: list[WorkerProcess] = []
 
-    def start(backend_url: str, emulator: AutoscalerEmulator | None, **env: str) -> WorkerProcess:
-        proc = WorkerProcess(tmp_path, backend_url, emulator, **env)
+    def start(backend_url: str, emulator: AutoscalerEmulator | None, port: int | None = None,
+              **env: str) -> WorkerProcess:
+        proc = WorkerProcess(tmp_path, backend_url, emulator, port, **env)
         procs.append(proc)
         return proc
 

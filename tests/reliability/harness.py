@@ -109,8 +109,8 @@ class WorkerProcess(Process):
     """``python -m vespa`` on loopback: signed and reporting to ``emulator`` when given one."""
 
     def __init__(self, tmp_path: Path, backend_url: str, emulator: AutoscalerEmulator | None,
-                 **env: str):
-        self.port = free_port()
+                 port: int | None = None, **env: str):
+        self.port = port or free_port()  # an earlier worker's port: the same public URL
         self.url = f"http://127.0.0.1:{self.port}"
         settings = dict(VESPA_BACKEND_URL=backend_url, VESPA_WORKER_PORT=str(self.port),
                         VESPA_WORKER_HOST="127.0.0.1", VESPA_HEALTHCHECK_INTERVAL="0.2",

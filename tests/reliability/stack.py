@@ -4,6 +4,8 @@ background thread's (``BackgroundLoop``), so synchronous hypothesis tests can dr
 from __future__ import annotations
 
 import asyncio
+import shutil
+import tempfile
 import threading
 
 import aiohttp
@@ -66,7 +68,9 @@ class Stack:
             await self.backend.start_server()
             backend_url = str(self.backend.make_url("")).rstrip("/")
         self.port = free_port()
-        values = {"VESPA_BACKEND_URL": backend_url, "VESPA_HEALTHCHECK_INTERVAL": "0.2"}
+        self.cache_dir = tempfile.mkdtemp(prefix="vespa-stack-")  # its own replay mark
+        values = {"VESPA_BACKEND_URL": backend_url, "VESPA_HEALTHCHECK_INTERVAL": "0.2",
+                  "VESPA_CACHE_DIR": self.cache_dir}
         if signed:
             self.emulator = AutoscalerEmulator(scheme="full", private_key=autoscaler_key())
             await self.emulator.start()
@@ -95,6 +99,7 @@ class Stack:
             await self.backend.close()
         if self.recording is not None:
             await self.recording.stop()
+        shutil.rmtree(self.cache_dir, ignore_errors=True)
 
     async def request(self, method: str, path: str, body: bytes | None = None,
                       headers: dict | None = None) -> tuple[int, bytes]:

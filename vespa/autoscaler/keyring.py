@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 import aiohttp
 
@@ -16,8 +17,10 @@ log = logging.getLogger("vespa.keyring")
 
 class KeyRing:
     def __init__(self, addrs: tuple[str, ...], session: aiohttp.ClientSession, *,
-                 refresh_interval: float = 60.0, fetch_timeout: float = 10.0):
+                 refresh_interval: float = 60.0, fetch_timeout: float = 10.0,
+                 on_key: Callable[[PublicKey], None] | None = None):
         self.addrs = addrs
+        self.on_key = on_key  # told of a new key before any request is checked with it
         self.session = session
         self.refresh_interval = refresh_interval
         self.fetch_timeout = fetch_timeout
@@ -44,6 +47,8 @@ class KeyRing:
                 continue
             if self.key is None or key.pem != self.key.pem:
                 log.info("public key loaded from %s", url)
+                if self.on_key is not None:
+                    self.on_key(key)
             self.key = key
             self.ready.set()
             return key

@@ -17,7 +17,7 @@ import hashlib
 import heapq
 import hmac
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from json.encoder import encode_basestring_ascii
 from typing import Final
@@ -405,6 +405,10 @@ class ReplayWindow:
     forgotten and the floor rises past them, so nothing forgotten can be accepted again.
     The default 10,000 tolerates late arrivals when reqnums are shared by a busy endpoint, and
     costs at most ~4 MB (a 2048-bit signature is 256 bytes).
+
+    Across restarts: ``on_new_max`` is told each new highest reqnum before its request is let
+    through (the assembly writes it down), and ``restore`` makes every reqnum at or below the
+    one written before a restart too old, since which of them were served is not known.
     """
 
     def __init__(self, size: int = DEFAULT_REPLAY_WINDOW):
@@ -415,6 +419,13 @@ class ReplayWindow:
         self.floor: int | None = None
         self.seen: set[tuple[int, bytes]] = set()
         self.by_age: list[tuple[int, bytes]] = []  # min-heap over seen
+        self.on_new_max: Callable[[int], None] | None = None
+
+    def restore(self, high_water: int) -> None:
+        """Refuse every reqnum up to ``high_water``, the highest admitted before a restart."""
+        self.raise_floor(high_water + 1)
+        if self.max_reqnum is None or high_water > self.max_reqnum:
+            self.max_reqnum = high_water
 
     def __len__(self) -> int:
         return len(self.seen)
@@ -444,6 +455,8 @@ class ReplayWindow:
         heapq.heappush(self.by_age, pair)
         if self.max_reqnum is None or reqnum > self.max_reqnum:
             self.max_reqnum = reqnum
+            if self.on_new_max is not None:
+                self.on_new_max(reqnum)
         self.raise_floor(self.max_reqnum - self.size)
         while len(self.seen) > self.size:
             self.raise_floor(self.by_age[0][0] + 1)
