@@ -1,7 +1,7 @@
 """Instructions a request: Vespa under callgrind, a number that does not move with the machine.
 
     python perf/instructions.py                       # this checkout, JSON POSTs at c=8
-    python perf/instructions.py --tree /tmp/before    # another checkout (e.g. a git worktree)
+    python perf/instructions.py --tree /tmp/before    # another checkout (its .venvs/worker if any)
     python perf/instructions.py --tree /tmp/before --tree .   # an A/B in one go
     python perf/instructions.py --signed url          # signed as Vast's client sends (or full)
 
@@ -49,9 +49,10 @@ def measure(tree: Path, procs: Processes, wrk: str, client: clients.PlainClient,
     """(requests answered, instructions executed) by the worker of ``tree``."""
     port = free_port()
     out = tmp / f"callgrind-{port}.out"
+    python = tree / ".venvs" / "worker" / "bin" / "python"  # its env, with its own build
     proc = procs.start(f"vespa-{port}", [
         "valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
-        sys.executable, str(tree / "server.py")],
+        str(python if python.exists() else sys.executable), str(tree / "server.py")],
         env={**proxy_env(backend_url, port), "VESPA_MAX_THROUGHPUT": "1000000", **env})
     url = f"http://{LOOPBACK}:{port}"
     wait_ready(procs, proc, f"vespa ({tree})", url + "/_vespa/readyz", VALGRIND_READY_TIMEOUT)
