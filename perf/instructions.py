@@ -4,6 +4,7 @@
     python perf/instructions.py --tree /tmp/before    # another checkout (its .venvs/worker if any)
     python perf/instructions.py --tree /tmp/before --tree .   # an A/B in one go
     python perf/instructions.py --signed url          # signed as Vast's client sends (or full)
+    python perf/instructions.py --output perf/results/DATE-instructions-dev.json   # + a file
 
 Throughput ratios on a shared 2-core machine move by ±10 % from run to run; callgrind counts the
 user-space instructions the worker executes, which repeat to within 0.2 % for the same code, so a
@@ -13,7 +14,8 @@ and divides the instructions by the requests answered. ``--signed url|full`` run
 Vast (perf/signed.py's autoscaler holds the key) and sends what Vast's client sends, signed under
 that scheme (perf/clients.py). It needs valgrind and wrk
 (``apt-get install -y valgrind wrk``). Kernel time (the socket calls) is not counted: compare
-with ``perf/run.py``'s CPU column for the whole cost.
+with ``perf/run.py``'s CPU column for the whole cost. ``--output FILE`` also writes the counts as
+JSON with the commit, date and machine (perf/provenance.py), for the README to quote.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import clients  # noqa: E402
+import provenance  # noqa: E402
 import signed  # noqa: E402
 from run import (LOOPBACK, HarnessError, Processes, find_wrk, free_port, proxy_env,  # noqa: E402
                  run_wrk, signed_env, start_autoscaler, start_backend, wait_ready)
@@ -43,17 +46,25 @@ def callgrind_total(dump: Path) -> int:
     raise HarnessError(f"no totals in {dump}")
 
 
+def tree_python(tree: Path) -> str:
+    """The tree's own env (with its own compiled build) when it has one, else this one."""
+    python = tree / ".venvs" / "worker" / "bin" / "python"
+    return str(python if python.exists() else sys.executable)
+
+
+def worker_env(backend_url: str, port: int, env: dict[str, str]) -> dict[str, str]:
+    return {**proxy_env(backend_url, port), "VESPA_MAX_THROUGHPUT": "1000000", **env}
+
+
 def measure(tree: Path, procs: Processes, wrk: str, client: clients.PlainClient,
             backend_url: str, env: dict[str, str], tmp: Path, connections: int,
             seconds: int) -> tuple[int, int]:
     """(requests answered, instructions executed) by the worker of ``tree``."""
     port = free_port()
     out = tmp / f"callgrind-{port}.out"
-    python = tree / ".venvs" / "worker" / "bin" / "python"  # its env, with its own build
     proc = procs.start(f"vespa-{port}", [
-        "valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
-        str(python if python.exists() else sys.executable), str(tree / "server.py")],
-        env={**proxy_env(backend_url, port), "VESPA_MAX_THROUGHPUT": "1000000", **env})
+        "valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", tree_python(tree),
+        str(tree / "server.py")], env=worker_env(backend_url, port, env))
     url = f"http://{LOOPBACK}:{port}"
     wait_ready(procs, proc, f"vespa ({tree})", url + "/_vespa/readyz", VALGRIND_READY_TIMEOUT)
     target = url + client.path("json_c32")
@@ -80,11 +91,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=int, default=6)
     parser.add_argument("--signed", choices=("none", "url", "full"), default="none",
                         help="the worker checks signatures, sent under this scheme")
+    parser.add_argument("--output", type=Path, default=None,
+                        help="also write the counts, commit, date and machine as JSON here")
     args = parser.parse_args(argv)
     trees = [t.resolve() for t in args.tree or [Path(__file__).resolve().parent.parent]]
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         print("perf: valgrind is not installed:  apt-get install -y valgrind", file=sys.stderr)
         return 1
+    counted: list[dict] = []
+    started_at, machine = provenance.timestamp(), provenance.machine()
     with tempfile.TemporaryDirectory(prefix="vespa-instructions-") as tmp_name:
         tmp = Path(tmp_name)
         procs = Processes(tmp)
@@ -111,11 +126,29 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{tree}: {instructions / requests:,.0f} instructions a request "
                       f"({requests:,} {what} at c={args.connections}, "
                       f"{time.monotonic() - started:.0f}s)")
+                counted.append({
+                    "tree": str(tree), **provenance.checkout(tree),
+                    "request_path": provenance.request_path(
+                        tree_python(tree), tree, worker_env(backend.base_url, 0, env)),
+                    "requests": requests, "instructions": instructions,
+                    "instructions_per_request": instructions / requests})
         except HarnessError as exc:
             print(f"perf: {exc}", file=sys.stderr)
             return 1
         finally:
             procs.stop_all()
+    if args.output:
+        provenance.write_json(args.output, {
+            "tool": "perf/instructions.py", "timestamp": started_at,
+            "machine": {**provenance.checkout(), **machine,
+                        "valgrind": provenance.tool_version(["valgrind", "--version"]),
+                        "wrk": provenance.tool_version([wrk, "-v"])},
+            "settings": {"signed": args.signed, "connections": args.connections,
+                         "seconds": args.seconds,
+                         "requests": "JSON POSTs" if args.signed == "none"
+                         else f"{args.signed}-signed POSTs as Vast's client sends them"},
+            "trees": counted})
+        print(f"results: {args.output}")
     return 0
 
 

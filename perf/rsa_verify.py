@@ -3,6 +3,7 @@ against the public APIs of pycryptodome and cryptography.
 
     python perf/rsa_verify.py                    # ~30 s
     python perf/rsa_verify.py --number 500 --repeat 40
+    python perf/rsa_verify.py --output perf/results/DATE-rsa-verify.json   # + a results file
 
 With ``VESPA_SIGNATURE_SCHEME=auto`` (the default) a request is checked under the full, url and
 legacy schemes in that order until one verifies. The rows:
@@ -22,7 +23,8 @@ legacy schemes in that order until one verifies. The rows:
 Columns are the cases: the full scheme verifies (first tried), url (second), legacy (third), and a
 signature that verifies under none (altered auth_data, another key: all three tried). Each cell
 is the best of ``--repeat`` runs of ``--number`` calls (the runs of all cells interleaved),
-base64 decoding and message building included. 2048-bit key, as the autoscaler's.
+base64 decoding and message building included. 2048-bit key, as the autoscaler's. ``--output``
+also writes the table as JSON with the commit, date and machine (perf/provenance.py).
 """
 
 from __future__ import annotations
@@ -46,11 +48,16 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's vespa
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import provenance  # noqa: E402
 from vespa.corridor import auth  # noqa: E402
 
 AUTH = {"cost": 256, "endpoint": "my-endpoint", "reqnum": 123456, "request_idx": 98765,
         "url": "https://203.0.113.7:41234"}
 CASES = ("full", "url", "legacy", "none")
+# what each row is, by a key the README's generator (perf/figures.py) names
+ROW_KEYS = ("vespa_fresh", "vespa_remembered", "pycryptodome_public", "pycryptodome_private",
+            "cryptography_verify", "cryptography_recover")
 
 
 def vespa_fresh(key: auth.PublicKey):
@@ -159,7 +166,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--number", type=int, default=200, help="calls per run (default 200)")
     parser.add_argument("--repeat", type=int, default=25, help="runs per cell (default 25)")
+    parser.add_argument("--output", type=Path, default=None,
+                        help="also write the table, commit, date and machine as JSON here")
     args = parser.parse_args()
+    started_at, machine = provenance.timestamp(), provenance.machine()
 
     private_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     key = auth.PublicKey(private_key.public_key())
@@ -192,12 +202,23 @@ def main() -> None:
     calls = [lambda verify=verify, auth_data=cases[case]: verify(auth_data)
              for _, _, verify in rows for case in CASES]
     best = best_microseconds(calls, args.number, args.repeat)
+    measured = []
     for index, (name, library, _) in enumerate(rows):
         cells = best[index * len(CASES):(index + 1) * len(CASES)]
         print(f"{name:44} {library:22}" + "".join(f"{cell:9.1f}" for cell in cells))
+        measured.append({"key": ROW_KEYS[index], "way": name, "library": library,
+                         "us_per_request": dict(zip(CASES, cells))})
     print("cases: the scheme that verifies (tried in the order full, url, legacy); none: "
           "no scheme verifies, all three tried. Only url-only signatures are remembered: in the "
           "other columns of the 'remembered' row every call verifies afresh.")
+    if args.output:
+        provenance.write_json(args.output, {
+            "tool": "perf/rsa_verify.py", "timestamp": started_at,
+            "machine": {**provenance.checkout(), **machine},
+            "settings": {"number": args.number, "repeat": args.repeat, "key_bits": 2048,
+                         "cases": list(CASES)},
+            "rows": measured})
+        print(f"results: {args.output}")
 
 
 if __name__ == "__main__":
