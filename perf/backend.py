@@ -3,10 +3,13 @@
 Routes:
   POST /v1/chat/completions  -> a small (~300 byte) OpenAI-shaped JSON body
   GET|POST /sse              -> an SSE stream of 50 small JSON events, then ``data: [DONE]``
+  GET|POST /sse/stamped      -> the same 50 events paced (a pause before each), each carrying
+                                the CLOCK_MONOTONIC time it was written (``"sent_ns"``), for
+                                perf/sse_latency.py's per-event latency
   GET /health                -> 200 "ok"
 
 Every body is built once at start-up so the backend costs as little as possible per request;
-each SSE event is written separately (no sleeps) so a proxy has real chunks to relay.
+each SSE event is written separately (no sleeps on /sse) so a proxy has real chunks to relay.
 
     python perf/backend.py --port 8001
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import time
 
 from aiohttp import web
 
@@ -42,6 +46,9 @@ def _sse_event(index: int) -> bytes:
 
 
 SSE_CHUNKS = [_sse_event(i) for i in range(SSE_EVENTS)] + [b"data: [DONE]\n\n"]
+# /sse/stamped: each event's JSON after its opening brace, for b'data: {"sent_ns":N,' + tail
+STAMPED_TAILS = [chunk.removeprefix(b"data: {") for chunk in SSE_CHUNKS[:-1]]
+EVENT_INTERVAL_S = 0.002  # perf/sse_latency.py's EVENT_INTERVAL_S
 
 
 async def chat(request: web.Request) -> web.Response:
@@ -60,6 +67,19 @@ async def sse(request: web.Request) -> web.StreamResponse:
     return response
 
 
+async def sse_stamped(request: web.Request) -> web.StreamResponse:
+    await request.read()
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                           "Cache-Control": "no-cache"})
+    await response.prepare(request)
+    for tail in STAMPED_TAILS:
+        await asyncio.sleep(EVENT_INTERVAL_S)
+        await response.write(b'data: {"sent_ns":%d,%s' % (time.monotonic_ns(), tail))
+    await response.write(SSE_CHUNKS[-1])
+    await response.write_eof()
+    return response
+
+
 async def health(request: web.Request) -> web.Response:
     return web.Response(text="ok")
 
@@ -69,6 +89,8 @@ def make_app() -> web.Application:
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_get("/sse", sse)
     app.router.add_post("/sse", sse)
+    app.router.add_get("/sse/stamped", sse_stamped)
+    app.router.add_post("/sse/stamped", sse_stamped)
     app.router.add_get("/health", health)
     return app
 

@@ -25,6 +25,7 @@ CHAT_PAYLOAD = {"model": "perf-model", "max_tokens": 16,
 CHAT_REQUEST = json.dumps(CHAT_PAYLOAD)
 CHAT_PATH = "/v1/chat/completions"
 SSE_PATH = "/sse"
+STAMPED_SSE_PATH = "/sse/stamped"  # perf/sse_latency.py's streams
 PERF_MARK = "PERF_JSON "
 
 # Prints one line starting with PERF_MARK; ``made`` counts the requests a script's request()
@@ -100,6 +101,10 @@ class PlainClient:
             return None, {}
         return CHAT_REQUEST.encode(), {"Content-Type": "application/json"}
 
+    def event_request(self) -> tuple[str, str, bytes | None, dict[str, str]]:
+        """One stamped stream's request for perf/sse_latency.py: (method, path, body, headers)."""
+        return "GET", STAMPED_SSE_PATH, None, {}
+
 
 class EnvelopeClient(PlainClient):
     """Vast's client with a url-only signature: ``body`` serves every request of the run."""
@@ -117,6 +122,9 @@ class EnvelopeClient(PlainClient):
 
     def sanity_request(self, scenario_key: str) -> tuple[bytes | None, dict[str, str]]:
         return self.body, signed.CLIENT_HEADERS
+
+    def event_request(self) -> tuple[str, str, bytes | None, dict[str, str]]:
+        return "POST", signed.client_path(STAMPED_SSE_PATH), self.body, signed.CLIENT_HEADERS
 
 
 class PoolClient(EnvelopeClient):
@@ -156,6 +164,11 @@ class PoolClient(EnvelopeClient):
     def sanity_request(self, scenario_key: str) -> tuple[bytes | None, dict[str, str]]:
         self.prepare(1)
         return self.pool.take(CHAT_PAYLOAD), signed.CLIENT_HEADERS
+
+    def event_request(self) -> tuple[str, str, bytes | None, dict[str, str]]:
+        """A new pool line for each stream (``prepare`` made sure enough are left)."""
+        return ("POST", signed.client_path(STAMPED_SSE_PATH), self.pool.take(CHAT_PAYLOAD),
+                signed.CLIENT_HEADERS)
 
 
 def write_script(directory: Path, name: str, text: str) -> Path:

@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import clients  # noqa: E402
 import provenance  # noqa: E402
 import signed  # noqa: E402
-from run import (LOOPBACK, HarnessError, Processes, find_wrk, free_port, proxy_env,  # noqa: E402
-                 run_wrk, signed_env, start_autoscaler, start_backend, wait_ready)
+from run import (LOOPBACK, HarnessError, Processes, check_run, find_wrk, free_port,  # noqa: E402
+                 proxy_env, run_wrk, signed_env, start_autoscaler, start_backend, wait_ready)
 
 VALGRIND_READY_TIMEOUT = 180.0  # start-up under callgrind takes a while
 
@@ -62,6 +62,8 @@ def measure(tree: Path, procs: Processes, wrk: str, client: clients.PlainClient,
     """(requests answered, instructions executed) by the worker of ``tree``."""
     port = free_port()
     out = tmp / f"callgrind-{port}.out"
+    # a cache of its own: no replay mark of an earlier run refuses the pool's reqnums
+    env = {**env, "VESPA_CACHE_DIR": str(tmp / f"cache-{port}")}
     proc = procs.start(f"vespa-{port}", [
         "valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", tree_python(tree),
         str(tree / "server.py")], env=worker_env(backend_url, port, env))
@@ -75,6 +77,9 @@ def measure(tree: Path, procs: Processes, wrk: str, client: clients.PlainClient,
                            capture_output=True, timeout=60)
         result = run_wrk(wrk, script, target, connections, duration, client.wrk_args())
         client.used(result)
+        problem = check_run(result)
+        if problem:  # refused requests cost less: a count over them would be wrong
+            raise HarnessError(f"{tree}: {problem}; the worker's log:\n{procs.log_tail(proc)}")
     subprocess.run(["callgrind_control", "--dump", str(proc.pid)], check=True,
                    capture_output=True, timeout=60)
     dumps = sorted(tmp.glob(f"callgrind-{port}.out.*"))

@@ -9,11 +9,14 @@
 Starts ``perf/backend.py`` and each proxy on free loopback ports, then runs wrk (one thread)
 against the backend DIRECTLY and THROUGH each proxy, interleaved round by round, for three
 scenarios: small JSON POST throughput at c=32, SSE (50 events) streams/s at c=32, and p50
-latency at c=1. Vespa runs unsecured and, as on Vast, signed: envelopes and signatures as Vast's
-client sends them, under the url-only and the full scheme (perf/signed.py, perf/clients.py).
-Prints markdown tables of medians and ratios (against the backend, and the signed rows against
-Vespa unsecured) with their targets and writes everything to ``perf/results/latest.json``. Exit
-code 0 unless a measurement failed: the harness measures, it does not gate. See perf/README.md.
+latency at c=1; and, in the same rounds, each SSE event's latency from the backend's write to the
+client's read (perf/sse_latency.py's client, paced streams). Vespa runs unsecured and, as on
+Vast, signed: envelopes and signatures as Vast's client sends them, under the url-only and the
+full scheme (perf/signed.py, perf/clients.py). Prints markdown tables of medians and ratios
+(against the backend, and the signed rows against Vespa unsecured; perf/report.py) with their
+targets and writes everything to ``perf/results/latest.json``. Exit code 0 unless a measurement
+failed: the harness measures, it does not gate. See perf/README.md; perf/figures.py puts a
+committed run's figures in the README.
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ import argparse
 import ctypes
 import json
 import os
-import platform
 import shlex
 import shutil
 import signal
@@ -47,7 +49,10 @@ sys.path.insert(0, str(PERF_DIR))
 import backend as perf_backend  # noqa: E402  (the bodies we expect back, for the sanity check)
 import clients  # noqa: E402
 import profiling  # noqa: E402
+import provenance  # noqa: E402
+import report  # noqa: E402
 import signed  # noqa: E402
+import sse_latency  # noqa: E402
 
 PERF_MARK = clients.PERF_MARK
 
@@ -59,8 +64,9 @@ class Scenario:
     key: str
     title: str
     connections: int
-    metric: str          # "rps" (higher is better) or "p50_us" (lower is better)
-    target: float        # ratio floor for rps metrics, added-µs ceiling for p50
+    metric: str          # "rps" (higher is better), "p50_us" (lower is better) or "events"
+    target: float | None  # ratio floor for rps metrics, added-µs ceiling for p50
+    tool: str = "wrk"    # or "events": perf/sse_latency.py's client
 
 
 # the requests themselves (paths, bodies, signatures) are each target's client's: perf/clients.py
@@ -68,6 +74,8 @@ SCENARIOS = (
     Scenario("json_c32", "JSON c=32", 32, "rps", 0.6),
     Scenario("sse_c32", "SSE c=32", 32, "rps", 0.85),
     Scenario("p50_c1", "added p50 c=1", 1, "p50_us", 200.0),
+    Scenario("sse_events", "SSE event latency", sse_latency.CONNECTIONS, "events", None,
+             tool="events"),
 )
 
 # The production path's rows, by what they send: "unsigned" is Vast's unsecured mode
@@ -258,6 +266,10 @@ def start_signed_vespa(procs: Processes, scheme: str, backend_url: str, autoscal
     name = "vespa unsigned" if scheme == "unsigned" else f"vespa signed {scheme}"
     worker_id = {"unsigned": 4, "url": 1, "full": 2}[scheme]
     env = signed_env(autoscaler_url, worker_id)
+    # its own cache: the replay mark it writes (the highest reqnum served) is its own, and goes
+    # when it restarts, so the pool's reqnums count from 1 again
+    cache = procs.log_dir / f"cache-{worker_id}"
+    env["VESPA_CACHE_DIR"] = str(cache)
     if scheme == "unsigned":
         env["VESPA_UNSECURED"] = "true"
     target = start_command_proxy(procs, name, "{python} -m vespa", "/_vespa/readyz",
@@ -268,9 +280,10 @@ def start_signed_vespa(procs: Processes, scheme: str, backend_url: str, autoscal
         return target
     port = int(target.base_url.rsplit(":", 1)[1])
 
-    def restart() -> None:  # the same worker afresh: its replay window empty
+    def restart() -> None:  # the same worker afresh: its replay window empty, no mark kept
         proc = next(p for _, p, _ in procs.started if p.pid == target.pid)
         procs.stop(proc)
+        (cache / "replay-mark").unlink(missing_ok=True)
         fresh = start_command_proxy(procs, name, "{python} -m vespa", "/_vespa/readyz",
                                     backend_url, port=port, **env)
         target.pid = fresh.pid
@@ -373,6 +386,10 @@ def sanity_check(target: Target) -> None:
             raise HarnessError(f"{target.name}: {'POST' if data else 'GET'} {path} gave HTTP "
                                f"{status}, {len(body)} bytes (expected 200 and the backend's "
                                f"{len(expected)} bytes): {body[:200]!r}")
+    target.client.prepare(1)
+    problem = sse_latency.one_stream(target.base_url, target.client.event_request)
+    if problem:
+        raise HarnessError(f"{target.name}: {clients.STAMPED_SSE_PATH}: {problem}")
 
 
 # -- wrk -----------------------------------------------------------------------------------------
@@ -439,14 +456,17 @@ def check_run(result: dict) -> str | None:
 
 def write_scripts(tmp: Path, targets: list[Target]) -> None:
     for target in targets:
-        for scenario in SCENARIOS:
+        for scenario in (s for s in SCENARIOS if s.tool == "wrk"):
             target.scripts[scenario.key] = clients.write_script(
                 tmp, f"{target.name}-{scenario.key}", target.client.script(scenario.key))
 
 
 def expected_requests(targets: list[Target], scenario: Scenario, seconds: int) -> int:
     """How many requests a wrk run of ``seconds`` may send to a signed Vespa worker (at most what
-    Vespa unsecured answers, measured or warming up), with a margin."""
+    Vespa unsecured answers, measured or warming up), with a margin; paced streams: at most
+    what their pace allows."""
+    if scenario.tool == "events":
+        return sse_latency.streams_at_most(scenario.connections, seconds)
     rates = [run["rps"] for t in targets if t.name.startswith("vespa")
              for run in t.rounds.get(scenario.key, [])]
     rates += [t.warmup[scenario.key] for t in targets
@@ -459,8 +479,12 @@ def expected_requests(targets: list[Target], scenario: Scenario, seconds: int) -
 
 def one_run(wrk: str, targets: list[Target], target: Target, scenario: Scenario,
             duration: int) -> dict:
-    """One wrk run of ``scenario`` against ``target`` (its client prepared and told after)."""
+    """One wrk run of ``scenario`` against ``target`` (its client prepared and told after), or
+    one run of the per-event latency client."""
     target.client.prepare(expected_requests(targets, scenario, duration))
+    if scenario.tool == "events":  # each stream takes its own request from the client
+        return sse_latency.measure(target.base_url, target.client.event_request,
+                                   scenario.connections, duration)
     result = run_wrk(wrk, target.scripts[scenario.key],
                      target.base_url + target.client.path(scenario.key),
                      scenario.connections, duration, target.client.wrk_args())
@@ -494,8 +518,10 @@ def measure(wrk: str, targets: list[Target], scenarios: list[Scenario], rounds: 
                 problem = check_run(result)
                 if problem:
                     problems.append(f"round {r + 1} {scenario.key} {target.name}: {problem}")
-                print(f"  round {r + 1}/{rounds}  {scenario.title:<14} {target.name:<18} "
-                      f"{result['rps']:>9.0f} req/s  p50 {result['p50_us']:>7.0f} µs"
+                p50 = result["p50_us"]
+                print(f"  round {r + 1}/{rounds}  {scenario.title:<17} {target.name:<18} "
+                      f"{result['rps']:>9.0f} req/s  p50 "
+                      + (f"{p50:>7.0f} µs" if p50 is not None else "    n/a")
                       + (f"  !! {problem}" if problem else ""), flush=True)
     return problems
 
@@ -508,6 +534,10 @@ def compare(direct: Target, proxy: Target, scenario: Scenario,
             target: float | None = -1.0) -> dict:
     """One table cell: the direct (or base) and proxied medians, their ratio (or difference),
     pass/fail against ``target`` (the scenario's by default; None: no target)."""
+    cpu = {"direct": _cpu(direct, scenario), "proxy": _cpu(proxy, scenario)}
+    if scenario.tool == "events":  # latencies, not a ratio: p50 and p99 of each side
+        return {**sse_latency.cell(direct.rounds[scenario.key], proxy.rounds[scenario.key]),
+                "cpu_us_per_request": cpu}
     d, p = median_of(direct, scenario), median_of(proxy, scenario)
     goal = scenario.target if target == -1.0 else target
     if scenario.metric == "rps":
@@ -518,8 +548,7 @@ def compare(direct: Target, proxy: Target, scenario: Scenario,
         passed = None if goal is None else value <= goal
     return {"direct": d, "proxied": p, "value": value, "target": goal,
             "pass": passed, "kind": "ratio" if scenario.metric == "rps" else "added_us",
-            "per_round": _per_round(direct, proxy, scenario),
-            "cpu_us_per_request": {"direct": _cpu(direct, scenario), "proxy": _cpu(proxy, scenario)}}
+            "per_round": _per_round(direct, proxy, scenario), "cpu_us_per_request": cpu}
 
 
 def _cpu(target: Target, scenario: Scenario) -> float | None:
@@ -539,15 +568,6 @@ def _per_round(direct: Target, proxy: Target, scenario: Scenario) -> list[float]
 
 # -- report --------------------------------------------------------------------------------------
 
-def format_cell(cell: dict) -> tuple[str, str]:
-    verdict = {True: " PASS", False: " FAIL", None: ""}[cell["pass"]]
-    if cell["kind"] == "ratio":
-        return (f"{cell['value']:.2f}×{verdict}",
-                f"{cell['direct']:,.0f} → {cell['proxied']:,.0f}")
-    return (f"{cell['value']:+,.0f} µs{verdict}",
-            f"{cell['direct']:,.0f} → {cell['proxied']:,.0f} µs")
-
-
 def signed_rows(base: Target, proxies: list[Target], scenarios: list[Scenario]) -> list[dict]:
     """The signed rows (and Vast's worker) against Vespa unsecured, with issue #20's targets."""
     rows = []
@@ -558,47 +578,11 @@ def signed_rows(base: Target, proxies: list[Target], scenarios: list[Scenario]) 
         scheme = proxy.name.rsplit(" ", 1)[1] if proxy.name.startswith("vespa signed") \
             else "unsigned" if proxy.name == "vespa unsigned" else ""
         ratio, added = SIGNED_TARGETS.get(scheme, (None, None))
-        goals = {"json_c32": ratio, "sse_c32": None, "p50_c1": added}
+        goals = {"json_c32": ratio, "p50_c1": added}
         rows.append({"proxy": proxy.name, "against": base.name,
-                     "cells": {s.key: compare(base, proxy, s, goals[s.key]) for s in scenarios}})
+                     "cells": {s.key: compare(base, proxy, s, goals.get(s.key))
+                               for s in scenarios}})
     return rows
-
-
-def signed_table(rows: list[dict], scenarios: list[Scenario]) -> str:
-    raw = {"json_c32": "req/s vespa → this", "sse_c32": "streams/s vespa → this",
-           "p50_c1": "p50 vespa → this"}
-    titles = {"json_c32": "JSON c=32 × vespa (url ≥ 0.9×, full ≥ 0.8×)",
-              "sse_c32": "SSE c=32 × vespa", "p50_c1": "p50 c=1 over vespa (url ≤ +50 µs)"}
-    header = ["path"] + [part for s in scenarios for part in (titles[s.key], raw[s.key])]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in rows:
-        cells = [row["proxy"]] + [part for s in scenarios
-                                  for part in format_cell(row["cells"][s.key])]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def markdown_table(rows: list[dict], scenarios: list[Scenario]) -> str:
-    raw_names = {"json_c32": "req/s direct → proxied", "sse_c32": "streams/s direct → proxied",
-                 "p50_c1": "p50 direct → proxied"}
-    targets = {"json_c32": "≥ 0.6×", "sse_c32": "≥ 0.85×", "p50_c1": "≤ +200 µs"}
-    header = ["proxy"]
-    for s in scenarios:
-        header += [f"{s.title} ({targets[s.key]})", raw_names[s.key]]
-    with_cpu = any(s.key == "json_c32" for s in scenarios)
-    if with_cpu:
-        header.append("CPU µs/request, JSON c=32: proxy (backend direct)")
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in rows:
-        cells = [row["proxy"]]
-        for s in scenarios:
-            cells += list(format_cell(row["cells"][s.key]))
-        if with_cpu:
-            cpu = row["cells"]["json_c32"]["cpu_us_per_request"]
-            cells.append(f"{cpu['proxy']:.0f} ({cpu['direct']:.0f})"
-                         if cpu["proxy"] is not None and cpu["direct"] is not None else "n/a")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def machine_info(wrk: str) -> dict:
@@ -607,24 +591,19 @@ def machine_info(wrk: str) -> dict:
         aiohttp_version = aiohttp.__version__
     except ImportError:
         aiohttp_version = None
-    wrk_version = subprocess.run([wrk, "-v"], capture_output=True, text=True).stdout.split("\n")[0]
-    # compiled or plain Python (vespa/compiled.py), as the worker started here will see it
-    request_path = subprocess.run([sys.executable, "-c", "import vespa; print(vespa.HOT_PATH)"],
-                                  cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
-                            text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                           cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
-    return {"commit": commit or None, "uncommitted_changes": bool(dirty),
-            "cpus": os.cpu_count(), "loadavg_at_start": os.getloadavg(),
-            "platform": platform.platform(), "python": platform.python_version(),
-            "aiohttp": aiohttp_version, "wrk": wrk_version.strip(),
-            "vespa_request_path": request_path or "unknown"}
-
-
-def write_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+        vastai_version = version("vastai")
+    except PackageNotFoundError:
+        vastai_version = None
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    nginx_version = provenance.tool_version([nginx, "-v"]) if os.path.exists(nginx) else None
+    return {**provenance.checkout(), **provenance.machine(), "aiohttp": aiohttp_version,
+            "wrk": provenance.tool_version([wrk, "-v"]),
+            "nginx": nginx_version.rsplit("/", 1)[-1] if nginx_version else None,
+            "vastai": vastai_version,
+            # compiled or plain Python (vespa/compiled.py), as the worker started here will see it
+            "vespa_request_path": provenance.request_path()}
 
 
 # -- profiling -----------------------------------------------------------------------------------
@@ -674,8 +653,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--duration", type=int, default=5, help="seconds per wrk run (5)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (3)")
     parser.add_argument("--warmup", type=int, default=1, help="warm-up seconds per target (1)")
-    parser.add_argument("--only", default="json_c32,sse_c32,p50_c1",
-                        help="comma-separated scenarios to run (default: all three)")
+    parser.add_argument("--only", default=",".join(s.key for s in SCENARIOS),
+                        help="comma-separated scenarios to run (default: all four)")
     parser.add_argument("--proxy-cmd", help="measure this command instead of `python -m vespa`; "
                         "placeholders {port}, {backend}, {python}")
     parser.add_argument("--proxy-name", default=None, help="row name for --proxy-cmd (custom)")
@@ -708,6 +687,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="with --profile: include C frames (py-spy --native)")
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / "latest.json")
     args = parser.parse_args(argv)
+    args.command = shlex.join(["perf/run.py", *without_output(
+        sys.argv[1:] if argv is None else argv)])
     if args.duration < 1 or args.rounds < 1 or args.duration > 120 or args.rounds > 20:
         parser.error("--duration must be 1..120 and --rounds 1..20")
     args.signed = [] if args.signed in ("", "none") else args.signed.split(",")
@@ -720,6 +701,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if not args.scenarios or not set(args.only.split(",")) <= known:
         parser.error(f"--only takes a comma-separated subset of {', '.join(sorted(known))}")
     return args
+
+
+def without_output(argv: list[str]) -> list[str]:
+    """The arguments as a command to repeat: where the results went is not part of it."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--output":
+            skip = True
+        elif not arg.startswith("--output="):
+            kept.append(arg)
+    return kept
 
 
 def start_proxies(procs: Processes, args: argparse.Namespace, backend_url: str,
@@ -780,22 +774,24 @@ def run(args: argparse.Namespace, procs: Processes, tmp: Path) -> int:
 
     rows = [{"proxy": p.name, "cells": {s.key: compare(direct, p, s) for s in args.scenarios}}
             for p in proxies]
-    table = markdown_table(rows, args.scenarios)
+    table = report.markdown_table(rows, args.scenarios)
     print(f"\nMedians of {args.rounds} interleaved rounds of {args.duration}s, wrk -t1, "
           f"{info['cpus']} CPUs (backend, proxy and wrk share them):\n")
     print(table)
     unsecured = next((p for p in proxies if p.name == "vespa"), None)
     against = signed_rows(unsecured, proxies, args.scenarios) if unsecured else []
-    against_table = signed_table(against, args.scenarios) if against else ""
+    against_table = report.signed_table(against, args.scenarios) if against else ""
     if against:
         print("\nThe production path against Vespa unsecured in dev mode (the vespa row; same "
               "run):\n")
         print(against_table)
     payload = {
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": info,
-        "settings": {"duration_s": args.duration, "rounds": args.rounds,
-                     "warmup_s": args.warmup, "proxy_cmd": args.proxy_cmd,
-                     "signed": args.signed, "with_vast": args.with_vast},
+        "settings": {"command": args.command, "duration_s": args.duration,
+                     "rounds": args.rounds, "warmup_s": args.warmup,
+                     "scenarios": [s.key for s in args.scenarios], "proxy_cmd": args.proxy_cmd,
+                     "signed": args.signed, "with_vast": args.with_vast,
+                     "sse_events": sse_latency.settings()},
         "rows": rows, "table_markdown": table, "problems": problems,
         "signed_rows": against, "signed_table_markdown": against_table,
         "raw": {t.name: t.rounds for t in targets},
@@ -808,7 +804,7 @@ def run(args: argparse.Namespace, procs: Processes, tmp: Path) -> int:
                                f"{', '.join(p.name for p in proxies)}")
         payload["profile"] = profile(procs, wrk, targets, chosen[0], args.duration,
                                      args.profile_native)
-    write_json(args.output, payload)
+    provenance.write_json(args.output, payload)
     print(f"\nresults: {args.output}")
     if problems:
         print("\nmeasurement problems (numbers above are not trustworthy):\n  "

@@ -52,6 +52,9 @@ def main() -> None:
             ),
             HandlerConfig(route="/sse", allow_parallel_requests=True, max_queue_time=60.0,
                           workload_calculator=lambda payload: payload.get("max_tokens", 0)),
+            HandlerConfig(route="/sse/stamped", allow_parallel_requests=True,
+                          max_queue_time=60.0,
+                          workload_calculator=lambda payload: payload.get("max_tokens", 0)),
         ],
         log_action_config=LogActionConfig(on_load=[READY_LINE], on_error=["Traceback"]),
     )
