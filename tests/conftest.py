@@ -80,6 +80,17 @@ def worker_env(**extra: str) -> dict[str, str]:
 PYTHON = sys.executable
 
 
+@pytest.fixture(autouse=True, scope="session")
+def no_replay_mark_in_the_checkout():
+    """A signed test worker keeps its replay mark in its own cache dir: one left in the
+    checkout's .cache would make later tests' reqnums (the emulator starts at 1) too old."""
+    mark = REPO / ".cache" / "replay-mark"
+    existed = mark.exists()
+    yield
+    assert existed or not mark.exists(), (
+        f"a test wrote {mark}: give its signed worker VESPA_CACHE_DIR under tmp_path")
+
+
 @contextlib.contextmanager
 def left_to_the_gc():
     """Objects of Vespa's own types that what runs inside the block left in reference cycles

@@ -14,7 +14,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from hypothesis import example, given, settings, strategies as st
 
 from vespa.corridor import auth
-from vespa.corridor.auth import PublicKey, ReplayWindow, verify
+from vespa.corridor.auth import PublicKey, verify
+from vespa.corridor.replay import ReplayWindow
 
 URL = "http://203.0.113.7:41234"
 AUTH = {"cost": 100, "endpoint": "my-endpoint", "reqnum": 7, "request_idx": 3, "url": URL}

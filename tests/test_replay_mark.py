@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 
 from vespa.autoscaler.replay_mark import WIDTH, ReplayMark
-from vespa.corridor.auth import ReplayWindow
+from vespa.corridor.replay import ReplayWindow
 
 KEY = "sha256:00112233aabbccdd"
 

@@ -678,3 +678,33 @@ async def test_a_legacy_delivery_half_done_resends_only_the_undelivered_half(mak
                                                                          ([2], False)]
     finally:
         await runner.cleanup()
+
+
+async def test_two_status_reports_at_once_count_each_window_once(emulator, make_reporter):
+    """The periodic report and a forced one (the final report, a test's) at the same moment:
+    each takes its own window, so the served load reaches the autoscaler once."""
+    ledger = Ledger()
+    serve(ledger, 1, 100.0)
+    reporter = make_reporter(emulator.url, ledger=ledger)
+    emulator.delay = 0.3  # both are on their way together
+    assert await asyncio.gather(reporter.report_status(), reporter.report_status(force=True)) \
+        == [True, True]
+    assert sorted(r["cur_perf"] for r in emulator.reports) == [0.0, 100.0]
+    assert sorted(r["new_load"] for r in emulator.reports) == [0.0, 100.0]
+
+
+async def test_a_cancelled_status_report_finishes_and_the_final_one_carries_only_what_is_new(
+        emulator, make_reporter):
+    """Shutdown cancels the reporter mid-POST: that POST still counts its window, and the
+    final report waits for it instead of sending the same window again."""
+    ledger = Ledger()
+    serve(ledger, 1, 100.0)
+    reporter = make_reporter(emulator.url, ledger=ledger)
+    emulator.delay = 0.3
+    task = asyncio.create_task(reporter.report_status())
+    await wait_until(lambda: emulator.runner.server.connections)  # the POST is on its way
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    serve(ledger, 2, 5.0)
+    assert await reporter.report_status(force=True)
+    assert [r["cur_perf"] for r in emulator.reports] == [100.0, 5.0]

@@ -113,7 +113,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 # -- fleets --------------------------------------------------------------------------------------
 
 @pytest.fixture
-async def signed():
+async def signed(tmp_path):
     """``await signed(backend_url, **env)``: emulator + signed in-process worker in front of any
     backend; returns a ``Fleet`` (``.emulator``, ``.worker``, ``.url``, ``.session``)."""
     fleets: list[Fleet] = []
@@ -133,7 +133,8 @@ async def signed():
             "MASTER_TOKEN": MASTER_TOKEN, "VESPA_USE_SSL": "false",
             "VESPA_PUBLIC_URL": f"http://127.0.0.1:{port}",
             "VESPA_MAX_THROUGHPUT": "1000", "VESPA_REPORT_INTERVAL": "0.05",
-            "VESPA_HEALTHCHECK_INTERVAL": "0.2", **env})
+            "VESPA_HEALTHCHECK_INTERVAL": "0.2",
+            "VESPA_CACHE_DIR": str(tmp_path / f"cache-{port}"), **env})
         worker = Worker(settings)
         server = WorkerTestServer(worker, host="127.0.0.1", port=port)
         await server.start_server()

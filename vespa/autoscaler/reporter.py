@@ -127,6 +127,7 @@ class Reporter:
         self.timeout = aiohttp.ClientTimeout(total=max(timeout, answer_timeout),
                                              sock_connect=timeout)
         self.delivery: asyncio.Task | None = None  # finished records on their way
+        self.status_turn = asyncio.Lock()  # one worker_status at a time, each its own window
         self.wake = asyncio.Event()
         self.last_sent: dict | None = None
         self.last_sent_at = float("-inf")
@@ -161,6 +162,19 @@ class Reporter:
         return False
 
     async def report_status(self, force: bool = False) -> bool:
+        """Send worker_status when something changed (or ``force``); False when it failed.
+
+        One at a time, and shielded: two reports taking the same window (the periodic one and
+        the final one, or a test's) would count its load twice; a report whose caller is
+        cancelled (shutdown) finishes, so the next one waits for it and carries only what
+        came after."""
+        return await asyncio.shield(asyncio.ensure_future(self._report_status_in_turn(force)))
+
+    async def _report_status_in_turn(self, force: bool) -> bool:
+        async with self.status_turn:
+            return await self._report_status(force)
+
+    async def _report_status(self, force: bool) -> bool:
         load, window = self.ledger.load_fields()
         disk_used = shutil.disk_usage("/").used
         # disk_usage (used on /) and additional_disk_usage in GiB, as Vast's own worker counts them

@@ -1,4 +1,5 @@
-"""Signed-request checks (pure core): canonical messages, RSA verify, URL binding, replay window.
+"""Signed-request checks (pure core): canonical messages, RSA verify, URL binding; the replay
+window (``replay.py``) is consulted for the schemes that sign reqnum.
 
 Values in, values out: no clock, environment or socket here. The public key is parsed once into a
 ``PublicKey``; ``verify`` returns a ``Verdict`` whose ``reason`` is fit for a 401 error message.
@@ -14,10 +15,9 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import heapq
 import hmac
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from json.encoder import encode_basestring_ascii
 from typing import Final
@@ -27,6 +27,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from mypy_extensions import mypyc_attr
 
+from .replay import ReplayWindow
+
 SCHEMES: Final = ("full", "url", "legacy")
 """Signature schemes, in the order ``auto`` tries them (the message that binds most first)."""
 FULL_FIELDS: Final = ("cost", "endpoint", "reqnum", "request_idx", "url")  # sorted, as signed
@@ -34,7 +36,6 @@ URL_FIELDS: Final = ("url",)
 LEGACY_FIELDS: Final = ("cost", "endpoint", "reqnum", "url")
 REPLAY_SCHEMES: Final = frozenset({"full", "legacy"})
 """Schemes whose message carries reqnum; under url-only every request has the same signature."""
-DEFAULT_REPLAY_WINDOW = 10_000
 VERIFIED_CACHE_SIZE = 64
 """Signatures a key remembers having verified (url-only: one per worker URL it was signed for)."""
 PKCS1V15: Final = padding.PKCS1v15()
@@ -300,7 +301,7 @@ def urls_match(signed_url: object, expected_url: str) -> bool:
 
 
 def verify(auth_data: Mapping, public_key: PublicKey | object, scheme: str = "auto", *,
-           expected_url: str | None = None, replay: "ReplayWindow | None" = None) -> Verdict:
+           expected_url: str | None = None, replay: ReplayWindow | None = None) -> Verdict:
     """Check a request's auth_data; never raises on bad input, returns a failed Verdict instead.
 
     ``scheme`` is auto|full|url|legacy (auto accepts any scheme that verifies). With
@@ -390,80 +391,3 @@ def _refusal(unbuildable: list[str], tried: tuple[str, ...]) -> str:
     under = "any scheme (full, url, legacy)" if len(tried) > 1 else f"the {tried[0]} scheme"
     return (f"signature does not verify under {under}: auth_data was altered, signed with "
             f"another autoscaler key, or VESPA_SIGNATURE_SCHEME does not match the autoscaler")
-
-
-# -- replay window ---------------------------------------------------------------------------
-
-class ReplayWindow:
-    """Refuses replays of verified (reqnum, signature bytes) pairs; bounded memory.
-
-    The signature is its decoded bytes, never its base64 spelling: base64 ignores the unused low
-    bits of the last character, so 16 spellings decode to the same 256 bytes, and keying on the
-    text would let each of them through once. Every admitted pair with reqnum >= (highest reqnum seen - ``size``) is remembered, so a replay
-    inside the window is always caught; a reqnum below that floor is refused as too old. At most
-    ``size`` pairs are kept: when more arrive (many signatures for one reqnum), the oldest are
-    forgotten and the floor rises past them, so nothing forgotten can be accepted again.
-    The default 10,000 tolerates late arrivals when reqnums are shared by a busy endpoint, and
-    costs at most ~4 MB (a 2048-bit signature is 256 bytes).
-
-    Across restarts: ``on_new_max`` is told each new highest reqnum before its request is let
-    through (the assembly writes it down), and ``restore`` makes every reqnum at or below the
-    one written before a restart too old, since which of them were served is not known.
-    """
-
-    def __init__(self, size: int = DEFAULT_REPLAY_WINDOW):
-        if size < 1:
-            raise ValueError("replay window size must be at least 1")
-        self.size = size
-        self.max_reqnum: int | None = None
-        self.floor: int | None = None
-        self.seen: set[tuple[int, bytes]] = set()
-        self.by_age: list[tuple[int, bytes]] = []  # min-heap over seen
-        self.on_new_max: Callable[[int], None] | None = None
-
-    def restore(self, high_water: int) -> None:
-        """Refuse every reqnum up to ``high_water``, the highest admitted before a restart."""
-        self.raise_floor(high_water + 1)
-        if self.max_reqnum is None or high_water > self.max_reqnum:
-            self.max_reqnum = high_water
-
-    def __len__(self) -> int:
-        return len(self.seen)
-
-    def check(self, reqnum: object, signature: bytes) -> str:
-        """Why this pair must be refused, or "" when it is fresh (nothing is recorded)."""
-        if not isinstance(reqnum, int) or isinstance(reqnum, bool):
-            return "reqnum must be an integer"
-        if self.floor is not None and reqnum < self.floor:
-            return (f"request too old: reqnum {reqnum} is below the replay window "
-                    f"(oldest accepted {self.floor}); route the request again")
-        if (reqnum, signature) in self.seen:
-            return f"replayed request: reqnum {reqnum} was already served; route the request again"
-        return ""
-
-    def admit(self, reqnum: object, signature: bytes) -> str:
-        """Check and, when fresh, record the pair; returns the refusal reason or ""."""
-        reason = self.check(reqnum, signature)
-        if reason or not isinstance(reqnum, int):  # check refuses any reqnum but an int
-            return reason
-        self.record(reqnum, signature)
-        return ""
-
-    def record(self, reqnum: int, signature: bytes) -> None:
-        pair = (reqnum, signature)
-        self.seen.add(pair)
-        heapq.heappush(self.by_age, pair)
-        if self.max_reqnum is None or reqnum > self.max_reqnum:
-            self.max_reqnum = reqnum
-            if self.on_new_max is not None:
-                self.on_new_max(reqnum)
-        self.raise_floor(self.max_reqnum - self.size)
-        while len(self.seen) > self.size:
-            self.raise_floor(self.by_age[0][0] + 1)
-
-    def raise_floor(self, floor: int) -> None:
-        if self.floor is not None and floor <= self.floor:
-            return
-        self.floor = floor
-        while self.by_age and self.by_age[0][0] < floor:
-            self.seen.discard(heapq.heappop(self.by_age))

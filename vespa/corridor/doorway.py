@@ -16,10 +16,11 @@ from typing import Protocol
 from ..http.body import BodyTooLarge, arrived_body, check_length, is_small, read_body
 from ..http.messages import Request
 from ..http.target import path_of, redacted, spellings, without_params
-from .auth import PublicKey, ReplayWindow, verify
+from .auth import PublicKey, verify
 from .envelope import (BODY_METHODS, PASSTHROUGH, Envelope, EnvelopeError, open_envelope,
                        with_path)
 from .refusal import BODY_ERRORS, Reason, Refused, refusal_for
+from .replay import ReplayWindow
 from .visit import Visit
 
 log = logging.getLogger("vespa.auth")

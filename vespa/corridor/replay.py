@@ -1,0 +1,85 @@
+"""The replay window (pure core): verified (reqnum, signature) pairs a signed request may not
+reuse, in bounded memory, with a floor that a restart can restore (``autoscaler/replay_mark``)."""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable
+
+DEFAULT_REPLAY_WINDOW = 10_000
+
+
+class ReplayWindow:
+    """Refuses replays of verified (reqnum, signature bytes) pairs; bounded memory.
+
+    The signature is its decoded bytes, never its base64 spelling: base64 ignores the unused low
+    bits of the last character, so 16 spellings decode to the same 256 bytes, and keying on the
+    text would let each of them through once. Every admitted pair with reqnum >= (highest reqnum
+    seen - ``size``) is remembered, so a replay inside the window is always caught; a reqnum
+    below that floor is refused as too old. At most
+    ``size`` pairs are kept: when more arrive (many signatures for one reqnum), the oldest are
+    forgotten and the floor rises past them, so nothing forgotten can be accepted again.
+    The default 10,000 tolerates late arrivals when reqnums are shared by a busy endpoint, and
+    costs at most ~4 MB (a 2048-bit signature is 256 bytes).
+
+    Across restarts: ``on_new_max`` is told each new highest reqnum before its request is let
+    through (the assembly writes it down), and ``restore`` makes every reqnum at or below the
+    one written before a restart too old, since which of them were served is not known.
+    """
+
+    def __init__(self, size: int = DEFAULT_REPLAY_WINDOW):
+        if size < 1:
+            raise ValueError("replay window size must be at least 1")
+        self.size = size
+        self.max_reqnum: int | None = None
+        self.floor: int | None = None
+        self.seen: set[tuple[int, bytes]] = set()
+        self.by_age: list[tuple[int, bytes]] = []  # min-heap over seen
+        self.on_new_max: Callable[[int], None] | None = None
+
+    def restore(self, high_water: int) -> None:
+        """Refuse every reqnum up to ``high_water``, the highest admitted before a restart."""
+        self.raise_floor(high_water + 1)
+        if self.max_reqnum is None or high_water > self.max_reqnum:
+            self.max_reqnum = high_water
+
+    def __len__(self) -> int:
+        return len(self.seen)
+
+    def check(self, reqnum: object, signature: bytes) -> str:
+        """Why this pair must be refused, or "" when it is fresh (nothing is recorded)."""
+        if not isinstance(reqnum, int) or isinstance(reqnum, bool):
+            return "reqnum must be an integer"
+        if self.floor is not None and reqnum < self.floor:
+            return (f"request too old: reqnum {reqnum} is below the replay window "
+                    f"(oldest accepted {self.floor}); route the request again")
+        if (reqnum, signature) in self.seen:
+            return f"replayed request: reqnum {reqnum} was already served; route the request again"
+        return ""
+
+    def admit(self, reqnum: object, signature: bytes) -> str:
+        """Check and, when fresh, record the pair; returns the refusal reason or ""."""
+        reason = self.check(reqnum, signature)
+        if reason or not isinstance(reqnum, int):  # check refuses any reqnum but an int
+            return reason
+        self.record(reqnum, signature)
+        return ""
+
+    def record(self, reqnum: int, signature: bytes) -> None:
+        pair = (reqnum, signature)
+        self.seen.add(pair)
+        heapq.heappush(self.by_age, pair)
+        if self.max_reqnum is None or reqnum > self.max_reqnum:
+            self.max_reqnum = reqnum
+            if self.on_new_max is not None:
+                self.on_new_max(reqnum)
+        self.raise_floor(self.max_reqnum - self.size)
+        while len(self.seen) > self.size:
+            self.raise_floor(self.by_age[0][0] + 1)
+
+    def raise_floor(self, floor: int) -> None:
+        if self.floor is not None and floor <= self.floor:
+            return
+        self.floor = floor
+        while self.by_age and self.by_age[0][0] < floor:
+            self.seen.discard(heapq.heappop(self.by_age))
