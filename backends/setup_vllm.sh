@@ -58,6 +58,14 @@ else
     echo "$WANT" > "$STAMP"
 fi
 
+if [ "$DEVICE" = cpu ] && "$PY" -c 'import importlib.util as u, sys; sys.exit(u.find_spec("triton") is None)'; then
+    # xgrammar pulls in a CUDA build of triton (no CPU backend): vLLM disables it on a CPU and
+    # xgrammar uses it only for CUDA tensors, but importing it loads its bindings, which print
+    # "nanobind: leaked ..." lists every time vLLM exits.
+    say "removing triton (a CUDA build, unused on a CPU)"
+    "$PY" -m pip uninstall --no-input -y triton
+fi
+
 if [ -n "${MODEL_NAME:-}${VLLM_MODEL:-}" ]; then
     say "MODEL_NAME/VLLM_MODEL is set: not converting the default model"
 elif [ -f "$MODEL_DIR/config.json" ]; then

@@ -18,6 +18,15 @@ SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 CPU_MAX_MODEL_LEN = 2048
 CPU_KVCACHE_SPACE_GB = "1"
+# vLLM's own `--shutdown-timeout`: on SIGTERM its API server asks its engine process to finish what
+# is in flight and wind down, and force-kills it only after this many seconds. vLLM's default, 0,
+# force-kills it at once, so every stop logged "force killing remaining processes" and the engine's
+# semaphores and shared memory were left to the resource tracker ("leaked ... objects"). The worker
+# has drained its requests before it stops vLLM; the engine winds down in 2-3 s on a CPU.
+SHUTDOWN_TIMEOUT = 15
+# What the API server may take on top of that (closing its HTTP server) before the supervisor
+# SIGKILLs it.
+STOP_MARGIN = 15
 
 # Short spellings vLLM also accepts for a flag; `--no-X` is handled for every flag.
 FLAG_ALIASES = {"--tensor-parallel-size": ("-tp",), "--quantization": ("-q",)}
@@ -35,6 +44,8 @@ class LaunchSpec:
     health_path: str = "/health"
     ready_log_patterns: tuple[str, ...] = ("Application startup complete",)
     models_path: str = "/v1/models"
+    # Seconds from SIGTERM (to the API server alone: it stops its own engine processes) to SIGKILL.
+    stop_grace: float = SHUTDOWN_TIMEOUT + STOP_MARGIN
 
 
 def cache_dir(env: Mapping[str, str]) -> Path:
@@ -91,6 +102,7 @@ def build_command(env: Mapping[str, str], *, port: int, python: str, gpu: bool,
         ("--model", model), ("--served-model-name", served), ("--host", "127.0.0.1"), ("--port", str(port)),
     ]
     flags += _knob_flags(env, given)
+    flags.append(("--shutdown-timeout", str(SHUTDOWN_TIMEOUT)))
     if not gpu:
         flags += [("--dtype", "float32"), ("--enforce-eager", None)]
         if not _setting(env, "VLLM_MAX_MODEL_LEN"):
@@ -104,7 +116,8 @@ def build_command(env: Mapping[str, str], *, port: int, python: str, gpu: bool,
     extra_env = _extra_env(env, gpu, _is_local_path(model))
     if api_key:
         extra_env["VLLM_API_KEY"] = api_key
-    return LaunchSpec(argv=argv, env=extra_env, model=model, served_model_name=served, port=port)
+    return LaunchSpec(argv=argv, env=extra_env, model=model, served_model_name=served, port=port,
+                      stop_grace=_shutdown_timeout(user_args, given) + STOP_MARGIN)
 
 
 def setup_problem(spec: LaunchSpec) -> str | None:
@@ -146,6 +159,16 @@ def _served_name(env: Mapping[str, str], user_args: list[str], given: set[str]) 
             raise ValueError("VLLM_SERVED_MODEL_NAME and --served-model-name in VLLM_ARGS are both set; use one")
         return _flag_value(user_args, "--served-model-name")
     return served
+
+
+def _shutdown_timeout(user_args: list[str], given: set[str]) -> int:
+    """vLLM's --shutdown-timeout: Vespa's default, or the one VLLM_ARGS sets (to size the grace)."""
+    if "--shutdown-timeout" not in given:
+        return SHUTDOWN_TIMEOUT
+    raw = _flag_value(user_args, "--shutdown-timeout")
+    if not raw.isdigit():
+        raise ValueError(f"--shutdown-timeout in VLLM_ARGS must be whole seconds, got {raw!r}")
+    return int(raw)
 
 
 def _user_args(env: Mapping[str, str]) -> list[str]:

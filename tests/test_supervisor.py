@@ -138,3 +138,78 @@ def test_the_backends_log_of_the_workers_own_polls_is_recognised():
               "INFO 12-06 21:30:05 [loggers.py:123] Avg prompt throughput: 0.0 tokens/s"]
     assert [bool(quiet.search(line)) for line in polls] == [True] * len(polls)
     assert [bool(quiet.search(line)) for line in others] == [False] * len(others)
+
+
+# -- how the backend is stopped (Supervisor.stop, in-process) ----------------------------------
+
+def sigwait_backend(tmp_path, *flags: str, stop_group: bool = True, grace: float = 10.0):
+    """A Supervisor of backend_proc with a child that records who sends it SIGTERM."""
+    from vespa.backend.supervisor import ProcessSpec, Supervisor
+
+    witness = tmp_path / "sigterm-from"
+    argv = [PYTHON, "tests/procs/backend_proc.py", "--port", str(free_port()),
+            "--sigwait-child", str(witness), *flags]
+    spec = ProcessSpec("fake", argv, cwd=str(REPO), stop_group=stop_group, stop_grace=grace)
+    return Supervisor(spec, str(tmp_path / "backend.log")), witness
+
+
+async def started(supervisor, witness) -> tuple[asyncio.Task, int]:
+    """The supervisor's run task once the backend and its waiting child are up; the child's pid."""
+    task = asyncio.ensure_future(supervisor.run())
+    ready = witness.with_name(witness.name + ".ready")
+    await wait_until(lambda: ready.exists() and ready.read_text().strip(), timeout=20)
+    return task, int(ready.read_text())
+
+
+async def test_a_backend_that_stops_its_children_gets_sigterm_alone(tmp_path, caplog):
+    """vLLM's way: SIGTERM to the API server only; it stops its engine processes itself."""
+    supervisor, witness = sigwait_backend(tmp_path, "--stop-child-on-sigterm", stop_group=False)
+    task, child = await started(supervisor, witness)
+    backend = supervisor.process.pid
+    await supervisor.stop()
+    await asyncio.wait_for(task, 10)
+    assert supervisor.process.returncode == 0
+    assert int(witness.read_text()) == backend  # the child heard from its parent, not from us
+    assert not alive(child) and not alive(backend)
+    log = (tmp_path / "backend.log").read_text()
+    assert "backend: stopping its child" in log and "backend: stopped" in log
+    assert "killing" not in caplog.text
+
+
+async def test_by_default_the_whole_group_gets_sigterm(tmp_path):
+    supervisor, witness = sigwait_backend(tmp_path)
+    task, child = await started(supervisor, witness)
+    await supervisor.stop()
+    await asyncio.wait_for(task, 10)
+    assert int(witness.read_text()) == os.getpid()  # the supervisor signalled the child itself
+    assert not alive(child)
+
+
+async def test_a_backend_that_ignores_sigterm_is_killed_after_its_grace(tmp_path, caplog):
+    supervisor, witness = sigwait_backend(tmp_path, "--ignore-sigterm", stop_group=False, grace=0.5)
+    task, child = await started(supervisor, witness)
+    began = time.monotonic()
+    await supervisor.stop()
+    took = time.monotonic() - began
+    await asyncio.wait_for(task, 10)
+    assert 0.5 <= took < 5, took
+    assert supervisor.process.returncode == -signal.SIGKILL
+    assert "fake did not stop in 0s: killing it" in caplog.text
+    assert "backend ignores SIGTERM" in (tmp_path / "backend.log").read_text()
+    assert not witness.exists()  # its child got no SIGTERM: SIGKILL, with the whole group
+    await wait_until(lambda: not alive(child), timeout=5)
+
+
+async def test_what_outlives_the_backend_is_killed_after_a_moment(tmp_path, caplog):
+    """The backend exits on SIGTERM but leaves its child (which ignores a SIGTERM it never got):
+    a short wait for it to end by itself, then SIGKILL, named in the log."""
+    supervisor, witness = sigwait_backend(tmp_path, stop_group=False)
+    supervisor.leftover_grace = 0.3
+    task, child = await started(supervisor, witness)
+    await supervisor.stop()
+    await asyncio.wait_for(task, 10)
+    assert supervisor.process.returncode == -signal.SIGTERM
+    await wait_until(lambda: not alive(child), timeout=5)
+    assert not witness.exists()
+    assert f"1 process(es) of fake still running 0s after it stopped: killing them ({child} " \
+        in caplog.text

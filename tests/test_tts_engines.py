@@ -8,6 +8,7 @@ import pytest
 
 from backends.tts.engines import choose_engine, default_engine, espeak, piper
 from backends.tts.settings import DEFAULT_MAX_CHARS, Settings, settings_from_env
+from backends.tts.voices import OPENAI_VOICES, AliasSettings, parse_aliases
 
 
 @pytest.mark.parametrize(
@@ -34,6 +35,49 @@ def test_settings_defaults_and_values():
     env = {"VESPA_TTS_ENGINE": " Piper ", "VESPA_TTS_VOICE": "en-gb", "VESPA_TTS_MODEL_DIR": "/m",
            "VESPA_TTS_DEVICE": "cuda:1", "VESPA_TTS_MAX_CHARS": "100"}
     assert settings_from_env(env) == Settings("piper", "en-gb", "/m", "cuda:1", 100)
+
+
+def test_voice_aliases_setting():
+    settings = settings_from_env({"VESPA_TTS_VOICE_ALIASES": " fable=en-gb , narrator = de ,"})
+    assert settings.voice_aliases == AliasSettings(True, (("fable", "en-gb"), ("narrator", "de")))
+    assert parse_aliases("none").openai is False
+    assert parse_aliases("None,narrator=de") == AliasSettings(False, (("narrator", "de"),))
+
+
+@pytest.mark.parametrize(
+    ("value", "words"),
+    [("alloy", "expected name=voice pairs"), ("=de", "got '=de'"), ("alloy=", "got 'alloy='"),
+     ("a=x,a=y", "'a' is mapped twice")],
+)
+def test_bad_voice_aliases_are_named(value, words):
+    with pytest.raises(ValueError, match="VESPA_TTS_VOICE_ALIASES") as caught:
+        settings_from_env({"VESPA_TTS_VOICE_ALIASES": value})
+    assert words in str(caught.value)
+
+
+def test_openai_voices_default_to_the_engine_default_voice():
+    voices = frozenset({"en-us", "en-gb", "de"})
+    aliases = AliasSettings().resolve(voices, "en-us")
+    assert aliases == {name: "en-us" for name in OPENAI_VOICES}
+    assert set(OPENAI_VOICES) >= {"alloy", "ash", "ballad", "coral", "echo", "fable", "nova", "onyx",
+                                  "sage", "shimmer", "verse", "marin", "cedar"}
+    assert AliasSettings(openai=False).resolve(voices, "en-us") == {}
+    mapped = parse_aliases("fable=en-gb,narrator=de").resolve(voices, "en-us")
+    assert (mapped["fable"], mapped["alloy"], mapped["narrator"]) == ("en-gb", "en-us", "de")
+    # an engine voice that happens to carry an OpenAI name keeps its own meaning
+    assert "echo" not in AliasSettings().resolve(voices | {"echo"}, "en-us")
+
+
+@pytest.mark.parametrize(
+    ("value", "words"),
+    [("onyx=klingon", "'onyx' is mapped to 'klingon', which is not a voice of this engine; "
+                      "its voices: de, en-gb, en-us"),
+     ("de=en-us", "'de' is already a voice of this engine")],
+)
+def test_aliases_that_do_not_fit_the_engine_are_refused(value, words):
+    with pytest.raises(ValueError, match="VESPA_TTS_VOICE_ALIASES") as caught:
+        parse_aliases(value).resolve(frozenset({"en-us", "en-gb", "de"}), "en-us")
+    assert words in str(caught.value)
 
 
 @pytest.mark.parametrize("value", ["many", "0", "-3", "1.5"])

@@ -1,25 +1,44 @@
 """Response formats of the TTS server (backends/tts/formats.py): wav, pcm and, with lameenc, mp3."""
 
 import importlib.util
+import io
 import math
 import struct
+import wave
 
 import pytest
 
 from backends.tts.audio import wav_header
-from backends.tts.formats import RESPONSE_FORMATS, available_formats
+from backends.tts.formats import RESPONSE_FORMATS, available_formats, encode_whole
 
 TONE = struct.pack("<22050h", *(int(8000 * math.sin(i / 7)) for i in range(22050)))
 
 
 def body(name: str, pieces: list[bytes], sample_rate: int = 22050) -> bytes:
-    encoder = available_formats(mp3=True)[name].encoder(sample_rate)
+    encoder = available_formats(mp3=True)[name].encoder(sample_rate, None)
     return b"".join(encoder.encode(piece) for piece in pieces) + encoder.finish()
 
 
 def test_wav_sends_its_header_once_before_the_samples():
     assert body("wav", [b"ab", b"cd"]) == wav_header(22050) + b"abcd"
     assert body("wav", []) == wav_header(22050)
+
+
+def test_a_whole_wav_is_sized_and_python_wave_reads_its_length():
+    whole = encode_whole(available_formats(mp3=False)["wav"], 22050, TONE)
+    assert whole == wav_header(22050, len(TONE)) + TONE
+    riff_size, data_size = struct.unpack_from("<I", whole, 4)[0], struct.unpack_from("<I", whole, 40)[0]
+    assert (riff_size, data_size) == (len(whole) - 8, len(TONE))
+    with wave.open(io.BytesIO(whole)) as reader:
+        assert (reader.getnframes(), reader.getframerate()) == (22050, 22050)  # 1 s, not 97,391 s
+        assert reader.readframes(reader.getnframes()) == TONE
+
+
+def test_whole_pcm_and_mp3_are_what_streaming_sends():
+    formats = available_formats(mp3=importlib.util.find_spec("lameenc") is not None)
+    assert encode_whole(formats["pcm"], 22050, TONE) == TONE
+    if "mp3" in formats:
+        assert encode_whole(formats["mp3"], 22050, TONE) == body("mp3", [TONE])
 
 
 def test_pcm_is_the_samples():

@@ -16,6 +16,10 @@ PIPER_LIKE = Capabilities(
     voices=frozenset({"joe", "amy"}), default_voice="joe", options=frozenset(),
     speed_range=(0.25, 4.0), max_chars=100,
 )
+WITH_ALIASES = Capabilities(
+    voices=frozenset({"joe", "amy"}), default_voice="joe", options=frozenset(),
+    speed_range=(0.25, 4.0), max_chars=100, aliases={"alloy": "joe", "nova": "amy"},
+)
 CLONING = Capabilities(
     voices=frozenset({"default"}), default_voice="default",
     options=frozenset({"exaggeration", "cfg_weight", "temperature", "reference_audio"}),
@@ -70,6 +74,39 @@ def test_openai_refusals(body, status, words):
     error = refused(parse_openai_speech, body)
     assert error.status == status
     assert words in error.message
+
+
+def test_an_alias_speaks_with_the_voice_it_names():
+    assert parse_openai_speech({"input": "Hi.", "voice": "nova"}, WITH_ALIASES).voice == "amy"
+    assert parse_synthesize({"text": "Hi.", "voice": "alloy"}, WITH_ALIASES).voice == "joe"
+    assert parse_openai_speech({"input": "Hi.", "voice": "amy"}, WITH_ALIASES).voice == "amy"
+
+
+def test_an_openai_voice_object_is_looked_up_by_its_id():
+    body = {"input": "Hi.", "voice": {"id": "nova"}}
+    assert parse_openai_speech(body, WITH_ALIASES).voice == "amy"
+
+
+def test_unknown_voice_lists_voices_and_aliases():
+    error = refused(parse_openai_speech, {"input": "hi", "voice": "Alloy"}, WITH_ALIASES)
+    assert error.status == 422
+    assert error.message == ("unknown voice 'Alloy'; available: amy, joe; aliases: alloy, nova; "
+                             "GET /voices lists them")
+
+
+def test_stream_is_on_unless_turned_off():
+    assert parse_openai_speech({"input": "Hi."}, PIPER_LIKE).stream is True
+    assert parse_openai_speech({"input": "Hi.", "stream": None}, PIPER_LIKE).stream is True
+    assert parse_openai_speech({"input": "Hi.", "stream": False}, PIPER_LIKE).stream is False
+    assert parse_synthesize({"text": "Hi.", "stream": False}, PIPER_LIKE).stream is False
+    assert refused(parse_openai_speech, {"input": "Hi.", "stream": "no"}).message == (
+        "'stream' must be true or false")
+
+
+def test_only_audio_stream_format_is_accepted():
+    assert parse_openai_speech({"input": "Hi.", "stream_format": "audio"}, PIPER_LIKE).text == "Hi."
+    error = refused(parse_openai_speech, {"input": "Hi.", "stream_format": "sse"})
+    assert (error.status, error.message) == (422, "unsupported stream_format 'sse'; supported: audio")
 
 
 def test_input_at_the_limit_is_accepted():

@@ -5,10 +5,12 @@ engines behind the real server are exercised in tests/slow/test_tts_backend.py.
 """
 
 import asyncio
+import io
 import math
 import struct
 import threading
 import time
+import wave
 
 import aiohttp
 import pytest
@@ -16,6 +18,7 @@ import pytest
 from backends.tts.audio import UNKNOWN_SIZE, wav_pcm
 from backends.tts.engines import EngineInputError
 from backends.tts.server import create_app
+from backends.tts.voices import OPENAI_VOICES, AliasSettings, parse_aliases
 
 RATE = 16000
 
@@ -58,8 +61,8 @@ class ToneEngine:
                 self.running -= 1
 
 
-async def ready_client(aiohttp_client, engine, max_chars=4096):
-    client = await aiohttp_client(create_app(lambda: engine, max_chars))
+async def ready_client(aiohttp_client, engine, max_chars=4096, aliases=AliasSettings()):
+    client = await aiohttp_client(create_app(lambda: engine, max_chars, aliases))
     for _ in range(200):
         if (await client.get("/health")).status == 200:
             return client
@@ -106,8 +109,83 @@ async def test_voices(aiohttp_client):
     client = await ready_client(aiohttp_client, ToneEngine())
     assert await (await client.get("/voices")).json() == {
         "engine": "tone", "default": "beep", "voices": ["beep", "boop"],
+        "aliases": {name: "beep" for name in sorted(OPENAI_VOICES)},
         "sample_rate": RATE, "options": ["temperature"],
     }
+
+
+async def test_openai_voice_names_speak_with_the_engine_voices(aiohttp_client):
+    engine = ToneEngine()
+    client = await ready_client(aiohttp_client, engine, aliases=parse_aliases("nova=boop,robot=boop"))
+    for voice in ("alloy", "nova", "robot", "boop"):
+        response = await client.post("/v1/audio/speech", json={"input": "Hi.", "voice": voice})
+        assert response.status == 200, await response.text()
+    assert [call[1] for call in engine.calls] == ["beep", "boop", "boop", "boop"]
+    aliases = (await (await client.get("/voices")).json())["aliases"]
+    assert (aliases["alloy"], aliases["nova"], aliases["robot"]) == ("beep", "boop", "boop")
+    refused = await client.post("/v1/audio/speech", json={"input": "Hi.", "voice": "nobody"})
+    assert refused.status == 422
+    assert (await refused.json())["error"] == (
+        "unknown voice 'nobody'; available: beep, boop; aliases: "
+        f"{', '.join(sorted([*OPENAI_VOICES, 'robot']))}; GET /voices lists them")
+
+
+async def test_no_aliases_when_turned_off(aiohttp_client):
+    client = await ready_client(aiohttp_client, ToneEngine(), aliases=parse_aliases("none"))
+    assert (await (await client.get("/voices")).json())["aliases"] == {}
+    response = await client.post("/v1/audio/speech", json={"input": "Hi.", "voice": "alloy"})
+    assert response.status == 422
+
+
+async def test_an_alias_to_a_voice_the_engine_lacks_fails_the_load(aiohttp_client):
+    client = await aiohttp_client(create_app(ToneEngine, 100, parse_aliases("onyx=deep")))
+    for _ in range(100):
+        response = await client.get("/health")
+        if response.status != 503:
+            break
+        await asyncio.sleep(0.01)
+    assert response.status == 500
+    assert "'onyx' is mapped to 'deep', which is not a voice of this engine" in (
+        await response.json())["error"]
+
+
+def wave_of(body: bytes) -> tuple[int, int]:
+    """(frames, rate) as Python's wave module reads them."""
+    with wave.open(io.BytesIO(body)) as reader:
+        return reader.getnframes(), reader.getframerate()
+
+
+async def test_one_sentence_is_answered_whole_with_sizes(aiohttp_client):
+    client = await ready_client(aiohttp_client, ToneEngine())
+    response = await client.post("/v1/audio/speech", json={"input": "Hello there."})
+    body = await response.read()
+    assert response.status == 200 and "Transfer-Encoding" not in response.headers
+    assert int(response.headers["Content-Length"]) == len(body)
+    assert struct.unpack_from("<I", body, 4)[0] == len(body) - 8
+    assert struct.unpack_from("<I", body, 40)[0] == len(body) - 44 == 2 * 12 * 16
+    assert wave_of(body) == (12 * 16, RATE)
+
+
+async def test_stream_false_answers_many_sentences_whole(aiohttp_client):
+    engine = ToneEngine()
+    client = await ready_client(aiohttp_client, engine)
+    for path, field in (("/v1/audio/speech", "input"), ("/synthesize", "text")):
+        response = await client.post(path, json={field: "One two. Three four five!", "stream": False})
+        body = await response.read()
+        assert response.status == 200 and "Transfer-Encoding" not in response.headers
+        assert int(response.headers["Content-Length"]) == len(body)
+        frames, rate = wave_of(body)
+        assert (frames, rate) == ((len(body) - 44) // 2, RATE)
+        assert frames == 8 * 16 + 16 * 16
+    assert [call[0] for call in engine.calls] == ["One two.", "Three four five!"] * 2
+
+
+async def test_stream_false_failure_in_a_later_sentence_is_a_500(aiohttp_client):
+    client = await ready_client(aiohttp_client, ToneEngine(fail_on="kaboom"))
+    response = await client.post("/v1/audio/speech",
+                                 json={"input": "Fine. Still fine. kaboom.", "stream": False})
+    assert (response.status, await response.json()) == (
+        500, {"error": "synthesis failed: RuntimeError: engine exploded"})
 
 
 async def test_wav_is_streamed_sentence_by_sentence(aiohttp_client):
@@ -131,9 +209,10 @@ async def test_wav_is_streamed_sentence_by_sentence(aiohttp_client):
 
 async def test_pcm_is_raw_samples(aiohttp_client):
     client = await ready_client(aiohttp_client, ToneEngine())
-    response = await client.post("/v1/audio/speech", json={"input": "Hello.", "response_format": "pcm"})
-    assert response.headers["Content-Type"] == "audio/pcm"
-    assert len(await response.read()) == 2 * 6 * 16
+    for text in ("Hello.", "Hello. Hello."):  # whole, then streamed
+        response = await client.post("/v1/audio/speech", json={"input": text, "response_format": "pcm"})
+        assert response.headers["Content-Type"] == "audio/pcm"
+        assert len(await response.read()) == 2 * len(text.split()) * 6 * 16
 
 
 async def test_synthesize_answers_wav(aiohttp_client):
@@ -147,7 +226,7 @@ async def test_synthesize_answers_wav(aiohttp_client):
     [
         ("/v1/audio/speech", {"input": ""}, 422, "empty"),
         ("/v1/audio/speech", {"input": "x" * 51}, 422, "limit is 50"),
-        ("/v1/audio/speech", {"input": "hi", "voice": "alloy"}, 422, "unknown voice 'alloy'"),
+        ("/v1/audio/speech", {"input": "hi", "voice": "Alloy"}, 422, "unknown voice 'Alloy'"),
         ("/v1/audio/speech", {"input": "hi", "response_format": "flac"}, 422, "response_format"),
         ("/v1/audio/speech", {"input": "hi", "exaggeration": 1}, 422, "does not support"),
         ("/synthesize", {"input": "hi"}, 400, "'text'"),
@@ -186,6 +265,17 @@ async def test_disconnect_stops_synthesis(aiohttp_client):
     response.close()
     await asyncio.sleep(1.0)  # time for 20 more sentences, had synthesis gone on
     assert len(engine.calls) <= 3  # the first, and at most the ones already under way
+
+
+async def test_disconnect_stops_a_whole_answer_being_made(aiohttp_client):
+    engine = ToneEngine(delay=0.05)
+    client = await ready_client(aiohttp_client, engine)
+    text = " ".join(f"Sentence {i}." for i in range(40))
+    with pytest.raises(asyncio.TimeoutError):
+        await client.post("/v1/audio/speech", json={"input": text, "stream": False},
+                          timeout=aiohttp.ClientTimeout(total=0.3))
+    await asyncio.sleep(1.0)  # time for 20 more sentences, had synthesis gone on
+    assert len(engine.calls) <= 10
 
 
 async def test_engine_calls_never_overlap_and_loop_stays_free(aiohttp_client):

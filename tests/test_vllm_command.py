@@ -38,6 +38,17 @@ def test_cpu_defaults_serve_the_converted_smollm2():
     assert spec.health_path == "/health"
 
 
+@pytest.mark.parametrize("gpu", [False, True])
+def test_vllm_gets_time_to_stop_its_engine_and_the_supervisor_waits_for_it(gpu):
+    spec = cmd(gpu=gpu)
+    assert flag(spec.argv, "--shutdown-timeout") == str(vllm.SHUTDOWN_TIMEOUT) == "15"
+    assert spec.stop_grace == vllm.SHUTDOWN_TIMEOUT + vllm.STOP_MARGIN
+    longer = cmd(gpu=gpu, VLLM_ARGS="--shutdown-timeout=120")
+    assert "--shutdown-timeout" not in longer.argv and "--shutdown-timeout=120" in longer.argv
+    assert longer.stop_grace == 120 + vllm.STOP_MARGIN
+    assert cmd(gpu=gpu, VLLM_ARGS="--shutdown_timeout 0").stop_grace == vllm.STOP_MARGIN
+
+
 def test_default_cache_dir_is_repo_dot_cache():
     assert cmd().model == str(vllm.REPO_ROOT / ".cache" / "models" / "SmolLM2-135M-Instruct")
     assert cmd(VESPA_CACHE_DIR="rel").model == str(vllm.REPO_ROOT / "rel" / "models" / "SmolLM2-135M-Instruct")
@@ -48,7 +59,7 @@ def test_cuda_defaults_add_no_cpu_flags():
     assert spec.argv == [PY, "-m", "vllm.entrypoints.openai.api_server",
                          "--model", "Qwen/Qwen2.5-7B-Instruct",
                          "--served-model-name", "Qwen/Qwen2.5-7B-Instruct",
-                         "--host", "127.0.0.1", "--port", "8001"]
+                         "--host", "127.0.0.1", "--port", "8001", "--shutdown-timeout", "15"]
     assert spec.env == {"VLLM_NO_USAGE_STATS": "1"}  # hub model: no offline flags, no CPU KV cache
 
 
@@ -137,6 +148,8 @@ def test_model_and_served_name_from_vllm_args():
      "VLLM_MAX_MODEL_LEN and --max-model-len in VLLM_ARGS are both set"),
     ({"VLLM_TENSOR_PARALLEL_SIZE": "2", "VLLM_ARGS": "-tp 4"}, "VLLM_TENSOR_PARALLEL_SIZE and --tensor-parallel-size"),
     ({"VLLM_SERVED_MODEL_NAME": "x", "VLLM_ARGS": "--served-model-name y"}, "VLLM_SERVED_MODEL_NAME and --served-model-name"),
+    ({"VLLM_ARGS": "--shutdown-timeout soon"}, "--shutdown-timeout in VLLM_ARGS must be whole seconds"),
+    ({"VLLM_ARGS": "--shutdown-timeout -1"}, "--shutdown-timeout in VLLM_ARGS must be whole seconds"),
 ])
 def test_bad_settings_raise_a_value_error_naming_the_setting(env, message):
     with pytest.raises(ValueError, match=message):

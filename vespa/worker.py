@@ -184,6 +184,12 @@ class Worker:
     def spawn(self, coroutine, name: str) -> None:
         self.background.append(asyncio.create_task(coroutine, name=name))
 
+    async def cancel_background(self, *names: str) -> None:
+        tasks = [task for task in self.background if task.get_name() in names]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
     async def start(self) -> None:
         """Start every background room; the backend is launched when the settings say so."""
         settings = self.settings
@@ -279,6 +285,9 @@ class Worker:
         if self.closing:
             await asyncio.wait(self.closing, timeout=shutdown_timeout)
         if self.supervisor is not None:
+            # no health checks or metrics scrapes of a backend on its way out (the supervisor's
+            # own task runs on: it logs the backend's last words)
+            await self.cancel_background("insight", "lifecycle")
             await self.supervisor.stop()
         for task in self.background:
             task.cancel()

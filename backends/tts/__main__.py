@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"backends.tts: {error}", file=sys.stderr)
         return 2
-    app = create_app(functools.partial(load_chosen_engine, settings), settings.max_chars)
+    app = create_app(functools.partial(load_chosen_engine, settings), settings.max_chars,
+                     settings.voice_aliases)
     return asyncio.run(serve(app, args.host, args.port))
 
 

@@ -1,4 +1,4 @@
-"""WAV containers: headers (streaming and sized) and reading the samples back out of WAV bytes.
+"""WAV containers: headers (sized, or streamed with open sizes) and reading the samples back out.
 
 All audio inside the server is mono signed 16-bit little-endian PCM ("s16le") at the engine's rate.
 """
@@ -12,7 +12,9 @@ SAMPLE_WIDTH = 2  # bytes per sample: int16
 CHANNELS = 1
 WAV_HEADER_SIZE = 44
 # Size fields of a WAV whose length is not known when its header is sent (streaming): the
-# largest value, as streaming TTS servers send; decoders read until the stream ends.
+# largest value, what ffmpeg itself writes when its output cannot be rewound. ffmpeg (and the
+# players built on it) reads such a WAV until the stream ends; readers that take the header's word
+# for the length (Python's `wave`: 0x7FFFFFFF frames) report hours. A WAV answered whole is sized.
 UNKNOWN_SIZE = 0xFFFFFFFF
 
 

@@ -1,6 +1,7 @@
 """Response formats of the speech endpoints: streaming encoders from s16le PCM to what is sent.
 
-wav: a streaming WAV header, then the samples; pcm: the raw samples (s16le, mono, the rate in the
+wav: a WAV header, then the samples: with its sizes when the whole audio is known before the header
+goes out, else with open sizes (see audio.py); pcm: the raw samples (s16le, mono, the rate in the
 X-Sample-Rate header); mp3: LAME via the `lameenc` package, offered only when it is installed.
 """
 
@@ -26,6 +27,9 @@ class Encoder(Protocol):
 
 
 class RawEncoder:
+    def __init__(self, sample_rate: int, data_size: int | None = None):
+        pass
+
     def encode(self, pcm: bytes) -> bytes:
         return pcm
 
@@ -34,10 +38,11 @@ class RawEncoder:
 
 
 class WavEncoder:
-    """A streaming WAV: the header (sizes unknown) goes out with the first piece."""
+    """A WAV whose header goes out with the first piece: sized when `data_size` (bytes of PCM to
+    come) is given, else a streamed WAV with open sizes."""
 
-    def __init__(self, sample_rate: int):
-        self.header = wav_header(sample_rate)
+    def __init__(self, sample_rate: int, data_size: int | None = None):
+        self.header = wav_header(sample_rate, data_size)
 
     def encode(self, pcm: bytes) -> bytes:
         header, self.header = self.header, b""
@@ -50,7 +55,7 @@ class WavEncoder:
 class Mp3Encoder:
     """MP3 frames as LAME completes them; `finish` flushes the last ones."""
 
-    def __init__(self, sample_rate: int):
+    def __init__(self, sample_rate: int, data_size: int | None = None):
         import lameenc
 
         self.lame = lameenc.Encoder()
@@ -70,18 +75,25 @@ class Mp3Encoder:
 class ResponseFormat:
     name: str
     content_type: str
-    encoder: Callable[[int], Encoder]  # sample rate -> a new encoder for one response
+    # (sample rate, bytes of PCM when known in advance) -> a new encoder for one response
+    encoder: Callable[[int, int | None], Encoder]
     cpu_heavy: bool  # encode on a worker thread, not on the event loop
 
 
 def available_formats(mp3: bool) -> dict[str, ResponseFormat]:
     formats = {
         "wav": ResponseFormat("wav", "audio/wav", WavEncoder, cpu_heavy=False),
-        "pcm": ResponseFormat("pcm", "audio/pcm", lambda rate: RawEncoder(), cpu_heavy=False),
+        "pcm": ResponseFormat("pcm", "audio/pcm", RawEncoder, cpu_heavy=False),
     }
     if mp3:
         formats["mp3"] = ResponseFormat("mp3", "audio/mpeg", Mp3Encoder, cpu_heavy=True)
     return formats
+
+
+def encode_whole(response_format: ResponseFormat, sample_rate: int, pcm: bytes) -> bytes:
+    """The complete body for all of a response's PCM at once (a WAV's sizes filled in)."""
+    encoder = response_format.encoder(sample_rate, len(pcm))
+    return encoder.encode(pcm) + encoder.finish()
 
 
 RESPONSE_FORMATS = available_formats(mp3=importlib.util.find_spec("lameenc") is not None)

@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from .engines import Engine
 from .speech_request import Capabilities, SpeechRequest
+from .voices import AliasSettings
 
 log = logging.getLogger(__name__)
 
@@ -23,9 +24,11 @@ class EngineRunner:
     """One engine and the single thread every engine call runs on (engines need not be
     thread-safe; queued calls of concurrent requests interleave sentence by sentence)."""
 
-    def __init__(self, load: Callable[[], Engine], max_chars: int):
+    def __init__(self, load: Callable[[], Engine], max_chars: int,
+                 voice_aliases: AliasSettings = AliasSettings()):
         self.load_engine = load
         self.max_chars = max_chars
+        self.voice_aliases = voice_aliases
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tts-engine")
         self.engine: Engine | None = None
         self.capabilities: Capabilities | None = None
@@ -44,6 +47,7 @@ class EngineRunner:
         try:
             engine = await loop.run_in_executor(self.executor, self.load_engine)
             voices = frozenset(engine.voices())
+            aliases = self.voice_aliases.resolve(voices, engine.default_voice)
         except Exception as error:
             self.error = f"{type(error).__name__}: {error}"
             raise
@@ -53,10 +57,11 @@ class EngineRunner:
             options=frozenset(engine.options),
             speed_range=tuple(engine.speed_range),
             max_chars=self.max_chars,
+            aliases=aliases,
         )
         self.engine = engine
-        log.info("engine %s ready in %.1f s (%d Hz, %d voices)",
-                 engine.name, loop.time() - started, engine.sample_rate, len(voices))
+        log.info("engine %s ready in %.1f s (%d Hz, %d voices, %d aliases)",
+                 engine.name, loop.time() - started, engine.sample_rate, len(voices), len(aliases))
 
     async def synthesize(self, text: str, speech: SpeechRequest) -> bytes:
         """PCM of one piece of text, computed on the engine thread."""

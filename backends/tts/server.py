@@ -17,7 +17,8 @@ from aiohttp import web
 from .engines import Engine, EngineInputError
 from .runner import FAILED, READY, EngineRunner
 from .speech_request import RequestError, parse_openai_speech, parse_synthesize
-from .stream import stream_speech
+from .stream import answer_speech
+from .voices import AliasSettings
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +65,13 @@ async def json_body(request: web.Request) -> object:
 async def speech(request: web.Request) -> web.StreamResponse:
     runner = ready_runner(request)
     speech_request = parse_openai_speech(await json_body(request), runner.capabilities)
-    return await stream_speech(request, runner, speech_request)
+    return await answer_speech(request, runner, speech_request)
 
 
 async def synthesize(request: web.Request) -> web.StreamResponse:
     runner = ready_runner(request)
     speech_request = parse_synthesize(await json_body(request), runner.capabilities)
-    return await stream_speech(request, runner, speech_request)
+    return await answer_speech(request, runner, speech_request)
 
 
 async def voices(request: web.Request) -> web.Response:
@@ -80,6 +81,7 @@ async def voices(request: web.Request) -> web.Response:
         "engine": engine.name,
         "default": engine.default_voice,
         "voices": sorted(runner.capabilities.voices),
+        "aliases": dict(sorted(runner.capabilities.aliases.items())),
         "sample_rate": engine.sample_rate,
         "options": sorted(runner.capabilities.options),
     })
@@ -113,10 +115,11 @@ async def engine_lifecycle(app: web.Application):
     runner.close()
 
 
-def create_app(load: Callable[[], Engine], max_chars: int) -> web.Application:
+def create_app(load: Callable[[], Engine], max_chars: int,
+               voice_aliases: AliasSettings = AliasSettings()) -> web.Application:
     """The application; `load` builds the engine (blocking, run on the engine thread)."""
     app = web.Application(middlewares=[json_errors], client_max_size=MAX_BODY_BYTES)
-    app[RUNNER] = EngineRunner(load, max_chars)
+    app[RUNNER] = EngineRunner(load, max_chars, voice_aliases)
     app[SHUTDOWN] = asyncio.Event()
     app.cleanup_ctx.append(engine_lifecycle)
     app.router.add_post("/v1/audio/speech", speech)

@@ -5,12 +5,17 @@ VESPA_TTS_VOICE      default voice: piper en_US-joe-medium or a .onnx path; espe
 VESPA_TTS_MODEL_DIR  chatterbox: local folder with its weights (from_local) instead of the model hub
 VESPA_TTS_DEVICE     chatterbox: torch device (default cuda when available, else cpu)
 VESPA_TTS_MAX_CHARS  longest accepted input, in characters (default 4096)
+VESPA_TTS_VOICE_ALIASES  other names for the engine's voices, `name=voice,...` (default: OpenAI's voice
+                     names, alloy ... verse, speak with the default voice; `none` turns that off;
+                     see voices.py)
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from .voices import AliasSettings, parse_aliases
 
 DEFAULT_MAX_CHARS = 4096
 
@@ -22,6 +27,7 @@ class Settings:
     model_dir: str | None = None
     device: str | None = None
     max_chars: int = DEFAULT_MAX_CHARS
+    voice_aliases: AliasSettings = field(default_factory=AliasSettings)
 
 
 def settings_from_env(env: Mapping[str, str]) -> Settings:
@@ -39,4 +45,5 @@ def settings_from_env(env: Mapping[str, str]) -> Settings:
         model_dir=env.get("VESPA_TTS_MODEL_DIR", "").strip() or None,
         device=env.get("VESPA_TTS_DEVICE", "").strip() or None,
         max_chars=max_chars,
+        voice_aliases=parse_aliases(env.get("VESPA_TTS_VOICE_ALIASES", "")),
     )

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from .formats import RESPONSE_FORMATS
+from .voices import shown
 
 OPENAI_SPEED_RANGE = (0.25, 4.0)
 # Largest decoded reference clip for voice cloning (a few seconds of audio is what engines use).
@@ -44,6 +46,7 @@ class Capabilities:
     options: frozenset[str]
     speed_range: tuple[float, float]
     max_chars: int
+    aliases: Mapping[str, str] = field(default_factory=dict)  # other name -> one of `voices`
 
 
 @dataclass(frozen=True)
@@ -51,10 +54,13 @@ class SpeechRequest:
     """A validated request: what to say, how, and in which container."""
 
     text: str
-    voice: str
+    voice: str  # the engine's own voice name (an alias is resolved)
     speed: float
     response_format: str
     options: dict[str, Any] = field(default_factory=dict)
+    # False: the whole audio in one sized answer (Content-Length; a WAV's sizes filled in) rather
+    # than streamed sentence by sentence. A one-sentence input is always answered whole.
+    stream: bool = True
 
 
 def parse_openai_speech(body: Any, caps: Capabilities) -> SpeechRequest:
@@ -69,6 +75,9 @@ def parse_openai_speech(body: Any, caps: Capabilities) -> SpeechRequest:
         raise RequestError(
             422, f"unsupported response_format {response_format!r}; supported: {supported}"
         )
+    stream_format = _optional_str(body, "stream_format")
+    if stream_format not in (None, "audio"):
+        raise RequestError(422, f"unsupported stream_format {stream_format!r}; supported: audio")
     return _speech(body, "input", response_format, caps)
 
 
@@ -84,6 +93,7 @@ def _speech(body: dict, text_field: str, response_format: str, caps: Capabilitie
         speed=_speed(body, caps.speed_range),
         response_format=response_format,
         options=_options(body, caps.options),
+        stream=_stream(body),
     )
 
 
@@ -114,14 +124,31 @@ def _text(body: dict, name: str, max_chars: int) -> str:
 
 
 def _voice(body: dict, caps: Capabilities) -> str:
-    voice = _optional_str(body, "voice") or caps.default_voice
-    if voice not in caps.voices:
-        shown = ", ".join(sorted(caps.voices)[:10])
-        more = f" (and {len(caps.voices) - 10} more)" if len(caps.voices) > 10 else ""
-        raise RequestError(
-            422, f"unknown voice {voice!r}; available: {shown}{more}; GET /voices lists them"
-        )
-    return voice
+    """The engine voice to speak with: the one named, the one an alias names, or the default."""
+    voice = body.get("voice")
+    if isinstance(voice, dict) and isinstance(voice.get("id"), str):
+        voice = voice["id"]  # OpenAI's custom voice reference, {"id": "..."}
+    elif voice is not None and not isinstance(voice, str):
+        raise RequestError(400, "'voice' must be a string")
+    voice = voice or caps.default_voice
+    if voice in caps.voices:
+        return voice
+    if voice in caps.aliases:
+        return caps.aliases[voice]
+    aliases = f"; aliases: {', '.join(sorted(caps.aliases))}" if caps.aliases else ""
+    raise RequestError(
+        422, f"unknown voice {voice!r}; available: {shown(caps.voices)}{aliases}; "
+             "GET /voices lists them"
+    )
+
+
+def _stream(body: dict) -> bool:
+    stream = body.get("stream", True)
+    if stream is None:
+        return True
+    if not isinstance(stream, bool):
+        raise RequestError(400, "'stream' must be true or false")
+    return stream
 
 
 def _number(body: dict, name: str) -> float | None:

@@ -1,7 +1,13 @@
-"""Streaming one speech request: sentence by sentence, each sent as soon as it is synthesized.
+"""Answering one speech request: streamed sentence by sentence, or whole.
 
 The first sentence is synthesized before the response starts, so an engine error there still gets
-a proper status. Later failures cut the stream short (no final chunk), which clients notice.
+a proper status. Then:
+- one sentence in all, or `"stream": false`: the whole audio is made first and sent in one sized
+  answer (Content-Length; a WAV with its RIFF and data sizes filled in); an engine error in any
+  sentence still gets a proper status;
+- else streamed: each sentence is sent as soon as it is synthesized (a WAV with open sizes: the
+  length is not known when the header goes out). Later failures cut the stream short (no final
+  chunk), which clients notice.
 A client that goes away stops synthesis before the next sentence.
 """
 
@@ -12,7 +18,7 @@ import logging
 
 from aiohttp import web
 
-from .formats import RESPONSE_FORMATS, Encoder, ResponseFormat
+from .formats import RESPONSE_FORMATS, Encoder, ResponseFormat, encode_whole
 from .runner import EngineRunner
 from .speech_request import SpeechRequest
 from .text import split_sentences
@@ -31,22 +37,57 @@ async def encode(response_format: ResponseFormat, encoder: Encoder, pcm: bytes) 
     return encoder.encode(pcm)
 
 
-async def stream_speech(
-    request: web.Request, runner: EngineRunner, speech: SpeechRequest
-) -> web.StreamResponse:
-    """Answer `request` with `speech` in its response format, streamed per sentence."""
-    response_format = RESPONSE_FORMATS[speech.response_format]
-    sample_rate = runner.engine.sample_rate
-    encoder = response_format.encoder(sample_rate)
-    sentences = split_sentences(speech.text)
-    first_pcm = await runner.synthesize(sentences[0], speech)
-
-    response = web.StreamResponse(headers={
+def answer_headers(response_format: ResponseFormat, sample_rate: int, sentences: int) -> dict[str, str]:
+    return {
         "Content-Type": response_format.content_type,
         "X-Sample-Rate": str(sample_rate),
-        "X-Sentences": str(len(sentences)),
+        "X-Sentences": str(sentences),
         "Cache-Control": "no-store",
-    })
+    }
+
+
+async def answer_speech(
+    request: web.Request, runner: EngineRunner, speech: SpeechRequest
+) -> web.StreamResponse:
+    """Answer `request` with `speech` in its response format: whole or streamed per sentence."""
+    sentences = split_sentences(speech.text)
+    first_pcm = await runner.synthesize(sentences[0], speech)
+    if len(sentences) == 1 or not speech.stream:
+        return await whole_speech(request, runner, speech, sentences, first_pcm)
+    return await stream_speech(request, runner, speech, sentences, first_pcm)
+
+
+async def whole_speech(
+    request: web.Request, runner: EngineRunner, speech: SpeechRequest, sentences: list[str],
+    first_pcm: bytes,
+) -> web.Response:
+    """All sentences synthesized, then one sized answer."""
+    response_format = RESPONSE_FORMATS[speech.response_format]
+    sample_rate = runner.engine.sample_rate
+    pieces = [first_pcm]
+    for sentence in sentences[1:]:
+        if client_gone(request):
+            log.info("client went away after %d of %d sentences; synthesis stopped",
+                     len(pieces), len(sentences))
+            return web.Response(status=499)  # nobody reads it
+        pieces.append(await runner.synthesize(sentence, speech))
+    pcm = b"".join(pieces)
+    if response_format.cpu_heavy:
+        body = await asyncio.to_thread(encode_whole, response_format, sample_rate, pcm)
+    else:
+        body = encode_whole(response_format, sample_rate, pcm)
+    return web.Response(body=body, headers=answer_headers(response_format, sample_rate, len(sentences)))
+
+
+async def stream_speech(
+    request: web.Request, runner: EngineRunner, speech: SpeechRequest, sentences: list[str],
+    first_pcm: bytes,
+) -> web.StreamResponse:
+    """The first sentence's audio at once, then each further sentence's as it is made."""
+    response_format = RESPONSE_FORMATS[speech.response_format]
+    sample_rate = runner.engine.sample_rate
+    encoder = response_format.encoder(sample_rate, None)
+    response = web.StreamResponse(headers=answer_headers(response_format, sample_rate, len(sentences)))
     await response.prepare(request)
     sent = 0
     try:

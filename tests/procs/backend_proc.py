@@ -4,13 +4,29 @@
 --crash-after S     exit with code 3 S seconds after start
 --crash-once F      crash only if marker file F does not exist yet (then create it)
 --access-log        print a line per request, as uvicorn (vLLM's server) logs it
+--sigwait-child F   start a child that waits for SIGTERM and writes who sent it (the sender's pid)
+                    to F; it writes its own pid to F.ready once it waits
+--stop-child-on-sigterm  on SIGTERM, stop that child first (SIGTERM, wait), then exit 0: as vLLM's
+                    API server stops its engine processes
+--ignore-sigterm    SIGTERM does nothing
 """
 
 import argparse
 import asyncio
 import os
+import signal
 import subprocess
 import sys
+
+SIGWAIT_CHILD = """
+import os, signal, sys
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+with open(sys.argv[1] + ".ready", "w") as file:
+    file.write(str(os.getpid()))
+info = signal.sigwaitinfo({signal.SIGTERM})
+with open(sys.argv[1], "w") as file:
+    file.write(str(info.si_pid))
+"""
 
 from aiohttp import web
 
@@ -22,8 +38,29 @@ async def main() -> None:
     parser.add_argument("--crash-after", type=float)
     parser.add_argument("--crash-once")
     parser.add_argument("--access-log", action="store_true")
+    parser.add_argument("--sigwait-child")
+    parser.add_argument("--stop-child-on-sigterm", action="store_true")
+    parser.add_argument("--ignore-sigterm", action="store_true")
     args = parser.parse_args()
     print("backend starting", flush=True)
+    loop = asyncio.get_running_loop()
+    if args.ignore_sigterm:
+        loop.add_signal_handler(signal.SIGTERM, lambda: print("backend ignores SIGTERM", flush=True))
+    if args.sigwait_child:
+        waiter = subprocess.Popen([sys.executable, "-c", SIGWAIT_CHILD, args.sigwait_child])
+        if args.stop_child_on_sigterm:
+            done = asyncio.Event()
+            loop.add_signal_handler(signal.SIGTERM, done.set)
+
+            async def stop_child_then_exit():
+                await done.wait()
+                print("backend: stopping its child", flush=True)
+                waiter.terminate()
+                await asyncio.to_thread(waiter.wait, 10)
+                print("backend: stopped", flush=True)
+                os._exit(0)
+
+            stopper = asyncio.ensure_future(stop_child_then_exit())  # noqa: F841 - kept alive
     if args.child_pidfile:
         child = subprocess.Popen(["sleep", "300"])
         with open(args.child_pidfile, "w") as file:

@@ -63,15 +63,20 @@ async def worker(tmp_path_factory, emulator, session):
         proc.kill_everything()
 
 
-def read_wav(body: bytes) -> tuple[int, bytes]:
-    """(sample rate, samples) of a streamed mono 16-bit PCM WAV, checking every header field."""
+def read_wav(body: bytes, streamed: bool) -> tuple[int, bytes]:
+    """(sample rate, samples) of a mono 16-bit PCM WAV, checking every header field: a streamed
+    one has open sizes, one answered whole (a single sentence) its true sizes."""
     assert len(body) >= 44, body[:200]
     riff, riff_size, wave_id, fmt, fmt_size = struct.unpack_from("<4sI4s4sI", body)
     assert (riff, wave_id, fmt, fmt_size) == (b"RIFF", b"WAVE", b"fmt ", 16)
     audio_format, channels, rate, byte_rate, block_align, bits = struct.unpack_from("<HHIIHH", body, 20)
     assert (audio_format, channels, bits, block_align, byte_rate) == (1, 1, 16, 2, 2 * rate)
     data_id, data_size = struct.unpack_from("<4sI", body, 36)
-    assert data_id == b"data" and data_size == riff_size == 0xFFFFFFFF  # streamed: size unknown
+    assert data_id == b"data"
+    if streamed:
+        assert data_size == riff_size == 0xFFFFFFFF  # the length is not known when it is sent
+    else:
+        assert (riff_size, data_size) == (len(body) - 8, len(body) - 44)
     return rate, body[44:]
 
 
@@ -97,7 +102,7 @@ async def test_ready_with_a_benchmarked_max_perf(worker, emulator):
 
 
 async def speak(worker, emulator, session, text: str) -> tuple[aiohttp.ClientResponse, bytes]:
-    payload = {"model": "tts-1", "input": text, "voice": VOICE, "response_format": "wav"}
+    payload = {"model": "tts-1", "input": text, "voice": "alloy", "response_format": "wav"}
     async with session.post(f"{worker.url}/v1/audio/speech",
                             json=worker.envelope(emulator, payload, cost=len(text))) as response:
         return response, await response.read()
@@ -105,11 +110,12 @@ async def speak(worker, emulator, session, text: str) -> tuple[aiohttp.ClientRes
 
 async def test_signed_speech_is_a_valid_wav_that_grows_with_the_text(worker, emulator, session):
     durations = []
-    for text in ("Hello there.", "Hello there. " + " ".join(["The weather is lovely today."] * 4)):
+    for text, streamed in (("Hello there.", False),
+                           ("Hello there. " + " ".join(["The weather is lovely today."] * 4), True)):
         response, body = await speak(worker, emulator, session, text)
         assert response.status == 200, body[:300]
         assert response.headers["Content-Type"] == "audio/wav"
-        rate, pcm = read_wav(body)
+        rate, pcm = read_wav(body, streamed)
         assert rate == RATE == int(response.headers["X-Sample-Rate"])
         assert len(pcm) % 2 == 0 and rms(pcm) > SILENCE_RMS, "silence"
         durations.append(len(pcm) / 2 / rate)
@@ -131,7 +137,7 @@ async def test_streaming_of_a_long_text_starts_before_synthesis_ends(worker, emu
             if first_audio is None and len(body) > 44 + 4096:  # the header and real samples
                 first_audio = time.monotonic() - started
     total = time.monotonic() - started
-    rate, pcm = read_wav(body)
+    rate, pcm = read_wav(body, streamed=True)
     print(f"first audio after {first_audio:.2f} s, {len(LONG_TEXT)} chars in {total:.2f} s "
           f"({len(pcm) / 2 / rate:.0f} s of audio)")
     assert len(pcm) / 2 / rate > 20 and rms(pcm) > SILENCE_RMS

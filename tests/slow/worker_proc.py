@@ -94,18 +94,30 @@ class WorkerProcess:
 
     # -- its processes ----------------------------------------------------------------------
     def tree(self) -> list[psutil.Process]:
-        """Live (non-zombie) processes that carry this worker's marker, the worker excluded."""
-        found = []
+        """Live (non-zombie) processes that carry this worker's marker, or descend from it while
+        it runs (vLLM's engine processes retitle themselves, which can hide their environment),
+        the worker excluded."""
+        found = {}
         for process in psutil.process_iter(["pid"]):
             if process.pid in (os.getpid(), self.proc.pid):
                 continue
             try:
                 if process.environ().get(MARKER) == self.marker \
                         and process.status() != psutil.STATUS_ZOMBIE:
-                    found.append(process)
+                    found[process.pid] = process
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, OSError):
                 continue
-        return found
+        try:
+            descendants = psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            descendants = []
+        for process in descendants:
+            try:
+                if process.status() != psutil.STATUS_ZOMBIE:
+                    found.setdefault(process.pid, process)
+            except psutil.NoSuchProcess:
+                continue
+        return list(found.values())
 
     def on_backend_port(self) -> list[psutil.Process]:
         """Live processes whose command line names the backend port (``--port N``)."""

@@ -20,7 +20,11 @@ async def backend_process(settings: Settings) -> tuple[ProcessSpec, str | None]:
         spec = vllm.build_command(env, port=settings.backend_port,
                                   python=vllm.venv_python(env), gpu=gpu,
                                   api_key=settings.backend_api_key)
-        return (ProcessSpec("vllm", spec.argv, spec.env, cwd=str(REPO_ROOT)),
+        # SIGTERM to vLLM's API server alone: it stops its engine processes itself, in order.
+        # Signalled at the same moment, they can be gone before the API server begins its own
+        # shutdown, and it then reports the engine dead.
+        return (ProcessSpec("vllm", spec.argv, spec.env, cwd=str(REPO_ROOT), stop_group=False,
+                            stop_grace=spec.stop_grace),
                 vllm.setup_problem(spec))
     if settings.backend == "tts":
         venv = env.get("VESPA_TTS_VENV") or str(REPO_ROOT / ".venvs" / "tts")

@@ -2,9 +2,13 @@
 
 The backend runs in its own process group (so stopping it stops its children too) and is told
 to die with the worker (Linux parent-death signal), so no orphans are left even when the worker
-itself is killed. Its output goes to a log file and, line by line, to the worker's log; lines
-matching ``quiet`` (its access log of the worker's own health checks and metrics scrapes, one
-every few seconds) go to the file only.
+itself is killed. It is stopped the way it expects (``ProcessSpec.stop_group``): SIGTERM to the
+whole group, or to the backend alone when it stops its own children (vLLM); SIGKILL to the group
+if it is still there after the grace period, and to whatever of the group outlives it.
+
+Its output goes to a log file and, line by line, to the worker's log; lines matching ``quiet``
+(its access log of the worker's own health checks and metrics scrapes, one every few seconds) go
+to the file only.
 """
 
 from __future__ import annotations
@@ -21,16 +25,23 @@ from typing import Callable
 
 log = logging.getLogger("vespa.backend")
 PR_SET_PDEATHSIG = 1
+# After the backend itself has exited: how long the rest of its group (helpers winding down, such
+# as multiprocessing's resource tracker cleaning up) has to end before it is killed.
+LEFTOVER_GRACE = 5.0
 
 
 @dataclass(frozen=True)
 class ProcessSpec:
-    """What to run for a backend."""
+    """What to run for a backend, and how to stop it."""
 
     name: str
     argv: list[str]
     env: dict[str, str] = field(default_factory=dict)
     cwd: str | None = None
+    # SIGTERM to its whole process group (True), or to the process alone, which stops its own
+    # children (False); SIGKILL to the group after `stop_grace` seconds.
+    stop_group: bool = True
+    stop_grace: float = 15.0
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
@@ -49,13 +60,14 @@ def polls_pattern(paths: list[str]) -> re.Pattern[str]:
 
 class Supervisor:
     def __init__(self, spec: ProcessSpec, log_path: str, *, restarts: int = 0,
-                 grace: float = 15.0, on_exit: Callable[[str], None] = lambda _: None,
+                 grace: float | None = None, on_exit: Callable[[str], None] = lambda _: None,
                  on_restart: Callable[[], None] = lambda: None,
                  quiet: re.Pattern[str] | None = None):
         self.spec = spec
         self.log_path = log_path
         self.restarts_left = restarts
-        self.grace = grace
+        self.grace = spec.stop_grace if grace is None else grace
+        self.leftover_grace = LEFTOVER_GRACE
         self.on_exit = on_exit
         self.on_restart = on_restart
         self.quiet = quiet
@@ -117,22 +129,83 @@ class Supervisor:
             return await self.process.stdout.read(1 << 16)
 
     async def stop(self) -> None:
-        """SIGTERM the backend's process group, SIGKILL it after the grace period."""
+        """SIGTERM the backend (or its whole group), SIGKILL the group after the grace period;
+        then give what is left of the group a moment to end, and kill what does not."""
         self.stopping = True
         process = self.process
-        if process is None or process.returncode is not None:
+        if process is None:
             return
-        self._signal_group(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(process.wait(), self.grace)
+        if process.returncode is None:
+            if self.spec.stop_group:
+                self._signal_group(signal.SIGTERM)
+            else:
+                try:
+                    process.send_signal(signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+            if not await self._exited(self.grace):
+                log.warning("%s did not stop in %.0fs: killing it", self.spec.name, self.grace)
+                self._signal_group(signal.SIGKILL)
+        await self._end_leftovers()
+        try:  # its output to the end (a process outside its group may still hold the pipe)
+            await asyncio.wait_for(process.wait(), self.leftover_grace)
         except asyncio.TimeoutError:
-            log.warning("%s did not stop in %.0fs: killing it", self.spec.name, self.grace)
+            log.warning("%s stopped, but its output is still open: not reading it any more",
+                        self.spec.name)
+
+    async def _exited(self, timeout: float) -> bool:
+        """Whether the backend process has exited within ``timeout`` seconds. Not
+        ``process.wait()``: on Python 3.11 that also waits for every process holding its output
+        pipe, such as children it leaves behind."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.process.returncode is None:
+            if loop.time() >= deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
+
+    async def _end_leftovers(self) -> None:
+        """Processes of the group that outlive the backend: a bounded wait, then SIGKILL."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.leftover_grace
+        while (left := group_members(self.process.pid)) and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        if left:
+            log.warning("%d process(es) of %s still running %.0fs after it stopped: killing them "
+                        "(%s)", len(left), self.spec.name, self.leftover_grace,
+                        ", ".join(f"{pid} {name}" for pid, name in left))
             self._signal_group(signal.SIGKILL)
-            await process.wait()
-        self._signal_group(signal.SIGKILL)  # children that outlived their parent
 
     def _signal_group(self, sig: signal.Signals) -> None:
         try:
             os.killpg(self.process.pid, sig)
         except (ProcessLookupError, PermissionError):
             pass
+
+
+def group_members(pgid: int) -> list[tuple[int, str]]:
+    """(pid, name) of the live (not zombie) processes of process group ``pgid``, from /proc; where
+    there is no /proc, whether the group exists at all."""
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        try:
+            os.killpg(pgid, 0)
+        except (ProcessLookupError, PermissionError):
+            return []
+        return [(pgid, "?")]
+    members = []
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as file:
+                stat = file.read().decode("utf-8", "replace")
+        except OSError:
+            continue
+        name = stat[stat.find("(") + 1:stat.rfind(")")]
+        fields = stat[stat.rfind(")") + 2:].split()
+        if len(fields) > 2 and fields[2] == str(pgid) and fields[0] not in ("Z", "X"):
+            members.append((int(entry), name))
+    return members
