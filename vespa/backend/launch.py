@@ -7,6 +7,7 @@ import asyncio
 import os
 
 from ..config import REPO_ROOT, Settings
+from .stop_noise import VLLM_SHUTDOWN_RACE
 from .supervisor import ProcessSpec
 
 
@@ -24,7 +25,7 @@ async def backend_process(settings: Settings) -> tuple[ProcessSpec, str | None]:
         # Signalled at the same moment, they can be gone before the API server begins its own
         # shutdown, and it then reports the engine dead.
         return (ProcessSpec("vllm", spec.argv, spec.env, cwd=str(REPO_ROOT), stop_group=False,
-                            stop_grace=spec.stop_grace),
+                            stop_grace=spec.stop_grace, stop_noise=VLLM_SHUTDOWN_RACE),
                 vllm.setup_problem(spec))
     if settings.backend == "tts":
         venv = env.get("VESPA_TTS_VENV") or str(REPO_ROOT / ".venvs" / "tts")

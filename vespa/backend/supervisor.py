@@ -8,7 +8,8 @@ if it is still there after the grace period, and to whatever of the group outliv
 
 Its output goes to a log file and, line by line, to the worker's log; lines matching ``quiet``
 (its access log of the worker's own health checks and metrics scrapes, one every few seconds) go
-to the file only.
+to the file only, and so does the known noise it prints while it stops (``stop_noise.py``),
+which the worker's log gets as one line.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import re
 import signal
 from dataclasses import dataclass, field
 from typing import Callable
+
+from .stop_noise import Fold, NoiseBlock
 
 log = logging.getLogger("vespa.backend")
 PR_SET_PDEATHSIG = 1
@@ -42,6 +45,8 @@ class ProcessSpec:
     # children (False); SIGKILL to the group after `stop_grace` seconds.
     stop_group: bool = True
     stop_grace: float = 15.0
+    # what it prints while it stops that is known and harmless: one line in the worker's log
+    stop_noise: NoiseBlock | None = None
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
@@ -114,13 +119,25 @@ class Supervisor:
     async def pump_output(self) -> None:
         """Copy the backend's output to its log file and the worker's log, line by line."""
         loop = asyncio.get_running_loop()
+        fold: Fold | None = None
         with open(self.log_path, "ab", buffering=0) as sink:
             while line := await self._next_line():
                 await loop.run_in_executor(None, sink.write, line)
                 text = line.decode("utf-8", "replace").rstrip()
-                if text and not (self.quiet is not None and self.quiet.search(text)):
-                    self.tail.append(text[:300])
-                    log.info("%s: %s", self.spec.name, text)
+                if not text or (self.quiet is not None and self.quiet.search(text)):
+                    continue
+                if self.stopping and self.spec.stop_noise is not None:
+                    fold = fold or Fold(self.spec.stop_noise)
+                    self.show(fold.feed(text))
+                else:
+                    self.show([text])
+        if fold is not None:
+            self.show(fold.end())
+
+    def show(self, lines: list[str]) -> None:
+        for text in lines:
+            self.tail.append(text[:300])
+            log.info("%s: %s", self.spec.name, text)
 
     async def _next_line(self) -> bytes:
         try:
