@@ -5,6 +5,7 @@
     python perf/instructions.py --tree /tmp/before --tree .   # an A/B in one go
     python perf/instructions.py --signed url          # signed as Vast's client sends (or full)
     python perf/instructions.py --output perf/results/DATE-instructions-dev.json   # + a file
+    python perf/instructions.py --keep /tmp/cg        # and keep its dumps, for callgrind_annotate
 
 Throughput ratios on a shared 2-core machine move by ±10 % from run to run; callgrind counts the
 user-space instructions the worker executes, which repeat to within 0.2 % for the same code, so a
@@ -58,7 +59,7 @@ def worker_env(backend_url: str, port: int, env: dict[str, str]) -> dict[str, st
 
 def measure(tree: Path, procs: Processes, wrk: str, client: clients.PlainClient,
             backend_url: str, env: dict[str, str], tmp: Path, connections: int,
-            seconds: int) -> tuple[int, int]:
+            seconds: int, keep: Path | None = None) -> tuple[int, int]:
     """(requests answered, instructions executed) by the worker of ``tree``."""
     port = free_port()
     out = tmp / f"callgrind-{port}.out"
@@ -85,6 +86,10 @@ def measure(tree: Path, procs: Processes, wrk: str, client: clients.PlainClient,
     dumps = sorted(tmp.glob(f"callgrind-{port}.out.*"))
     if not dumps:
         raise HarnessError(f"callgrind wrote no dump for {tree}")
+    if keep is not None:
+        keep.mkdir(parents=True, exist_ok=True)
+        shutil.copy(dumps[-1], keep / dumps[-1].name)
+        print(f"  kept {keep / dumps[-1].name} ({result['requests']:,} requests)")
     return result["requests"], callgrind_total(dumps[-1])
 
 
@@ -98,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="the worker checks signatures, sent under this scheme")
     parser.add_argument("--output", type=Path, default=None,
                         help="also write the counts, commit, date and machine as JSON here")
+    parser.add_argument("--keep", type=Path, metavar="DIR",
+                        help="copy each counted callgrind dump here (for callgrind_annotate)")
     args = parser.parse_args(argv)
     trees = [t.resolve() for t in args.tree or [Path(__file__).resolve().parent.parent]]
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
@@ -126,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
                     client.prepare(20_000)
                 started = time.monotonic()
                 requests, instructions = measure(tree, procs, wrk, client, backend.base_url,
-                                                 env, tmp, args.connections, args.seconds)
+                                                 env, tmp, args.connections, args.seconds,
+                                                 args.keep)
                 what = "JSON POSTs" if args.signed == "none" else f"{args.signed}-signed POSTs"
                 print(f"{tree}: {instructions / requests:,.0f} instructions a request "
                       f"({requests:,} {what} at c={args.connections}, "

@@ -4,6 +4,7 @@ delete_requests formats, outages, loadtime and cadence."""
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import time
 
@@ -305,7 +306,7 @@ async def test_delete_requests_legacy_format(emulator, make_reporter):
 def test_legacy_bodies_skip_an_empty_half():
     batch = [FinishedRequest(1, Outcome.SUCCESS, 200, 0.0, 0.0, 1.0)]
     bodies = delete_bodies(IDENTITY, batch, "legacy")
-    assert [body for body, _ in bodies] == [
+    assert [json.loads(body) for body, _ in bodies] == [
         {"worker_id": 17, "mtoken": "master-token", "request_idxs": [1], "success": True}]
     assert delete_bodies(IDENTITY, batch, "2026")[0][1] == batch
 

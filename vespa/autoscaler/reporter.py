@@ -6,6 +6,7 @@ Finished records travel in their own task, so a slow delete_requests never holds
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import shutil
 import time
@@ -15,7 +16,7 @@ from typing import Callable
 import aiohttp
 
 from .. import __version__
-from ..corridor.ledger import FinishedRequest, Ledger, Outcome
+from ..corridor.ledger import FinishedRequest, Ledger
 from ..state import WorkerState
 
 log = logging.getLogger("vespa.reporter")
@@ -29,6 +30,7 @@ DELETE_BATCH = 500
 # record would leave the autoscaler counting that request as in flight for good); a
 # worker_status report is not retried, the next one carries its counts and what came since.
 ANSWER_TIMEOUT = 30.0
+JSON_HEADERS = {"Content-Type": "application/json"}  # what aiohttp's json= sends
 # Disk use moves all the time (logs): on its own it is no reason for a report.
 DISK_FIELDS = {"additional_disk_usage": 0, "disk_usage": 0}
 
@@ -68,35 +70,21 @@ def status_body(identity: Identity, state: WorkerState, load: dict, disk_usage_g
     }
 
 
-# A record's status as Vast's worker writes it. Vespa's one difference: a backend answer of 500
-# or more is an Error here (Vast's worker records any relayed answer as a Success).
-VAST_STATUS = {Outcome.SUCCESS: "Success", Outcome.ERROR: "Error",
-               Outcome.CANCELLED: "Cancelled", Outcome.REJECTED: "Rejected"}
-
-
-def _record(item: FinishedRequest) -> dict:
-    """One ``requests`` entry, as Vast's worker sends it: timestamps are floats, 0.0 when the
-    request never started, and ``work_completed_at`` is 0.0 for a cancelled or rejected one."""
-    completed = item.outcome is Outcome.SUCCESS or item.outcome is Outcome.ERROR
-    return {"request_idx": item.request_idx, "success": item.success,
-            "status": VAST_STATUS[item.outcome],
-            "entered_queue_at": float(item.entered_queue_at),
-            "work_started_at": float(item.work_started_at or 0.0),
-            "work_completed_at": float(item.work_completed_at) if completed else 0.0}
-
-
 def delete_bodies(identity: Identity, batch: list[FinishedRequest], fmt: str
-                  ) -> list[tuple[dict, list[FinishedRequest]]]:
-    """The delete_requests POST bodies for a batch, each with the records it carries."""
+                  ) -> list[tuple[bytes, list[FinishedRequest]]]:
+    """The delete_requests POST bodies (JSON) for a batch, each with the records it carries.
+    Each record is written as JSON directly (``FinishedRequest.vast_json``): a signed request
+    costs one, and json.dumps of a dict per record cost more than the rest of its reporting."""
     head = {"worker_id": identity.worker_id, "mtoken": identity.mtoken}
     if fmt == "2026":
-        return [({**head, "requests": [_record(r) for r in batch]}, batch)]
+        records = ", ".join([r.vast_json() for r in batch])
+        return [(f'{json.dumps(head)[:-1]}, "requests": [{records}]}}'.encode(), batch)]
     bodies = []
     for success in (True, False):
         part = [r for r in batch if r.success is success]
         if part:
-            bodies.append(({**head, "request_idxs": [r.request_idx for r in part],
-                            "success": success}, part))
+            bodies.append((json.dumps({**head, "request_idxs": [r.request_idx for r in part],
+                                       "success": success}).encode(), part))
     return bodies
 
 
@@ -135,17 +123,19 @@ class Reporter:
         self.sent = 0
         self.failed = 0
 
-    async def post(self, path: str, body: dict) -> bool:
-        """POST to the first address that takes it (each tried a few times)."""
-        delivered = await self._post(path, body)
+    async def post(self, path: str, body: dict | bytes) -> bool:
+        """POST to the first address that takes it (each tried a few times); ``body`` is
+        JSON-encoded, or its JSON already."""
+        delivered = await self._post(path, body if isinstance(body, bytes) else
+                                     json.dumps(body).encode())
         self.on_report(path.strip("/"), delivered)
         return delivered
 
-    async def _post(self, path: str, body: dict) -> bool:
+    async def _post(self, path: str, body: bytes) -> bool:
         for addr in addresses_for(path, self.addrs):
             for attempt in range(self.attempts):
                 try:
-                    async with self.session.post(addr + path, json=body,
+                    async with self.session.post(addr + path, data=body, headers=JSON_HEADERS,
                                                  timeout=self.timeout) as response:
                         await response.read()
                         if 200 <= response.status < 300:
@@ -223,9 +213,15 @@ class Reporter:
         return True
 
     async def _deliver(self) -> bool:
-        """POST the outbox in batches; undelivered records go back to its front."""
-        while self.ledger.outbox:
-            batch = self.ledger.take_finished(DELETE_BATCH)
+        """POST the records the outbox holds now, in batches; undelivered records go back to its
+        front. Records that finish meanwhile wait for the next delivery (the next report, or the
+        next round of ``report_finished``), as Vast's worker sends a snapshot once a second:
+        under load, going on until the outbox is empty was one POST after another, each with the
+        few records that finished during the last one."""
+        left = len(self.ledger.outbox)
+        while left > 0 and self.ledger.outbox:
+            batch = self.ledger.take_finished(min(DELETE_BATCH, left))
+            left -= len(batch)
             bodies = delete_bodies(self.identity, batch, self.delete_format)
             for i, (body, _) in enumerate(bodies):
                 delivered = False

@@ -15,13 +15,20 @@ from dataclasses import dataclass
 from .refusal import Reason
 
 
-@dataclass(eq=False, slots=True)
+@dataclass(eq=False, init=False)
 class Ticket:
-    """One admitted request: its workload and whether it has started running."""
+    """One admitted request: its workload and whether it has started running. (Made once per
+    request: ``__init__`` written out makes it a native object in the compiled build, as
+    ledger.Entry.)"""
 
     workload: float
-    started: bool = False
-    done: bool = False
+    started: bool
+    done: bool
+
+    def __init__(self, workload: float, started: bool = False, done: bool = False) -> None:
+        self.workload = workload
+        self.started = started
+        self.done = done
 
 
 @dataclass(frozen=True)

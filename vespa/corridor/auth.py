@@ -184,6 +184,7 @@ class PublicKey:
 # tests/test_auth.py checks the two agree.
 
 _MISSING = object()
+_LINE_BREAK: Final = ",\n"
 
 
 def _pick(auth_data: Mapping, fields: tuple[str, ...]) -> dict:
@@ -230,14 +231,13 @@ def _message(auth_data: Mapping, fields: tuple[str, ...], sort_keys: bool) -> st
     ``fields`` already in the order the message has them."""
     lines = []
     for name in fields:
-        value = auth_data.get(name, _MISSING)
-        if value is _MISSING:
+        if name not in auth_data:
             _pick(auth_data, fields)  # raises, naming every missing field
-        text = _scalar_text(value)
+        text = _scalar_text(auth_data[name])
         if text is None:
             return _dumps(_pick(auth_data, fields), sort_keys)
-        lines.append('    "' + name + '": ' + text)
-    return "{\n" + ",\n".join(lines) + "\n}"
+        lines.append(f'    "{name}": {text}')
+    return f"{{\n{_LINE_BREAK.join(lines)}\n}}"
 
 
 def full_message(auth_data: Mapping) -> str:

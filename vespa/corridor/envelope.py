@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from collections.abc import Callable
-from typing import Final, NamedTuple
+from dataclasses import dataclass
+from typing import Final
 from urllib.parse import unquote_plus
 
 from mypy_extensions import mypyc_attr
@@ -24,6 +26,7 @@ AUTH_FIELDS: Final = ("cost", "endpoint", "reqnum", "request_idx", "signature", 
 # has no record for delete_requests.
 REQUIRED_FIELDS: Final = ("cost", "endpoint", "reqnum", "signature", "url")  # no request_idx
 _NUMERIC_QUERY_FIELDS = frozenset({"cost", "reqnum", "request_idx"})
+_MAX_FLOAT: Final = sys.float_info.max
 
 
 @mypyc_attr(native_class=False)  # a builtin exception's subclass stays a Python class
@@ -35,14 +38,30 @@ class EnvelopeError(ValueError):
         self.problems = problems
 
 
-class Envelope(NamedTuple):  # made once per request: a NamedTuple is 5x cheaper than a dataclass
+# Made once or twice per request: ``__init__`` is written out, so the compiled build makes it
+# as a native object (500 instructions; a NamedTuple's interpreted ``__new__`` costs about
+# 3,000, a dataclass's generated ``__init__`` more). The decorator adds ``__eq__``, ``__repr__``.
+@dataclass(init=False)
+class Envelope:
     auth_data: dict | None
-    body: bytes | None = None  # the backend's body; None: the request's own body
-    path_qs: str | None = None  # the backend's path and query; None: the request's own
-    cost: float | None = None
-    request_idx: int | None = None
-    session_id: str | None = None  # the session the request belongs to (Vast's sessions)
-    reqnum: int | None = None
+    body: bytes | None  # the backend's body; None: the request's own body
+    path_qs: str | None  # the backend's path and query; None: the request's own
+    cost: float | None
+    request_idx: int | None
+    session_id: str | None  # the session the request belongs to (Vast's sessions)
+    reqnum: int | None
+
+    def __init__(self, auth_data: dict | None, body: bytes | None = None,
+                 path_qs: str | None = None, cost: float | None = None,
+                 request_idx: int | None = None, session_id: str | None = None,
+                 reqnum: int | None = None) -> None:
+        self.auth_data = auth_data
+        self.body = body
+        self.path_qs = path_qs
+        self.cost = cost
+        self.request_idx = request_idx
+        self.session_id = session_id
+        self.reqnum = reqnum
 
 
 PASSTHROUGH = Envelope(None)
@@ -58,10 +77,34 @@ def _is_cost(value: object) -> bool:
         return False
 
 
+def _is_count(value: object) -> bool:
+    """A whole number >= 0 (not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _well_formed(auth_data: dict) -> bool:
+    """True only when ``check_auth_data`` finds nothing wrong: the usual auth data, checked in a
+    few steps (False: it says what is wrong)."""
+    cost = auth_data.get("cost")
+    if type(cost) is float:  # as JSON has it; NaN and infinity are not <= max
+        real: float = cost
+        if not 0.0 <= real <= _MAX_FLOAT:
+            return False
+    elif not _is_cost(cost):
+        return False
+    return (_is_count(auth_data.get("reqnum"))
+            and ("request_idx" not in auth_data or _is_count(auth_data["request_idx"]))
+            and isinstance(auth_data.get("endpoint"), str)
+            and isinstance(auth_data.get("signature"), str)
+            and isinstance(auth_data.get("url"), str))
+
+
 def check_auth_data(auth_data: object, where: str = "auth_data") -> list[str]:
     """One message per missing or mistyped field; empty when the auth data is well-formed."""
     if not isinstance(auth_data, dict):
         return [f"{where} must be a JSON object"]
+    if _well_formed(auth_data):
+        return []
     problems = []
     for name in REQUIRED_FIELDS:
         if name not in auth_data:
@@ -88,8 +131,8 @@ def _signed(auth_data: dict, body: bytes | None = None, path_qs: str | None = No
 
 
 def with_path(envelope: Envelope, path_qs: str) -> Envelope:
-    """``envelope`` with the backend's path and query ``path_qs`` (NamedTuple._replace is
-    interpreted Python, and twice the cost)."""
+    """``envelope`` with the backend's path and query ``path_qs`` (dataclasses.replace is
+    interpreted Python, and many times the cost)."""
     return Envelope(envelope.auth_data, envelope.body, path_qs, envelope.cost,
                     envelope.request_idx, envelope.session_id, envelope.reqnum)
 
@@ -118,11 +161,6 @@ def _skip_space(text: str, at: int) -> int:
         at += 1
     found = _SPACE.match(text, at)
     return at if found is None else found.end()
-
-
-class _Members(NamedTuple):
-    document: dict  # the top-level object, as json.loads makes it (the last of a repeated key)
-    payload: bytes | None  # the "payload" value's own bytes; None when there is none
 
 
 ENVELOPE_KEYS: Final = frozenset({"auth_data", "payload", "session_id"})
@@ -159,7 +197,11 @@ def _read_object(text: str) -> tuple[dict, int, int] | None:
             if text[end:end + 1] != ":":
                 return None
             start = _skip_space(text, end + 1)
-            value, end = _scan_value(text, start)
+            if text[start:start + 4] == "null":  # "session_id": null, as json's scanner reads it
+                value: object = None
+                end = start + 4
+            else:
+                value, end = _scan_value(text, start)
             document[key] = value
             if key == "payload":
                 payload_at, payload_end = start, end
@@ -176,6 +218,11 @@ def _read_object(text: str) -> tuple[dict, int, int] | None:
     return document, payload_at, payload_end
 
 
+# (the top-level object, as json.loads makes it (the last of a repeated key), and the "payload"
+# value's own bytes, None when there is none)
+_Members = tuple[dict, bytes | None]
+
+
 def _members(body: bytes) -> _Members | None:
     """The envelope's top level and the payload's bytes cut from it; None when the body is not
     UTF-8 JSON read this way (json.loads then decides)."""
@@ -188,10 +235,10 @@ def _members(body: bytes) -> _Members | None:
         return None
     document, start, end = found
     if start < 0:
-        return _Members(document, None)
+        return document, None
     if len(text) == len(body):  # ASCII: characters are bytes
-        return _Members(document, body[start:end])
-    return _Members(document, text[start:end].encode("utf-8"))
+        return document, body[start:end]
+    return document, text[start:end].encode("utf-8")
 
 
 def _loads(body: bytes, unsecured: bool) -> object:
@@ -227,8 +274,8 @@ def open_body(body: bytes, *, unsecured: bool) -> Envelope:
     members = _members(body)
     payload: bytes | None = None
     if members is not None:
-        document: object = members.document
-        payload = members.payload
+        document: object = members[0]
+        payload = members[1]
     else:
         document = _loads(body, unsecured)
         if document is PASSTHROUGH:
