@@ -20,6 +20,7 @@ from aiohttp import web
 class BackendLog:
     requests: list[dict] = field(default_factory=list)
     cancelled: list[tuple[str, float]] = field(default_factory=list)
+    hanging: list[str] = field(default_factory=list)  # /hang requests that arrived
     finished: list[str] = field(default_factory=list)
     sse_last_event_at: float | None = None
     healthy: bool = True
@@ -118,6 +119,7 @@ def make_backend() -> tuple[web.Application, BackendLog]:
     @routes.route("*", "/hang")
     async def hang(request: web.Request) -> web.Response:
         name = request.query.get("name", "hang")
+        log.hanging.append(name)
         try:
             await asyncio.sleep(3600)
         except asyncio.CancelledError:

@@ -6,6 +6,7 @@ import asyncio
 import collections
 import contextlib
 import gc
+import inspect
 import os
 import socket
 import sys
@@ -59,12 +60,30 @@ async def make_worker(backend):
         await client.close()
 
 
-async def wait_until(predicate, timeout: float = 5.0, interval: float = 0.01) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not met in time")
+async def wait_until(predicate, timeout: float = 5.0, interval: float = 0.01,
+                     what: str | None = None) -> None:
+    """Wait for an event the test cannot await directly: until ``predicate()`` is true (it may
+    return an awaitable, e.g. an HTTP call's outcome), looked at every ``interval`` seconds.
+    Fails after ``timeout`` seconds, saying what it waited for (``what``, else the predicate's
+    source). The timeout only bounds a hang: it is never what the test measures."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        met = predicate()
+        if inspect.isawaitable(met):
+            met = await met
+        if met:
+            return
+        if loop.time() > deadline:
+            raise AssertionError(f"not within {timeout:g}s: {what or describe(predicate)}")
         await asyncio.sleep(interval)
+
+
+def describe(predicate) -> str:
+    try:
+        return " ".join(inspect.getsource(predicate).split())
+    except (OSError, TypeError):
+        return repr(predicate)
 
 
 def worker_env(**extra: str) -> dict[str, str]:

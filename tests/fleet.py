@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import collections
 import functools
 
 import aiohttp
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestServer
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from vespa.worker import Worker
 from vespa.config import load_settings
+from vespa.corridor.ledger import LoadWindow
 from vespa.devtools.autoscaler import AutoscalerEmulator
 
 from .conftest import free_port, wait_until
@@ -27,13 +30,35 @@ def private_key() -> rsa.RSAPrivateKey:
     return autoscaler_key()
 
 
+class WatchedEmulator(AutoscalerEmulator):
+    """The emulator, also telling what it has received and not answered yet: ``arrived`` counts
+    the requests per path as soon as their body is in (before any ``delay``), ``answering`` is
+    how many it is still answering. Events for tests: a POST is on its way (arrived, not yet
+    answered); every POST that reached it has its answer (nothing left to record late)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.arrived: collections.Counter[str] = collections.Counter()
+        self.answering = 0
+
+    @web.middleware
+    async def faults(self, request: web.Request, handler):
+        self.answering += 1
+        try:
+            await request.read()  # kept: the handler reads it again
+            self.arrived[request.path] += 1
+            return await AutoscalerEmulator.faults(self, request, handler)
+        finally:
+            self.answering -= 1
+
+
 @pytest.fixture
 async def make_emulator(private_key):
-    """``await make_emulator(**options)``: a started emulator, stopped at the end."""
+    """``await make_emulator(**options)``: a started (watched) emulator, stopped at the end."""
     emulators = []
 
-    async def factory(**options) -> AutoscalerEmulator:
-        emulator = AutoscalerEmulator(private_key=private_key, **options)
+    async def factory(**options) -> WatchedEmulator:
+        emulator = WatchedEmulator(private_key=private_key, **options)
         await emulator.start()
         emulators.append(emulator)
         return emulator
@@ -105,6 +130,16 @@ async def fleet(backend, tmp_path):
         await fleet.session.close()
         await fleet.server.close()
         await fleet.emulator.stop()
+
+
+async def all_reported(fleet: Fleet, timeout: float = 10) -> None:
+    """Until the autoscaler has all the worker knows: nothing in flight, every finished record
+    delivered (none waits, none on its way) and every load count in a report that arrived. What
+    the emulator holds then is final: nothing more is on its way."""
+    worker = fleet.worker
+    await wait_until(lambda: not worker.ledger.in_flight and worker.reporter.settled
+                     and worker.ledger.window == LoadWindow(), timeout,
+                     what="everything the worker knows reported")
 
 
 async def ready(fleet: Fleet) -> None:

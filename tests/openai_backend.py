@@ -27,6 +27,7 @@ class OpenAILog:
     hold_chat: bool = False  # chat completions wait until the connection dies
     hold_stream: bool = False  # streamed chats send one chunk, then wait until it dies
     chat_arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    chat_gate: asyncio.Event | None = None  # an Event: chat completions wait until it is set
 
 
 def wav(samples: int, rate: int = 16000) -> bytes:
@@ -72,6 +73,8 @@ def make_openai_backend() -> tuple[web.Application, OpenAILog]:
     async def chat(request: web.Request) -> web.StreamResponse:
         body = json.loads(await record(request))
         log.chat_arrived.set()
+        if log.chat_gate is not None:
+            await asyncio.wait_for(log.chat_gate.wait(), 30)
         if log.hold_chat:
             await asyncio.sleep(3600)
         await asyncio.sleep(float(body.get("delay", 0)))

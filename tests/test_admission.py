@@ -126,7 +126,7 @@ async def test_gate_queue_timeout_and_leaving_frees_the_place():
         await gate.enter(1.0)
     assert caught.value.rejection.reason == "queue_timeout"
     waiter = asyncio.create_task(gate.enter(1.0))
-    await asyncio.sleep(0.05)
+    await wait_until(lambda: gate.admission.queued == 1)  # it waits in line
     waiter.cancel()
     with pytest.raises(asyncio.CancelledError):
         await waiter

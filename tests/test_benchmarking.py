@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import json
+import logging
 import os
 import textwrap
 import time
@@ -17,6 +18,7 @@ from aiohttp import web
 
 from vespa.backend.benchmarking import (BenchmarkCache, BenchmarkError, cache_key, load_benchmark,
                                 run_benchmark)
+from vespa.backend import lifecycle as lifecycle_module
 from vespa.backend.lifecycle import Lifecycle, StartupError, StartupPlan
 from vespa.state import Phase, WorkerState
 from vespa.backend.logwatch import LogWatch
@@ -127,6 +129,19 @@ def bench(tmp_path, monkeypatch):
 async def session():
     async with aiohttp.ClientSession() as http:
         yield http
+
+
+def counted_health_checks(monkeypatch) -> list[bool]:
+    """The outcome of every health check the lifecycle makes from now on, in order."""
+    outcomes: list[bool] = []
+    check = lifecycle_module.backend_healthy
+
+    async def counted(*args, **kwargs) -> bool:
+        outcomes.append(await check(*args, **kwargs))
+        return outcomes[-1]
+
+    monkeypatch.setattr(lifecycle_module, "backend_healthy", counted)
+    return outcomes
 
 
 def make_plan(backend_url: str, tmp_path, **changes) -> StartupPlan:
@@ -387,13 +402,14 @@ async def test_wait_for_backend_until_healthy(backend, tmp_path, session):
     assert backend.healthy and backend.checks >= 3
 
 
-async def test_wait_for_backend_that_is_not_listening_yet(tmp_path, session):
+async def test_wait_for_backend_that_is_not_listening_yet(tmp_path, session, monkeypatch):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     plan = make_plan(url, tmp_path)
+    checks = counted_health_checks(monkeypatch)
     waiting = asyncio.create_task(Lifecycle(plan, WorkerState(), session).wait_for_backend())
-    await asyncio.sleep(0.2)
-    assert not waiting.done()
+    await wait_until(lambda: len(checks) >= 2)  # refused twice, and it goes on waiting
+    assert not any(checks) and not waiting.done()
     app = web.Application()
     async def health(request: web.Request) -> web.Response:
         return web.Response(text="ok")
@@ -426,7 +442,7 @@ async def test_errored_while_waiting_ends_start_up(backend, tmp_path, session):
     state, changes = WorkerState(), []
     task = asyncio.create_task(Lifecycle(plan, state, session,
                                          on_change=lambda: changes.append(state.phase)).run())
-    await asyncio.sleep(0.1)
+    await wait_until(lambda: backend.checks >= 2)  # it waits for the backend
     assert not task.done()
     state.fail("backend exited with code 1")
     await asyncio.wait_for(task, 2.0)
@@ -467,7 +483,8 @@ async def test_failed_benchmark_fails_start_up(backend, bench, tmp_path, session
     assert state.max_perf == 0
 
 
-async def test_start_up_to_ready_then_health_watch(backend, bench, tmp_path, session):
+async def test_start_up_to_ready_then_health_watch(backend, bench, tmp_path, session, caplog):
+    caplog.set_level(logging.INFO, logger="vespa.lifecycle")
     backend.healthy_at = time.monotonic() + 0.1
     plan = make_plan(backend.url, tmp_path, benchmark=f"{bench}:good")
     state, seen, ready = WorkerState(), [], []
@@ -477,7 +494,7 @@ async def test_start_up_to_ready_then_health_watch(backend, bench, tmp_path, ses
     task = asyncio.create_task(lifecycle.run())
     try:
         await wait_until(lambda: seen == [123.5])
-        await asyncio.sleep(0.1)
+        await wait_until(lambda: "waiting for the autoscaler's public key" in caplog.text)
         assert not state.ready and ready == []  # no public key yet: not ready
         key_ready.set()
         await wait_until(lambda: state.ready)
@@ -500,11 +517,22 @@ async def test_ready_pattern_is_required_besides_the_health_check(backend, tmp_p
     backend.healthy = True
     log_file = tmp_path / "backend.log"
     log_file.write_text("loading weights\n")
-    plan = make_plan(backend.url, tmp_path, fixed_throughput=10.0,
-                     log_watch=LogWatch(str(log_file), r"model loaded", None))
+    watch = LogWatch(str(log_file), r"model loaded", None)
+    polls = []
+    poll = watch.poll
+
+    async def counted_poll() -> None:
+        await poll()
+        polls.append(watch.ready_line)
+
+    watch.poll = counted_poll
+    plan = make_plan(backend.url, tmp_path, fixed_throughput=10.0, log_watch=watch)
     state = WorkerState()
     task = asyncio.create_task(Lifecycle(plan, state, session).run())
-    await asyncio.sleep(0.3)
+    # it read the log (no ready line), decided, and looked again: a worker that did not wait for
+    # the line would be ready by then, with the backend healthy
+    await wait_until(lambda: len(polls) >= 2 or state.ready)
+    assert polls[:2] == [None, None]
     assert not state.ready
     with open(log_file, "a") as file:
         file.write("model loaded in 3.2s\n")

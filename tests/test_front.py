@@ -265,11 +265,13 @@ async def test_pipelined_requests_are_answered_in_request_order(serve):
 
 async def test_chunked_request_body_is_decoded_and_handed_over_whole(serve):
     bodies = []
+    got_some = asyncio.Event()
 
     async def handler(request: Request) -> None:
         parts = []
         while chunk := await request.body.read():
             parts.append(chunk)
+            got_some.set()
         bodies.append(b"".join(parts))
         request.reply.send(200, [], b"got %d" % len(bodies[-1]))
 
@@ -277,7 +279,7 @@ async def test_chunked_request_body_is_decoded_and_handed_over_whole(serve):
     reader, writer = await served.connect()
     head = request("POST", "/up", headers=[("Transfer-Encoding", "chunked")])
     writer.write(head + b"5\r\nhello\r\n1;ext=1\r\n \r\n")
-    await asyncio.sleep(0.05)
+    await asyncio.wait_for(got_some.wait(), WAIT)  # the rest comes once the handler has a part
     writer.write(b"5\r\nworld\r\n0\r\n\r\n")
     response = await read_response(reader)
     assert bodies == [b"hello world"]
@@ -289,14 +291,15 @@ async def test_chunked_request_body_is_decoded_and_handed_over_whole(serve):
 
 @pytest.mark.parametrize("together", [False, True], ids=["after-the-head", "with-the-head"])
 async def test_malformed_chunked_body_raises_body_error_promptly_and_closes(serve, together):
+    """FrontServer has no body-read timeout: a handler left waiting for more of the body would
+    wait for ever, so any answer at all means the bad bytes ended the read at once."""
     errors = []
     reading = asyncio.Event()
 
     async def handler(request: Request) -> None:
-        reading.set()
         try:
             while await request.body.read():
-                pass
+                reading.set()  # it has the first bytes: its next read() waits for more
         except BodyError as exc:
             errors.append(exc)
             request.reply.send_json(400, {"handler": "bad body"})
@@ -306,16 +309,13 @@ async def test_malformed_chunked_body_raises_body_error_promptly_and_closes(serv
     served = await serve(handler)
     reader, writer = await served.connect()
     head = request("POST", "/up", headers=[("Transfer-Encoding", "chunked")])
-    started = time.monotonic()
     if together:
         writer.write(head + b"5\r\nhello\r\nzz\r\n")
     else:
         writer.write(head + b"5\r\nhello\r\n")
-        await asyncio.wait_for(reading.wait(), WAIT)
-        await asyncio.sleep(0.05)  # the handler is waiting in read()
+        await asyncio.wait_for(reading.wait(), WAIT)  # the handler is waiting in read()
         writer.write(b"zz\r\n")
-    response = await read_response(reader, timeout=0.5)
-    assert time.monotonic() - started < 0.5
+    response = await read_response(reader)
     assert len(errors) == 1 and isinstance(errors[0], BodyError)
     assert response.status == 400 and response.json() == {"handler": "bad body"}
     assert response.closes
@@ -436,24 +436,27 @@ async def test_an_upgrade_request_is_served_plainly_and_nothing_after_it_is_read
 
 # -- 6. idle timeout -------------------------------------------------------------------------
 
+# (The upper bounds below say the timeout closed the connection, not something else: nothing
+# else would. They are generous; no test here measures how fast the server is.)
+
 async def test_an_idle_connection_is_closed_after_the_keepalive_timeout(serve):
     served = await serve(echo_target, keepalive_timeout=0.2)
     reader, writer = await served.connect()
     started = time.monotonic()
-    assert await rest(reader) == b""
-    assert 0.15 < time.monotonic() - started < 0.8
+    assert await rest(reader, 5) == b""
+    assert 0.15 < time.monotonic() - started < 3
 
 
 async def test_a_keep_alive_connection_is_closed_once_idle_after_its_answers(serve):
-    served = await serve(echo_target, keepalive_timeout=0.2)
+    served = await serve(echo_target, keepalive_timeout=0.6)
     reader, writer = await served.connect()
-    for _ in range(3):  # busy for longer than the timeout in all, idle for less each time
-        await asyncio.sleep(0.1)
+    for _ in range(4):  # busy for longer than the timeout in all, idle for less each time
+        await asyncio.sleep(0.2)
         writer.write(request(target="/x"))
         assert (await read_response(reader)).status == 200
     started = time.monotonic()
-    assert await rest(reader) == b""
-    assert 0.15 < time.monotonic() - started < 0.8
+    assert await rest(reader, 5) == b""
+    assert 0.5 < time.monotonic() - started < 3
 
 
 async def test_a_handler_slower_than_the_keepalive_timeout_still_answers(serve):
@@ -473,8 +476,8 @@ async def test_a_partial_request_head_is_closed_after_the_keepalive_timeout(serv
     reader, writer = await served.connect()
     writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n")
     started = time.monotonic()
-    assert await rest(reader) == b""
-    assert time.monotonic() - started < 0.8
+    assert await rest(reader, 5) == b""
+    assert time.monotonic() - started < 3
 
 
 async def test_a_trickled_request_head_is_closed_after_the_keepalive_timeout(serve):
@@ -486,18 +489,18 @@ async def test_a_trickled_request_head_is_closed_after_the_keepalive_timeout(ser
 
     served = await serve(handler, keepalive_timeout=0.2)
     reader, writer = await served.connect()
-    head = request(headers=[("X-Slow", "y" * 200)])
+    head = request(headers=[("X-Slow", "y" * 400)])
 
     async def trickle():
-        for byte in head[:-4]:  # never the end of the head
+        for byte in head[:-4]:  # never the end of the head (8 s of it)
             writer.write(bytes([byte]))
             await asyncio.sleep(0.02)
 
     dripping = asyncio.create_task(trickle())
     try:
         started = time.monotonic()
-        assert await cut(reader) == b""
-        assert time.monotonic() - started < 0.8
+        assert await cut(reader, 5) == b""
+        assert time.monotonic() - started < 3
         assert not dripping.done()  # it was still sending when it was closed
     finally:
         dripping.cancel()
@@ -711,6 +714,11 @@ async def test_an_early_answer_reaches_a_client_still_sending_its_body(serve, de
 
 # -- 11. backpressure ------------------------------------------------------------------------
 
+def writes_wait(served: Served) -> bool:
+    """The server's transport to the client is full: its writers wait (pause_writing)."""
+    return any(conn.writable is not None for conn in served.front.connections)
+
+
 async def test_a_stream_to_a_client_that_does_not_read_waits_in_write(serve):
     size, piece = 20 * 1024 * 1024, 64 * 1024
     progress = {"written": 0, "done": False}
@@ -729,7 +737,7 @@ async def test_a_stream_to_a_client_that_does_not_read_waits_in_write(serve):
     writer.write(request())
     response = await read_head(reader)
     assert response.headers["content-length"] == str(size)
-    await asyncio.sleep(0.3)
+    await wait_until(lambda: writes_wait(served), WAIT)  # the transport's buffer is full
     assert not progress["done"]
     assert progress["written"] < size
     received = 0
@@ -737,8 +745,7 @@ async def test_a_stream_to_a_client_that_does_not_read_waits_in_write(serve):
         while received < size:
             received += len(await reader.read(1024 * 1024))
     assert received == size
-    await asyncio.sleep(0.01)
-    assert progress["done"]
+    await wait_until(lambda: progress["done"], WAIT)
 
 
 async def test_a_client_that_leaves_during_backpressure_ends_its_handler(serve):
@@ -757,7 +764,7 @@ async def test_a_client_that_leaves_during_backpressure_ends_its_handler(serve):
     reader, writer = await served.connect()
     writer.write(request())
     await read_head(reader)
-    await asyncio.sleep(0.2)  # the handler is blocked in write by now
+    await wait_until(lambda: writes_wait(served), WAIT)  # the handler's writes wait now
     assert not outcome.done()
     writer.transport.abort()
     ended = await asyncio.wait_for(outcome, WAIT)
@@ -794,8 +801,8 @@ async def test_pre_shutdown_closes_idle_connections_and_busy_ones_after_their_an
     assert response.closes
     assert await rest(busy_reader) == b""
     started = time.monotonic()
-    await served.front.shutdown(2.0)
-    assert time.monotonic() - started < 0.5  # nothing left in progress
+    await served.front.shutdown(10.0)
+    assert time.monotonic() - started < 5  # nothing left in progress: no wait for the timeout
     assert served.front.connections == set()
 
 
@@ -809,7 +816,7 @@ async def test_shutdown_cuts_a_handler_that_does_not_finish_in_time(serve):
     served.front.pre_shutdown()
     begun = time.monotonic()
     await served.front.shutdown(0.2)
-    assert 0.15 < time.monotonic() - begun < 0.8
+    assert 0.15 < time.monotonic() - begun < 3  # the timeout cut it, generously bounded
     await asyncio.wait_for(cancelled.wait(), WAIT)
     assert b"HTTP/1.1" not in await cut(reader)
 
@@ -860,7 +867,7 @@ async def test_pipelined_requests_wait_in_a_bounded_line(serve):
     reader, writer = await served.connect()
     one = request(target="/a")
     writer.write(one * (1024 * 1024 // len(one)))  # 1 MiB of pipelined requests
-    await asyncio.sleep(0.3)
+    await wait_until(lambda: any(c.reading_paused for c in served.front.connections), WAIT)
     [conn] = served.front.connections
     # the one served, 16 more, and what one slice of heads held
     assert len(conn.waiting) <= 1 + MAX_PIPELINED + HEAD_SLICE // len(one), len(conn.waiting)
@@ -910,7 +917,7 @@ async def test_expect_on_http10_is_ignored(serve):
 
 
 async def test_a_client_that_takes_nothing_for_the_write_timeout_is_cut(serve):
-    outcome = []
+    cut_off = asyncio.get_running_loop().create_future()
 
     async def flood(request: Request) -> None:
         request.reply.start(200, [], None)
@@ -918,17 +925,16 @@ async def test_a_client_that_takes_nothing_for_the_write_timeout_is_cut(serve):
             for _ in range(400):
                 await request.reply.write(b"x" * 65536)
         except ConnectionError as exc:
-            outcome.append(exc)
+            cut_off.set_result(exc)
             raise
 
     served = await serve(flood, write_timeout=0.3)
     reader, writer = await served.connect()
     started = time.monotonic()
     writer.write(request(target="/flood"))
-    while not outcome and time.monotonic() - started < 3:
-        await asyncio.sleep(0.05)
-    assert outcome and "took nothing" in str(outcome[0]), outcome
-    assert time.monotonic() - started < 2
+    error = await asyncio.wait_for(cut_off, 10)
+    assert "took nothing" in str(error), error
+    assert time.monotonic() - started < 5  # the 0.3 s write timeout, generously bounded
 
 
 async def test_a_failure_after_a_whole_answer_leaves_the_answer_intact(serve):
@@ -991,6 +997,7 @@ async def test_nothing_a_request_leaves_behind_needs_the_gc(serve):
             request.reply.send(200, [], b"whole")
 
     served = await serve(handler)
+    before = asyncio.all_tasks()
     with left_to_the_gc() as left:
         reader, writer = await served.connect()
         for target in ("/a", "/stream", "/b", "/stream"):  # one keep-alive connection
@@ -1004,7 +1011,7 @@ async def test_nothing_a_request_leaves_behind_needs_the_gc(serve):
         await asyncio.wait_for(started.wait(), WAIT)
         writer.close()
         await asyncio.wait_for(cancelled.wait(), WAIT)
-        await asyncio.sleep(0.05)  # the cancelled handler unwinds
+        await wait_until(lambda: asyncio.all_tasks() <= before, WAIT)  # the handler unwound
         assert len(served.front.connections) == 1  # the keep-alive one
     assert not left, left
 
@@ -1027,7 +1034,11 @@ async def test_requests_never_served_leave_nothing_for_the_gc(serve, sent, statu
         else:
             if served_first:  # the first request is being served, the others wait in line
                 await asyncio.wait_for(started.wait(), WAIT)
-            await asyncio.sleep(0.05)
+                await wait_until(lambda: any(len(c.waiting) == 3
+                                             for c in served.front.connections), WAIT)
+            else:  # the server is reading the head
+                await wait_until(lambda: any(c.parsing is not None
+                                             for c in served.front.connections), WAIT)
             writer.close()
             if served_first:
                 await asyncio.wait_for(cancelled.wait(), WAIT)

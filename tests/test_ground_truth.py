@@ -108,11 +108,13 @@ async def test_autoscaler_down_for_a_while_then_back_nothing_lost_nothing_double
     await ready(f)
     f.emulator.fail_reports = f.emulator.fail_deletes = True
     reports_before = len(f.emulator.reports)
+    reporter = f.worker.reporter
+    failed_before = reporter.failed
     first = await asyncio.gather(*(one_request(f, "ok", 10) for _ in range(100)))
-    await asyncio.sleep(0.5)  # the reporter keeps trying and failing meanwhile
+    # the reporter keeps trying and failing meanwhile
+    await wait_until(lambda: reporter.failed >= failed_before + 3)
     assert len(f.emulator.reports) == reports_before
     # a failing delivery holds its batch outside the outbox while it tries: look between tries
-    reporter = f.worker.reporter
     await wait_until(lambda: reporter.delivery is None or reporter.delivery.done())
     assert len(f.worker.ledger.outbox) == 100
     f.emulator.fail_reports = f.emulator.fail_deletes = False

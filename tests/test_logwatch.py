@@ -186,9 +186,18 @@ async def test_rotation_by_truncation(tmp_path, watch):
 async def test_run_follows_a_growing_file(tmp_path, watch):
     log = tmp_path / "backend.log"
     w = watch(log)
+    polls = []
+    poll = w.poll
+
+    async def counted_poll() -> None:
+        await poll()
+        polls.append(w.file)
+
+    w.poll = counted_poll
     task = asyncio.create_task(w.run(interval=0.01))
     try:
-        await asyncio.sleep(0.03)
+        await wait_until(lambda: len(polls) >= 2)  # it looked for the file (none yet), again
+        assert polls[:2] == [None, None]
         append(log, "x" * (3 << 20) + "\n")  # more than one read's worth
         append(log, "INFO Application startup complete\n")
         await wait_until(lambda: w.ready_line is not None, timeout=5.0)

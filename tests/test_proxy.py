@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import time
+import weakref
 
 import aiohttp
 import pytest
@@ -147,11 +148,10 @@ async def test_sse_first_event_arrives_before_backend_finishes(make_worker, back
     async with client.get("/sse?n=10&delay=0.1") as response:
         assert response.headers["Content-Type"] == "text/event-stream"
         first = await response.content.readline()
-        first_at = time.monotonic()
+        assert backend.log.sse_last_event_at is None  # the backend is still writing its events
         assert first == b'data: {"i": 0}\n'
         rest = await response.read()
     assert backend.log.sse_last_event_at is not None
-    assert first_at < backend.log.sse_last_event_at - 0.5
     assert rest.count(b"data: ") == 10  # nine more events and [DONE]
     assert rest.endswith(b"data: [DONE]\n\n")
 
@@ -187,27 +187,27 @@ async def test_chunked_upload_is_forwarded(make_worker):
 async def test_client_disconnect_cancels_backend_request_quickly(make_worker, backend):
     client, worker = await make_worker()
     task = asyncio.create_task(client.get("/hang?name=gone"))
-    await wait_until(lambda: len(worker.ledger.in_flight) == 1)
-    await asyncio.sleep(0.05)  # the request is now parked at the backend
+    await wait_until(lambda: backend.log.hanging == ["gone"])  # parked at the backend
+    assert len(worker.ledger.in_flight) == 1
     left_at = time.monotonic()
     task.cancel()
-    await asyncio.wait_for(backend.log.cancel_seen.wait(), 2)
+    await asyncio.wait_for(backend.log.cancel_seen.wait(), 10)
     name, cancelled_at = backend.log.cancelled[0]
     assert name == "gone"
-    assert cancelled_at - left_at < 0.2
+    assert cancelled_at - left_at < 2  # the client's leaving did it: the backend waits an hour
     await wait_until(lambda: not worker.ledger.in_flight)
     assert worker.ledger.totals.outcomes["cancelled"] == 1
 
 
 async def test_client_disconnect_mid_stream_cancels_backend(make_worker, backend):
     client, worker = await make_worker()
-    response = await client.get("/slow-stream?name=s&n=100&delay=0.05")
+    response = await client.get("/slow-stream?name=s&n=400&delay=0.05")  # 20 s unless cut
     assert await response.content.readline() == b"data: 0\n"
     left_at = time.monotonic()
     response.close()
-    await asyncio.wait_for(backend.log.cancel_seen.wait(), 2)
-    # within the grace a stream gets to end after its client left (issue #18 item 1), and 0.2 s
-    assert backend.log.cancelled[0][1] - left_at < STREAM_END_GRACE + 0.2
+    await asyncio.wait_for(backend.log.cancel_seen.wait(), 10)
+    # after the grace a stream gets to end after its client left (issue #18 item 1), generously
+    assert backend.log.cancelled[0][1] - left_at < STREAM_END_GRACE + 2
     await wait_until(lambda: worker.ledger.totals.outcomes["cancelled"] == 1)
 
 
@@ -235,7 +235,7 @@ async def test_backend_past_request_timeout_is_504(make_worker):
     response = await client.get("/slow?delay=5")
     assert response.status == 504
     assert "VESPA_REQUEST_TIMEOUT" in (await response.json())["error"]
-    assert time.monotonic() - started < 2
+    assert time.monotonic() - started < 4  # the 0.3 s timeout (the backend answers at 5 s)
 
 
 async def test_body_over_limit_is_413_declared_or_streamed(make_worker, backend):
@@ -310,9 +310,10 @@ async def test_a_second_response_to_one_request_never_mixes_into_the_first(behin
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
 
-def keeping_alive(tricky: list[tuple[bytes, float]]):
+def keeping_alive(tricky: list[tuple[bytes, float]], sent: asyncio.Event):
     """A raw keep-alive backend: ``/tricky`` gets the ``tricky`` steps (bytes, then seconds to
-    wait), every other request a plain 200 ``ok``, on the same connection."""
+    wait; ``sent`` is set after the last), every other request a plain 200 ``ok``, on the same
+    connection."""
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while True:
@@ -323,6 +324,7 @@ def keeping_alive(tricky: list[tuple[bytes, float]]):
                 for data, wait in tricky:
                     writer.write(data)
                     await asyncio.sleep(wait)
+                sent.set()
         except (asyncio.IncompleteReadError, ConnectionError):
             writer.close()
 
@@ -339,11 +341,14 @@ def keeping_alive(tricky: list[tuple[bytes, float]]):
 async def test_bytes_a_backend_sends_unasked_never_reach_the_next_request(behind_raw, tricky):
     """What a backend sends after its answer is complete closes the connection, whenever the
     worker sees it: in the same read, or later while the connection is idle in the pool."""
-    client, worker = await behind_raw(keeping_alive(tricky))
+    sent = asyncio.Event()
+    client, worker = await behind_raw(keeping_alive(tricky, sent))
     response = await client.get("/tricky")
     assert (response.status, await response.read()) == (200, b"ok")
     assert response.headers["Content-Length"] == "2"  # its head as the backend sent it
-    await asyncio.sleep(0.1)  # (the later one arrives while its connection is idle)
+    await asyncio.wait_for(sent.wait(), 5)  # all of it sent (the later one: while idle) ...
+    pool = worker.upstream.pool  # ... and the worker has closed that connection
+    await wait_until(lambda: all(conn.closed for conn in pool.idle))
     for _ in range(2):
         response = await client.get("/next")
         assert (response.status, await response.read()) == (200, b"ok")
@@ -391,7 +396,7 @@ async def test_response_without_length_ends_when_backend_closes(behind_raw):
 
 # -- request targets -----------------------------------------------------------------------------
 
-async def raw_call(port: int, data: bytes, timeout: float = 5.0) -> tuple[bytes, float]:
+async def raw_call(port: int, data: bytes, timeout: float = 10.0) -> tuple[bytes, float]:
     """Send raw bytes to the worker; returns all it answered until it closed, and how long that
     took (``timeout``: it did not close)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -451,7 +456,8 @@ async def test_stalled_request_body_is_408_and_the_connection_closes(make_worker
     answer, took = await raw_call(client.port, head + b"x" * 10)
     assert answer.startswith(b"HTTP/1.1 408"), answer[:300]
     assert b"VESPA_BODY_READ_TIMEOUT" in answer
-    assert took < 2, f"the worker kept the stalled connection open for {took:.1f}s"
+    # the 0.3 s body-read timeout closed it (generously bounded; raw_call gives up after 10 s)
+    assert took < 5, f"the worker kept the stalled connection open for {took:.1f}s"
     if length > 100:  # admitted and streamed upstream: it counts as a failed request
         await wait_until(lambda: worker.ledger.totals.outcomes["error"] == 1)
     assert not worker.ledger.in_flight
@@ -466,7 +472,7 @@ async def test_malformed_chunked_body_is_400_at_once(make_worker, backend, path)
     assert answer.startswith(b"HTTP/1.1 400"), answer[:300]
     assert b"request body cannot be read" in answer
     assert answer.count(b"HTTP/1.1") == 1, answer  # one answer, then the connection closes
-    assert took < 2, f"a malformed body waited {took:.1f}s for the body-read timeout"
+    assert took < 5, f"a malformed body waited {took:.1f}s for the 10 s body-read timeout"
     assert not worker.ledger.in_flight
     assert (await client.post(path, data=b"y" * 100)).status == 200
 
@@ -480,10 +486,13 @@ async def test_an_upgrade_request_with_a_body_cannot_desync_the_backend(make_wor
                                             b"Content-Length: %d\r\n\r\n" % length)
     assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
     assert backend.log.requests == []
-    for _ in range(3):  # the pooled backend connections are all sane
-        started = time.monotonic()
-        assert (await client.get("/echo/next")).status == 200
-        assert time.monotonic() - started < 1
+    for n in range(3):  # the pooled backend connections are all sane: a desynced one would
+        # take this request for the rest of a body (504 after the 3 s request timeout)
+        response = await client.get(f"/echo/next{n}")
+        assert response.status == 200
+        assert (await response.json())["path"] == f"/echo/next{n}"
+    assert [seen["path"] for seen in backend.log.requests] == [f"/echo/next{n}"
+                                                                for n in range(3)]
 
 
 async def test_a_body_sent_in_slow_pieces_is_not_a_stall(make_worker):
@@ -515,10 +524,9 @@ async def test_client_gone_mid_stream_is_a_cancellation_without_error_log(backen
             assert await response.content.readline() == b"data: 0\n"
             response.close()
             await wait_until(lambda: worker.ledger.totals.outcomes["cancelled"] == 1)
-            await asyncio.wait_for(backend.log.cancel_seen.wait(), 2)
-        await asyncio.sleep(0.1)
+            await asyncio.wait_for(backend.log.cancel_seen.wait(), 10)
     finally:
-        await worker.stop()
+        await worker.stop()  # what is still unwinding logs before this returns
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert errors == [], [r.getMessage() for r in errors]
     assert not worker.ledger.in_flight
@@ -662,12 +670,13 @@ async def test_nothing_a_relayed_request_leaves_behind_needs_the_gc(make_worker,
         with pytest.raises(aiohttp.ClientPayloadError):  # the backend dies mid-stream
             await (await client.get("/crash")).read()
         task = asyncio.create_task(client.get("/hang"))  # the client leaves
-        await wait_until(lambda: len(worker.ledger.in_flight) == 1)
-        await asyncio.sleep(0.05)
+        await wait_until(lambda: backend.log.hanging)  # parked at the backend
+        [serving] = [weakref.ref(conn.task) for conn in worker.server.connections
+                     if conn.task is not None]  # (a weak reference: it holds nothing alive)
         task.cancel()
-        await asyncio.wait_for(backend.log.cancel_seen.wait(), 2)
+        await asyncio.wait_for(backend.log.cancel_seen.wait(), 10)
         await wait_until(lambda: not worker.ledger.in_flight)
-        await asyncio.sleep(0.05)
+        await wait_until(lambda: serving() is None or serving().done())  # it has unwound
     assert not left, left
 
 
@@ -725,11 +734,13 @@ async def test_a_backend_that_stops_reading_an_upload_does_not_hang_the_request(
 async def test_a_backend_reset_in_a_body_that_ends_at_close_cuts_the_client(behind_raw):
     """A body without length or chunking ends when the backend closes; a reset is a crash, not
     that end, and the client must not get a clean end."""
+    relayed = asyncio.Event()
+
     async def resets(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: audio/wav\r\n\r\n" + b"A" * 1000)
         await writer.drain()
-        await asyncio.sleep(0.1)
+        await asyncio.wait_for(relayed.wait(), 10)  # the client has the head: now the crash
         sock = writer.get_extra_info("socket")
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
         writer.transport.abort()  # RST
@@ -737,6 +748,7 @@ async def test_a_backend_reset_in_a_body_that_ends_at_close_cuts_the_client(behi
     client, worker = await behind_raw(resets)
     response = await client.get("/audio")
     assert response.status == 200
+    relayed.set()
     with pytest.raises(aiohttp.ClientPayloadError):
         await response.read()
     await wait_until(lambda: worker.ledger.totals.outcomes["error"] == 1)
@@ -757,7 +769,7 @@ async def test_a_streamed_upload_slower_than_the_minimum_rate_is_cut(make_worker
     response = await client.post("/upload", data=trickle(),
                                  headers={"Content-Length": "1000000"})
     assert response.status == 408 and "VESPA_MIN_UPLOAD_RATE" in (await response.json())["error"]
-    assert asyncio.get_running_loop().time() - started < 3
+    assert asyncio.get_running_loop().time() - started < 6  # the trickle would go on for 10 s
 
 
 async def test_a_request_waits_for_a_backend_connection_at_most_the_max_wait(make_worker):
@@ -816,6 +828,6 @@ async def test_a_stream_nobody_reads_still_stops_soon_after_its_client_left(make
     client, worker = await make_worker()
     started = asyncio.get_running_loop().time()
     await read_until_done_then_leave(client.port, "/sse?n=3&linger=30")
-    await asyncio.wait_for(backend.log.cancel_seen.wait(), 5)
-    assert asyncio.get_running_loop().time() - started < 2
+    await asyncio.wait_for(backend.log.cancel_seen.wait(), 15)
+    assert asyncio.get_running_loop().time() - started < STREAM_END_GRACE + 5  # not the 30 s
     await wait_until(lambda: worker.ledger.totals.outcomes["cancelled"] == 1)

@@ -1,5 +1,5 @@
 """Request records: header redaction, body caps, files written and read back, retention, failures
-that never reach the caller, and a record() cheap enough for the event loop."""
+that never reach the caller, and a record() that leaves all the work to the writer thread."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ import pytest
 
 from vespa.observability.records import (REDACTED, RequestRecorder, body_field, check_logs_token, file_name,
                            redact_headers)
+
+from .conftest import wait_until
 
 SENSITIVE = [
     ("Authorization", "Bearer sk-live-1"),
@@ -189,10 +191,7 @@ async def test_retention_removes_old_files(tmp_path):
         old_file = next(p for p in tmp_path.iterdir() if p.name.endswith("-old.json"))
         two_hours_ago = time.time() - 7200
         os.utime(old_file, (two_hours_ago, two_hours_ago))
-        deadline = time.monotonic() + 5
-        while old_file.exists():
-            assert time.monotonic() < deadline, "old record not removed"
-            await asyncio.sleep(0.02)
+        await wait_until(lambda: not old_file.exists(), what="the old record removed")
         assert [r["id"] for r in await rec.list(10)] == ["new"]
         assert rec.removed == 1
     finally:
@@ -256,20 +255,24 @@ async def test_an_odd_entry_does_not_stop_the_writer(recorder):
     assert (await recorder.get("fine"))["status"] == 200
 
 
-async def test_record_does_not_block_the_loop(tmp_path):
+async def test_record_leaves_all_the_work_to_the_writer_thread(tmp_path):
+    """record() runs on the event loop: it only queues the caller's entry, as it is (no copy, no
+    redaction, no JSON, no file); the writer thread does the rest. (What records cost under
+    load is measured by perf/run.py --with-records, not asserted here.)"""
     rec = RequestRecorder(tmp_path, queue_limit=20_000, max_per_second=None, max_cpu_share=None)
+    entries = [entry(f"r{i}", time.time()) for i in range(10_000)]
+    for e in entries:
+        rec.record(e)  # the writer has not started: whatever record() did is all there is
+    assert len(rec.queue) == len(entries)
+    assert all(queued is e for queued, e in zip(rec.queue, entries))
+    assert entries[0]["request_headers"][0] == ("Authorization", "Bearer sk-1")  # untouched
+    assert os.listdir(tmp_path) == [] and rec.written == 0
+    assert rec.dropped == rec.over_budget == 0
     rec.start()
     try:
-        entries = [entry(f"r{i}", time.time()) for i in range(10_000)]
-        started = time.perf_counter()
-        for e in entries:
-            rec.record(e)
-        elapsed = time.perf_counter() - started
-        assert elapsed < 0.05, f"10,000 records took {elapsed * 1e3:.1f} ms"
-        assert rec.dropped == rec.over_budget == 0
-        await wait_written(rec, 10)  # the writer works meanwhile
+        await wait_written(rec, 10)  # the writer thread takes them from there
     finally:
-        rec.queue.clear()  # writing all 10,000 files is not what this test measures
+        rec.queue.clear()  # writing all 10,000 files is not what this test is about
         await rec.stop()
     assert rec.written >= 10 and rec.failures == 0
 
@@ -279,10 +282,7 @@ async def test_the_writer_keeps_to_its_cpu_share_and_stop_still_flushes(tmp_path
     rec.start()
     for i in range(50):
         rec.record(entry(f"r{i}", time.time()))
-    deadline = time.monotonic() + 5
-    while rec.queue:
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.01)
+    await wait_until(lambda: not rec.queue, what="the writer through its queue")
     await rec.stop()
     assert rec.over_budget >= 49 and rec.written <= 1  # a CPU share of 0 writes (almost) none
     assert rec.written + rec.over_budget == 50

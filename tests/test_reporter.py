@@ -156,8 +156,8 @@ async def test_disk_usage_is_absolute_and_its_change_alone_sends_no_report(
     try:
         await wait_until(lambda: len(emulator.reports) == 1)
         looks = used[0]
-        await asyncio.sleep(0.3)  # many ticks, only the disk changes
-        assert used[0] > looks + 5 * 2**29 and len(emulator.reports) == 1
+        await wait_until(lambda: used[0] > looks + 5 * 2**29)  # many ticks, only the disk changes
+        assert len(emulator.reports) == 1
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
@@ -353,7 +353,7 @@ async def test_cancelled_report_leaves_its_post_to_finish_and_reports_once(emula
     reporter = make_reporter(emulator.url, ledger=ledger)
     emulator.delay = 0.5
     task = asyncio.create_task(reporter.report_finished())
-    await asyncio.sleep(0.1)
+    await wait_until(lambda: emulator.arrived["/delete_requests/"] == 1)  # it has the POST
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
     assert not reporter.settled  # still on its way, not back in the outbox to be sent again
@@ -371,7 +371,7 @@ async def test_a_delivery_failing_after_its_caller_left_keeps_its_records(emulat
     reporter = make_reporter(emulator.url, ledger=ledger)
     emulator.delay, emulator.fail_deletes = 0.3, True
     task = asyncio.create_task(reporter.report_finished())
-    await asyncio.sleep(0.1)
+    await wait_until(lambda: emulator.arrived["/delete_requests/"] == 1)  # it has the POST
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
     await wait_until(lambda: reporter.delivery.done())
@@ -407,17 +407,20 @@ async def test_a_status_answer_past_the_answer_timeout_is_not_retried_at_once(em
                              answer_timeout=0.3)
     emulator.delay = 0.8
     assert not await reporter.report_status()
-    await asyncio.sleep(1.0)  # what was sent is recorded once its delay is over
+    await wait_until(lambda: emulator.reports and not emulator.answering)  # answered, recorded
+    assert emulator.arrived["/worker_status/"] == 1  # sent once: not retried
     assert [r["new_load"] for r in emulator.reports] == [100.0]
 
 
 class SlowDeletes(AutoscalerEmulator):
-    """Answers delete_requests after ``slow`` seconds; worker_status at once."""
+    """Answers delete_requests once ``release`` is set; worker_status at once."""
 
-    slow = 1.0
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.release = asyncio.Event()
 
     async def handle_delete_requests(self, request):
-        await asyncio.sleep(self.slow)
+        await asyncio.wait_for(self.release.wait(), 30)
         return await super().handle_delete_requests(request)
 
 
@@ -432,14 +435,15 @@ async def test_a_slow_delete_holds_up_no_status_report(private_key, make_reporte
         try:
             await wait_until(lambda: reporter.delivery is not None)
             reports_before = len(emulator.reports)
-            await asyncio.sleep(0.5)  # the delete is still unanswered
-            assert emulator.deleted_request_idxs() == []
-            assert len(emulator.reports) >= reports_before + 3
+            await wait_until(lambda: len(emulator.reports) >= reports_before + 3)
+            assert emulator.deleted_request_idxs() == []  # the delete is still unanswered
+            emulator.release.set()
             await wait_until(lambda: reporter.settled and emulator.deleted_request_idxs() == [1])
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
     finally:
+        emulator.release.set()
         await emulator.stop()
 
 
@@ -500,7 +504,7 @@ async def test_autoscaler_failing_then_back_loses_and_doubles_nothing(
         await wait_until(lambda: len(emulator.deleted) == 100)
         emulator.fail_reports = emulator.fail_deletes = True
         await traffic(ledger, truth, 100, 150)
-        await asyncio.sleep(0.2)  # several failed rounds
+        await wait_until(lambda: reporter.failed >= 3)  # several failed rounds
         assert len(emulator.deleted) == 100
         assert reporter.failed > 0
         emulator.fail_reports = emulator.fail_deletes = False
@@ -528,8 +532,7 @@ async def test_autoscaler_down_then_back_on_the_same_port(make_emulator, make_re
         await wait_until(lambda: len(emulator.deleted) == 40)
         await emulator.stop()  # connection refused from now on
         await traffic(ledger, truth, 40, 60)
-        await asyncio.sleep(0.2)
-        assert reporter.failed > 0
+        await wait_until(lambda: reporter.failed > 0)  # it tried and failed
         back = await make_emulator(port=port)
         await wait_until(lambda: len(back.deleted) == 60 and not ledger.outbox)
         both = lambda: emulator.reports + back.reports  # noqa: E731

@@ -18,7 +18,7 @@ from vespa.corridor.ledger import Entry
 from vespa.corridor.refusal import Reason
 
 from .conftest import free_port, wait_until
-from .fleet import Fleet, fleet, ready  # noqa: F401  (fixture)
+from .fleet import Fleet, all_reported, fleet, ready  # noqa: F401  (fixture)
 
 
 async def create(f: Fleet, cost: float = 50, **plan) -> tuple[aiohttp.ClientResponse, dict]:
@@ -269,8 +269,7 @@ async def test_a_blocked_request_in_a_session_gives_the_session_no_second_record
     assert (await in_session(f, auth_data, session_id, path="/admin/x")).status == 403
     await call(f, "end", {"session_id": session_id, "session_auth": auth_data})
     idx = auth_data["request_idx"]
-    await wait_until(lambda: idx in f.emulator.deleted_request_idxs())
-    await asyncio.sleep(0.2)  # a second record would be on its way by now
+    await all_reported(f)  # a second record would have been delivered too
     assert f.emulator.deleted_request_idxs().count(idx) == 1
     assert f.emulator.deleted[0]["success"] is True
 

@@ -10,7 +10,7 @@ from urllib.parse import urlencode
 import pytest
 
 from .conftest import wait_until
-from .fleet import Fleet, fleet, ready  # noqa: F401  (fixture)
+from .fleet import Fleet, all_reported, fleet, ready  # noqa: F401  (fixture)
 from .test_auth import spellings
 
 
@@ -93,8 +93,8 @@ async def test_replay_is_refused_and_bad_signatures_are_not_load(fleet):
     assert "replayed" in (await replay.json())["error"]
     forged = dict(f.auth_data(await f.route(cost=30)), cost=31)
     assert (await f.post("/echo", forged, {})).status == 401
-    await wait_until(lambda: f.worker.ledger.totals.received == 1 and not f.worker.ledger.outbox)
-    await asyncio.sleep(0.2)
+    await all_reported(f)
+    assert f.worker.ledger.totals.received == 1
     assert f.emulator.deleted_request_idxs() == [auth_data["request_idx"]]
     assert sum(r["rej_load"] for r in f.emulator.reports) == 0
     assert sum(r["new_load"] for r in f.emulator.reports) == 30
@@ -111,8 +111,8 @@ async def test_a_replay_in_another_base64_spelling_is_refused_and_reported_once(
         response = await f.post("/echo", dict(auth_data, signature=text), {"n": 1})
         statuses.append(response.status)
     assert sorted(statuses) == [200] + [401] * 15
-    await wait_until(lambda: f.worker.ledger.totals.received == 1 and not f.worker.ledger.outbox)
-    await asyncio.sleep(0.2)
+    await all_reported(f)
+    assert f.worker.ledger.totals.received == 1
     assert f.emulator.deleted_request_idxs() == [auth_data["request_idx"]]
     assert len(f.backend.log.requests) == 1
 
@@ -160,10 +160,11 @@ async def test_a_lone_surrogate_in_the_payload_reaches_the_backend_as_sent(fleet
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
 
 
-async def test_public_key_server_down_at_start_then_up(fleet):
+async def test_public_key_server_down_at_start_then_up(fleet, caplog):
     f = await fleet("full", pubkey_down=True)
     await wait_until(lambda: f.worker.state.phase.value == "benchmarking", timeout=10)
-    await asyncio.sleep(0.3)
+    await wait_until(lambda: "public key from" in caplog.text and "HTTP 500" in caplog.text,
+                     timeout=10)  # it asked for the key and was refused
     auth_data = f.emulator.signer.auth_data(f.url, cost=5)
     refused = await f.post("/echo", auth_data, {})
     assert refused.status == 503

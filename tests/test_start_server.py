@@ -368,7 +368,10 @@ async def test_killed_by_pid_the_stack_stops_whole_and_the_ready_banner_says_how
         started = stack.left_running()
         # the emulator, the worker, the backend and its child (and the ready watcher, ending)
         assert len(started) >= 4, [p.cmdline() for p in started]
-        await asyncio.sleep(1)  # a few health checks (every 0.2 s) reach the backend's log
+        command_log = stack.cache / "logs" / "command.log"
+        # a few of the worker's health checks (every 0.2 s) in the backend's log
+        await wait_until(lambda: command_log.exists()
+                         and command_log.read_text().count('"GET /health') >= 3, timeout=10)
         if group:
             os.killpg(stack.proc.pid, sig)
         else:

@@ -14,11 +14,14 @@ import wave
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from backends.tts.audio import UNKNOWN_SIZE, wav_pcm
 from backends.tts.engines import EngineInputError
 from backends.tts.server import create_app
 from backends.tts.voices import OPENAI_VOICES, AliasSettings, parse_aliases
+
+from .conftest import wait_until
 
 RATE = 16000
 
@@ -61,8 +64,9 @@ class ToneEngine:
                 self.running -= 1
 
 
-async def ready_client(aiohttp_client, engine, max_chars=4096, aliases=AliasSettings()):
-    client = await aiohttp_client(create_app(lambda: engine, max_chars, aliases))
+async def ready_client(aiohttp_client, engine, max_chars=4096, aliases=AliasSettings(),
+                       app=None):
+    client = await aiohttp_client(app or create_app(lambda: engine, max_chars, aliases))
     for _ in range(200):
         if (await client.get("/health")).status == 200:
             return client
@@ -256,14 +260,40 @@ async def test_failure_mid_stream_cuts_the_response(aiohttp_client):
         await response.read()
 
 
+def speech_ends(app: web.Application) -> list[str]:
+    """How each speech request's handler ended, as the server saw it: "returned", "raised" or
+    "cancelled" (a middleware of the test's, around the app's own)."""
+    ends: list[str] = []
+
+    @web.middleware
+    async def note_end(request: web.Request, handler):
+        if request.path != "/v1/audio/speech":
+            return await handler(request)
+        try:
+            response = await handler(request)
+        except asyncio.CancelledError:
+            ends.append("cancelled")
+            raise
+        except BaseException:
+            ends.append("raised")
+            raise
+        ends.append("returned")
+        return response
+
+    app.middlewares.insert(0, note_end)
+    return ends
+
+
 async def test_disconnect_stops_synthesis(aiohttp_client):
     engine = ToneEngine(delay=0.05)
-    client = await ready_client(aiohttp_client, engine)
+    app = create_app(lambda: engine, 4096)
+    ends = speech_ends(app)
+    client = await ready_client(aiohttp_client, engine, app=app)
     text = " ".join(f"Sentence {i}." for i in range(40))
     response = await client.post("/v1/audio/speech", json={"input": text})
     assert await response.content.readany()
     response.close()
-    await asyncio.sleep(1.0)  # time for 20 more sentences, had synthesis gone on
+    await wait_until(lambda: ends)  # the server is done with the request: nothing more starts
     assert len(engine.calls) <= 3  # the first, and at most the ones already under way
 
 

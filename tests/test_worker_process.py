@@ -114,8 +114,11 @@ async def test_sigterm_drains_streams_in_flight_then_exits_0(spawn, backend, ses
     for stream in streams:
         assert await stream.content.readline() == b"data: 0\n"
     worker.proc.send_signal(signal.SIGTERM)
-    await asyncio.sleep(0.2)
-    assert await worker.status(session, "/_vespa/readyz") == 503
+
+    async def draining() -> bool:
+        return await worker.status(session, "/_vespa/readyz") == 503
+
+    await wait_until(draining, timeout=5)  # it took the signal: not ready any more
     async with session.get(f"{worker.url}/echo") as refused:
         assert refused.status == 503
         assert "shutting down" in (await refused.json())["error"]

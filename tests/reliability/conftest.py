@@ -17,7 +17,7 @@ from vespa.devtools.autoscaler import AutoscalerEmulator
 
 from ..conftest import free_port
 from ..serving import WorkerTestServer
-from ..fleet import Fleet, autoscaler_key
+from ..fleet import Fleet, WatchedEmulator, autoscaler_key
 from .harness import MASTER_TOKEN, BackendProcess, WorkerProcess
 from .stack import BackgroundLoop, Stack
 from .results import RESULTS_PATH, RUN
@@ -121,7 +121,7 @@ async def signed(tmp_path):
     async def start(backend_url: str, *, emulator: AutoscalerEmulator | None = None,
                     start_emulator: bool = True, **env: str) -> Fleet:
         if emulator is None:
-            emulator = AutoscalerEmulator(scheme="full", private_key=autoscaler_key())
+            emulator = WatchedEmulator(scheme="full", private_key=autoscaler_key())
         if not start_emulator and not emulator.port:
             emulator.port = free_port()  # nothing listens there yet
         if start_emulator:
@@ -151,7 +151,7 @@ async def signed(tmp_path):
 
 @pytest.fixture
 async def emulator():
-    emulator = AutoscalerEmulator(scheme="full", private_key=autoscaler_key())
+    emulator = WatchedEmulator(scheme="full", private_key=autoscaler_key())
     await emulator.start()
     yield emulator
     await emulator.stop()

@@ -211,10 +211,17 @@ def check_reported_once(emulator: AutoscalerEmulator, must: set[int],
 
 
 async def reports_settled(emulator: AutoscalerEmulator, must: set[int], timeout: float = 30,
-                          quiet: float = 0.3) -> None:
-    """Wait until every idx in ``must`` was reported, then a little more for duplicates."""
+                          quiet: float = 0.3, exited: bool = False) -> None:
+    """Wait until every idx in ``must`` was reported. Then, when the worker has ``exited``,
+    until the emulator (a ``WatchedEmulator``) has answered every request that reached it: what
+    it holds is final. A worker process still running may still send a duplicate, and what it
+    has left to send cannot be seen from here: ``quiet`` seconds more for one to show up."""
     await wait_until(lambda: must <= set(emulator.deleted_request_idxs()), timeout=timeout)
-    await asyncio.sleep(quiet)
+    if exited:
+        await wait_until(lambda: not emulator.answering, timeout=timeout,
+                         what="the emulator's answers to everything it received")
+    else:
+        await asyncio.sleep(quiet)
 
 
 async def assert_serving(session: aiohttp.ClientSession, worker_url: str,

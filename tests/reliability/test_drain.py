@@ -12,9 +12,8 @@ from collections import Counter
 import aiohttp
 import pytest
 
-from vespa.devtools.autoscaler import AutoscalerEmulator
-
-from ..fleet import autoscaler_key
+from ..conftest import wait_until
+from ..fleet import WatchedEmulator, autoscaler_key
 from .harness import (UrlSigner, check_reported_once, query_auth, reports_settled,
                       signed_call)
 
@@ -56,7 +55,7 @@ async def test_sigterm_with_50_streams_in_flight_all_complete(worker_process, em
         streams = await open_streams(streams_session, worker, signer, n_events=40, delay=0.05)
         term_at = time.monotonic()
         worker.proc.send_signal(signal.SIGTERM)
-        await asyncio.sleep(0.3)
+        await wait_until(lambda: "draining:" in worker.log_text(), timeout=10)
         # new work during the drain is refused, and that refusal is reported too
         refused = [await signed_call(session, worker.url, signer, "POST", "/echo", 2)
                    for _ in range(5)]
@@ -70,7 +69,7 @@ async def test_sigterm_with_50_streams_in_flight_all_complete(worker_process, em
     assert sorted(backend.log.finished) == sorted(f"s{i}" for i in range(STREAMS))
     streamed = {idx for idx, _ in streams}
     rejected = {idx for idx, _, _ in refused}
-    await reports_settled(emulator, streamed | rejected, timeout=10)
+    await reports_settled(emulator, streamed | rejected, timeout=10, exited=True)
     check_reported_once(emulator, streamed | rejected)
     success = {d["request_idx"]: d["success"] for d in emulator.deleted}
     assert all(success[idx] for idx in streamed) and not any(success[idx] for idx in rejected)
@@ -98,13 +97,13 @@ async def test_sigterm_past_the_drain_timeout_cuts_cleanly(worker_process, emula
     assert cut_within < 1 + 5, f"streams cut {cut_within:.1f}s after SIGTERM (drain timeout 1s)"
     assert took < 1 + 10
     streamed = {idx for idx, _ in streams}
-    await reports_settled(emulator, streamed, timeout=10)
+    await reports_settled(emulator, streamed, timeout=10, exited=True)
     check_reported_once(emulator, streamed)
     measure(streams=STREAMS, cut_after_seconds=round(cut_within, 1), exit_code=code,
             seconds_to_exit=round(took, 1))
 
 
-class SlowDeletes(AutoscalerEmulator):
+class SlowDeletes(WatchedEmulator):
     """Takes every delete_requests body at once but answers it ``slow`` seconds later."""
 
     slow = 0.8
@@ -129,12 +128,13 @@ async def test_sigterm_while_a_delete_report_is_in_flight_reports_once(worker_pr
         served = [await signed_call(session, worker.url, signer, "POST", "/echo", 2)
                   for _ in range(10)]
         assert [status for _, status, _ in served] == [200] * 10
-        await asyncio.sleep(0.3)  # the reporter has posted the ten records and waits
+        # the reporter has posted records and waits for the answer (0.8 s from now)
+        await wait_until(lambda: emulator.arrived["/delete_requests/"] >= 1, timeout=10)
         worker.proc.send_signal(signal.SIGTERM)
         code = await worker.wait_exit(30)
         assert code == 0, worker.log_text()[-3000:]
         must = {idx for idx, _, _ in served}
-        await reports_settled(emulator, must, timeout=10, quiet=1.5)
+        await reports_settled(emulator, must, timeout=10, exited=True)
         deleted = Counter(emulator.deleted_request_idxs())
         measure(requests=len(must), reported_more_than_once=sum(n - 1 for n in deleted.values()))
         check_reported_once(emulator, must)

@@ -16,14 +16,16 @@ from .harness import RssSampler
 MiB = 1024 * 1024
 
 
-async def probe(session, url: str, stop: asyncio.Event) -> float:
-    """The longest time between two answers of ``url`` (seconds) until ``stop``."""
+async def probe(session, url: str, stop: asyncio.Event, probing: asyncio.Event) -> float:
+    """The longest time between two answers of ``url`` (seconds) until ``stop``; ``probing`` is
+    set at the first answer."""
     longest, last = 0.0, time.monotonic()
     while not stop.is_set():
         async with session.get(url) as response:
             assert response.status == 200
         now = time.monotonic()
         longest, last = max(longest, now - last), now
+        probing.set()
         await asyncio.sleep(0.01)
     return longest
 
@@ -65,9 +67,10 @@ async def test_one_unauthenticated_client_costs_a_bounded_stall_and_memory(
     statuses, stalls = {}, {}
     with RssSampler(worker, interval=0.05) as rss:
         for name, body in ENVELOPES.items():
-            stop = asyncio.Event()
-            prober = asyncio.create_task(probe(session, worker.url + "/_vespa/healthz", stop))
-            await asyncio.sleep(0.1)
+            stop, probing = asyncio.Event(), asyncio.Event()
+            prober = asyncio.create_task(probe(session, worker.url + "/_vespa/healthz", stop,
+                                               probing))
+            await asyncio.wait_for(probing.wait(), 10)
             for _ in range(3):  # from a thread: the test's own loop only probes
                 statuses[name] = await asyncio.to_thread(send, worker.port, body)
             stop.set()
