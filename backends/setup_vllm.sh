@@ -63,7 +63,8 @@ if [ "$DEVICE" = cpu ] && "$PY" -c 'import importlib.util as u, sys; sys.exit(u.
     # xgrammar uses it only for CUDA tensors, but importing it loads its bindings, which print
     # "nanobind: leaked ..." lists every time vLLM exits.
     say "removing triton (a CUDA build, unused on a CPU)"
-    "$PY" -m pip uninstall --no-input -y triton
+    "$PY" -m pip uninstall --no-input -y triton || fail "pip uninstall triton failed"
+    "$PY" -c 'import vllm, xgrammar' || fail "vllm does not import in $VENV without triton"
 fi
 
 if [ -n "${MODEL_NAME:-}${VLLM_MODEL:-}" ]; then

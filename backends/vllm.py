@@ -248,13 +248,18 @@ def _overridden(flag: str, given: set[str]) -> bool:
 
 
 def _flag_value(args: list[str], flag: str) -> str:
+    """The value of the flag's last occurrence, the one vLLM's argparse keeps."""
+    value: str | None = None
     for i, arg in enumerate(args):
         if _normal_flag(arg) == flag:
+            value = None
             if "=" in arg:
-                return arg.split("=", 1)[1]
-            if i + 1 < len(args) and not args[i + 1].startswith("--"):
-                return args[i + 1]
-    raise ValueError(f"{flag} in VLLM_ARGS has no value")
+                value = arg.split("=", 1)[1]
+            elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+                value = args[i + 1]
+    if value is None:
+        raise ValueError(f"{flag} in VLLM_ARGS has no value")
+    return value
 
 
 def _is_local_path(model: str) -> bool:

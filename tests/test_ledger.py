@@ -402,3 +402,33 @@ def test_float_workloads_sum_to_served(workloads, report_every):
     reported += fields(ledger)["cur_perf"]
     assert reported == pytest.approx(sum(workloads), rel=1e-9, abs=1e-6)
     assert len(ledger.take_finished(100)) == len(workloads)
+
+
+# -- a record as delete_requests carries it ----------------------------------------------------
+
+TIMES = st.floats(min_value=0.0, max_value=4e9)  # 0.0 (never) up to the year 2096
+
+
+@given(idx=st.integers(0, 2**63), outcome=st.sampled_from(list(Outcome)), queued=TIMES,
+       started=st.none() | TIMES, completed=TIMES)
+def test_a_record_is_the_json_vasts_worker_sends(idx, outcome, queued, started, completed):
+    """Field for field, in order and type, what the record's dict was before it wrote its own
+    JSON; timestamps to the microsecond."""
+    import json
+
+    from vespa.corridor.ledger import VAST_STATUS
+    parsed = json.loads(FinishedRequest(idx, outcome, 200, queued, started,
+                                        completed).vast_json())
+    finished = outcome in (Outcome.SUCCESS, Outcome.ERROR)
+    expected = {"request_idx": idx,
+                "success": outcome in (Outcome.SUCCESS, Outcome.CANCELLED),
+                "status": VAST_STATUS[outcome], "entered_queue_at": queued,
+                "work_started_at": started or 0.0,
+                "work_completed_at": completed if finished else 0.0}
+    assert list(parsed) == list(expected)
+    assert {k: parsed[k] for k in ("request_idx", "success", "status")} == \
+        {k: expected[k] for k in ("request_idx", "success", "status")}
+    assert type(parsed["request_idx"]) is int and type(parsed["success"]) is bool
+    for name in ("entered_queue_at", "work_started_at", "work_completed_at"):
+        assert type(parsed[name]) is float, name
+        assert abs(parsed[name] - expected[name]) <= 1e-6, (name, parsed[name], expected[name])

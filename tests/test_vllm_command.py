@@ -47,6 +47,9 @@ def test_vllm_gets_time_to_stop_its_engine_and_the_supervisor_waits_for_it(gpu):
     assert "--shutdown-timeout" not in longer.argv and "--shutdown-timeout=120" in longer.argv
     assert longer.stop_grace == 120 + vllm.STOP_MARGIN
     assert cmd(gpu=gpu, VLLM_ARGS="--shutdown_timeout 0").stop_grace == vllm.STOP_MARGIN
+    # vLLM's argparse keeps the last of a repeated flag: so does the grace
+    twice = cmd(gpu=gpu, VLLM_ARGS="--shutdown-timeout 10 --enforce-eager --shutdown-timeout 120")
+    assert twice.stop_grace == 120 + vllm.STOP_MARGIN
 
 
 def test_default_cache_dir_is_repo_dot_cache():

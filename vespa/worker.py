@@ -108,6 +108,11 @@ class Worker:
                                envelope_limits=EnvelopeLimits(
                                    settings.max_envelope_bytes, settings.max_envelope_values,
                                    settings.envelope_read_timeout))
+        if settings.report_addrs and not settings.unsecured:  # the file is opened on first use
+            self.replay_mark = ReplayMark(
+                os.path.join(settings.cache_dir, "replay-mark"),
+                settings.public_url if settings.check_signed_url else "")
+            self.doorway.replay.on_new_max = self.replay_mark.save
         self.sessions = Sessions(settings.max_sessions)
         self.metrics.sessions = self.sessions
         self.desk = SessionDesk(self.sessions, self.doorway, self.ledger, self.metrics,
@@ -204,8 +209,6 @@ class Worker:
                                           interval=settings.insight_interval)
             self.spawn(self.insight.run(), "insight")
         if settings.report_addrs and not settings.unsecured:
-            self.replay_mark = ReplayMark(os.path.join(settings.cache_dir, "replay-mark"))
-            self.doorway.replay.on_new_max = self.replay_mark.save
             self.keyring = self.doorway.keys = KeyRing(settings.report_addrs, self.session,
                                                        on_key=self.on_key)
             self.spawn(self.keyring.run(), "pubkey")
@@ -305,6 +308,8 @@ class Worker:
     def on_key(self, key: PublicKey) -> None:
         """A new autoscaler key: the reqnums it signed before a restart stay spent."""
         assert self.replay_mark is not None
+        if self.replay_mark.fingerprint not in ("", key.fingerprint):
+            self.doorway.replay.reset()  # what the old key signed no longer verifies
         high_water = self.replay_mark.load(key.fingerprint)
         self.replay_mark.bind(key.fingerprint)
         if high_water is not None:

@@ -218,6 +218,8 @@ async def reports_settled(emulator: AutoscalerEmulator, must: set[int], timeout:
     has left to send cannot be seen from here: ``quiet`` seconds more for one to show up."""
     await wait_until(lambda: must <= set(emulator.deleted_request_idxs()), timeout=timeout)
     if exited:
+        # what the exited worker wrote is in the emulator's sockets: let its loop read it first
+        await asyncio.sleep(0.05)
         await wait_until(lambda: not emulator.answering, timeout=timeout,
                          what="the emulator's answers to everything it received")
     else:

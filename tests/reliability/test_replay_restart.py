@@ -8,11 +8,13 @@ were served is not known) and serves new ones; a mark written under another key 
 
 from __future__ import annotations
 
+import asyncio
 import signal
 from collections import Counter
 
 import pytest
 
+from ..conftest import free_port, wait_until
 from .harness import reports_settled, signed_call
 from .test_drain import base_url
 
@@ -50,6 +52,7 @@ async def test_a_request_signed_before_a_restart_is_refused_after_it(
     assert (await post(session, again, fresh))[0] == 200
     assert (await post(session, again, fresh))[0] == 401
     assert "reqnums up to" in again.log_text()
+    assert "verified but were refused as too old" in again.log_text()  # the operator is told
 
     must = {a["request_idx"] for a in [*served, fresh]}
     await reports_settled(emulator, must, timeout=10)
@@ -67,11 +70,33 @@ async def test_a_mark_written_under_another_key_is_not_applied(worker_process, e
     key's requests: its reqnums start wherever its autoscaler's do."""
     cache = tmp_path / "cache"
     cache.mkdir()
-    (cache / "replay-mark").write_text("sha256:0123456789abcdef 999999999\n")
-    worker = worker_process(base_url(backend), emulator)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    (cache / "replay-mark").write_text(f"sha256:0123456789abcdef {url} 999999999\n")
+    worker = worker_process(base_url(backend), emulator, port=port)
     await worker.wait_ready(session)
     auth_data = emulator.signer.auth_data(worker.url, cost=2)
     assert (await post(session, worker, auth_data))[0] == 200
-    assert "written under another autoscaler key" in worker.log_text()
+    assert "written under another autoscaler key or worker URL" in worker.log_text()
     words = (cache / "replay-mark").read_text().split()
-    assert words[1] == str(auth_data["reqnum"]) and words[0] != "sha256:0123456789abcdef"
+    assert words[1:] == [url, str(auth_data["reqnum"])]
+    assert words[0] != "sha256:0123456789abcdef"
+
+
+@pytest.mark.time_limit(60)
+async def test_the_mark_is_written_before_the_request_is_served(worker_process, emulator,
+                                                                backend, session):
+    """Killed while the backend has the request (nothing reported, no clean stop): its reqnum
+    was written down before the worker let it through, so after the restart it is refused."""
+    first = worker_process(base_url(backend), emulator)
+    await first.wait_ready(session)
+    auth_data = emulator.signer.auth_data(first.url, cost=2)
+    call = asyncio.ensure_future(signed_call(session, first.url, None, "POST", "/hang?name=h1",
+                                             auth_data=auth_data, timeout=20))
+    await wait_until(lambda: backend.log.hanging == ["h1"], timeout=10)
+    first.kill()
+    await call  # cut
+    again = worker_process(base_url(backend), emulator, port=first.port)
+    await again.wait_ready(session)
+    status, body = await post(session, again, auth_data)
+    assert status == 401 and b"too old" in body

@@ -3,36 +3,43 @@
 Under the schemes that sign reqnum (full, legacy) a replayed request is refused, but the replay
 window lives in memory: after a restart, every signature it had seen would work once more. So
 each new highest reqnum is written to a small file in the cache dir *before* its request is let
-through, and at start the reqnums at or below the one written under the same key are refused as
-too old (which of them were served is not known; the client routes such a request again).
+through, and at start the reqnums at or below the one written for the same key and worker URL
+are refused as too old (which of them were served is not known; the client routes such a
+request again).
 
 One ``pwrite`` of a fixed-width line per new highest reqnum, no fsync: the mark survives the
 process, a crash or a kill included, not a crash of the machine. A mark written under another
-key is not applied: that key's signatures no longer verify anyway. When the file cannot be
-read or written the worker says so once and keeps its protection in memory only.
+key, or for another worker URL, is not applied: that key's signatures no longer verify, and a
+request signed for another URL is refused anyway. When the file cannot be read the worker says
+so; when it cannot be written the worker says so (once a minute at most), keeps its protection
+in memory and tries again with the next request.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 
 log = logging.getLogger("vespa.replay")
 
-WIDTH = 96  # every line is padded to this, so a shorter one overwrites a longer one whole
+WIDTH = 160  # every line is padded to this, so a shorter one overwrites a longer one whole
+WARN_INTERVAL = 60.0
 
 
 class ReplayMark:
-    def __init__(self, path: str):
+    def __init__(self, path: str, url: str = ""):
         self.path = path
+        self.url = url or "-"  # the worker URL requests are signed for ("-": not checked)
         self.fingerprint = ""  # the key the next marks are written under
         self.fd: int | None = None
         self.size = 0  # the file's length
-        self.failed = False  # said once; from then on the mark is kept in memory only
+        self.warned_at = float("-inf")
+        self.failures = 0  # writes that failed since the last warning
 
     def load(self, fingerprint: str) -> int | None:
-        """The mark written under the key ``fingerprint``, or None (no mark, another key's,
-        or an unreadable file: then it says why)."""
+        """The mark written under the key ``fingerprint`` for this URL, or None (no mark,
+        another key's or URL's, or an unreadable file: then it says why)."""
         try:
             with open(self.path, encoding="ascii") as file:
                 text = file.read(4 * WIDTH)
@@ -43,15 +50,15 @@ class ReplayMark:
                         self.path, exc)
             return None
         words = text.split()
-        if len(words) != 2 or not words[1].isdigit():
-            log.warning("replay mark %s holds %r, not '<key fingerprint> <reqnum>': earlier "
-                        "reqnums are not refused", self.path, text.strip()[:100])
+        if len(words) != 3 or not words[2].isdigit():
+            log.warning("replay mark %s holds %r, not '<key fingerprint> <url> <reqnum>': "
+                        "earlier reqnums are not refused", self.path, text.strip()[:200])
             return None
-        if words[0] != fingerprint:
-            log.info("replay mark %s was written under another autoscaler key (%s): not applied",
-                     self.path, words[0])
+        if words[0] != fingerprint or words[1] != self.url:
+            log.info("replay mark %s was written under another autoscaler key or worker URL "
+                     "(%s, %s): not applied", self.path, words[0], words[1][:100])
             return None
-        return int(words[1])
+        return int(words[2])
 
     def bind(self, fingerprint: str) -> None:
         """Write the next marks under this key."""
@@ -60,9 +67,7 @@ class ReplayMark:
     def save(self, reqnum: int) -> None:
         """Write ``reqnum`` as the mark; never raises (the request goes on, protected in
         memory)."""
-        if self.failed:
-            return
-        line = f"{self.fingerprint} {reqnum}\n".encode("ascii")
+        line = f"{self.fingerprint} {self.url} {reqnum}\n".encode("ascii", "replace")
         try:
             if self.fd is None:
                 os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
@@ -74,11 +79,19 @@ class ReplayMark:
                 os.ftruncate(self.fd, len(data))
             self.size = len(data)
         except OSError as exc:
-            self.failed = True
-            log.warning("replay mark %s cannot be written (%s): replays of requests served "
-                        "before a restart will not be refused", self.path, exc)
+            self.close()
+            self.failures += 1
+            now = time.monotonic()
+            if now - self.warned_at >= WARN_INTERVAL:
+                self.warned_at = now
+                log.warning("replay mark %s cannot be written (%s; %d time(s) since the last "
+                            "such line): replays of requests served before a restart will not "
+                            "be refused until it can", self.path, exc, self.failures)
+                self.failures = 0
 
     def close(self) -> None:
         if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+            try:
+                os.close(self.fd)
+            finally:
+                self.fd = None

@@ -100,6 +100,9 @@ class Supervisor:
             code = await self.process.wait()
             if self.stopping:
                 return
+            # what it left of its group goes with it now, while its pid is still its group's
+            # (later, the pid may be another process's)
+            await self._end_leftovers()
             message = f"backend {self.spec.name} exited with code {code}"
             if self.tail:
                 message += ": " + " | ".join(list(self.tail)[-5:])
@@ -150,19 +153,18 @@ class Supervisor:
         then give what is left of the group a moment to end, and kill what does not."""
         self.stopping = True
         process = self.process
-        if process is None:
-            return
-        if process.returncode is None:
-            if self.spec.stop_group:
-                self._signal_group(signal.SIGTERM)
-            else:
-                try:
-                    process.send_signal(signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-            if not await self._exited(self.grace):
-                log.warning("%s did not stop in %.0fs: killing it", self.spec.name, self.grace)
-                self._signal_group(signal.SIGKILL)
+        if process is None or process.returncode is not None:
+            return  # it ended by itself: what it left of its group went then (``run``)
+        if self.spec.stop_group:
+            self._signal_group(signal.SIGTERM)
+        else:
+            try:
+                process.send_signal(signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        if not await self._exited(self.grace):
+            log.warning("%s did not stop in %.0fs: killing it", self.spec.name, self.grace)
+            self._signal_group(signal.SIGKILL)
         await self._end_leftovers()
         try:  # its output to the end (a process outside its group may still hold the pipe)
             await asyncio.wait_for(process.wait(), self.leftover_grace)

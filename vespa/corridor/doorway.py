@@ -85,6 +85,32 @@ class FailureAlarm:
         self.failures = 0
 
 
+class RestartAlarm:
+    """Signed requests that verify but were refused because the worker restarted after a higher
+    reqnum: a few are expected (signed before the restart, sent after); one WARNING line a
+    minute at most says how many, since many mean the autoscaler's reqnums started again under
+    the same key, and then only deleting the replay mark lets them through."""
+
+    def __init__(self, window: ReplayWindow, interval: float = 60.0):
+        self.window = window
+        self.interval = interval
+        self.next_at = 0.0
+        self.refused = 0
+
+    def note(self, reqnum: int) -> None:
+        self.refused += 1
+        now = time.monotonic()
+        if now < self.next_at:
+            return
+        self.next_at = now + self.interval
+        log.warning("%d signed request(s) since the last such line verified but were refused "
+                    "as too old (reqnum %d): at or below reqnum %s, the highest this worker had "
+                    "admitted under this key before it restarted (VESPA_CACHE_DIR/replay-mark). "
+                    "If this goes on, the autoscaler's reqnums started again: delete that file "
+                    "and restart the worker", self.refused, reqnum, self.window.restored)
+        self.refused = 0
+
+
 class KeySource(Protocol):
     """The autoscaler's public key, as the key ring keeps it."""
 
@@ -112,6 +138,8 @@ class Doorway:
         self.signature_scheme = signature_scheme
         self.public_url = public_url or None
         self.replay = ReplayWindow(replay_window)
+        self.restart_alarm = RestartAlarm(self.replay)
+        self.replay.on_refused_as_restored = self.restart_alarm.note
         self.blocked = compile_patterns(blocked_paths)
         self.keys: KeySource | None = None  # set in signed mode, once the key ring exists
         self.alarm = FailureAlarm()

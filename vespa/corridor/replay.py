@@ -24,7 +24,10 @@ class ReplayWindow:
 
     Across restarts: ``on_new_max`` is told each new highest reqnum before its request is let
     through (the assembly writes it down), and ``restore`` makes every reqnum at or below the
-    one written before a restart too old, since which of them were served is not known.
+    one written before a restart too old, since which of them were served is not known;
+    ``on_refused_as_restored`` hears of each verified request refused for that reason (many
+    would mean the autoscaler's reqnums started again under the same key). ``reset`` forgets
+    everything: a new key, whose signatures share nothing with the old one's.
     """
 
     def __init__(self, size: int = DEFAULT_REPLAY_WINDOW):
@@ -35,13 +38,23 @@ class ReplayWindow:
         self.floor: int | None = None
         self.seen: set[tuple[int, bytes]] = set()
         self.by_age: list[tuple[int, bytes]] = []  # min-heap over seen
+        self.restored: int | None = None  # the highest reqnum admitted before a restart
         self.on_new_max: Callable[[int], None] | None = None
+        self.on_refused_as_restored: Callable[[int], None] | None = None
 
     def restore(self, high_water: int) -> None:
         """Refuse every reqnum up to ``high_water``, the highest admitted before a restart."""
         self.raise_floor(high_water + 1)
         if self.max_reqnum is None or high_water > self.max_reqnum:
             self.max_reqnum = high_water
+        if self.restored is None or high_water > self.restored:
+            self.restored = high_water
+
+    def reset(self) -> None:
+        """Forget every pair, the floor and the highest reqnum (a new key)."""
+        self.max_reqnum = self.floor = self.restored = None
+        self.seen.clear()
+        self.by_age.clear()
 
     def __len__(self) -> int:
         return len(self.seen)
@@ -51,6 +64,9 @@ class ReplayWindow:
         if not isinstance(reqnum, int) or isinstance(reqnum, bool):
             return "reqnum must be an integer"
         if self.floor is not None and reqnum < self.floor:
+            if self.restored is not None and reqnum <= self.restored:
+                return (f"request too old: reqnum {reqnum} was signed before this worker "
+                        "restarted; route the request again")
             return (f"request too old: reqnum {reqnum} is below the replay window "
                     f"(oldest accepted {self.floor}); route the request again")
         if (reqnum, signature) in self.seen:
@@ -61,6 +77,9 @@ class ReplayWindow:
         """Check and, when fresh, record the pair; returns the refusal reason or ""."""
         reason = self.check(reqnum, signature)
         if reason or not isinstance(reqnum, int):  # check refuses any reqnum but an int
+            if self.on_refused_as_restored is not None and isinstance(reqnum, int) \
+                    and self.restored is not None and reqnum <= self.restored:
+                self.on_refused_as_restored(reqnum)
             return reason
         self.record(reqnum, signature)
         return ""
