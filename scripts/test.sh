@@ -39,6 +39,15 @@ if [[ $fast == 1 ]]; then
   set -- -m "not slow" "$@"
 else
   command -v openssl >/dev/null || { apt-get update -qq && apt-get install -y -qq openssl; }
+  # the perf tools (tests/slow/test_perf_regenerates.py makes every quoted results file again)
+  missing=""
+  for tool in wrk valgrind nginx; do
+    command -v "$tool" >/dev/null || [[ -x /usr/sbin/$tool ]] \
+      || missing+=" $([[ $tool == nginx ]] && echo nginx-light || echo "$tool")"
+  done
+  if [[ -n "$missing" ]]; then
+    apt-get update -qq && apt-get install -y -qq $missing
+  fi
   bash backends/setup_tts.sh --with-espeak
   bash backends/setup_vllm.sh
   # The fast suite once more as plain Python (VESPA_PURE_PYTHON=1: the main run below is the
