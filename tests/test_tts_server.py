@@ -26,6 +26,11 @@ from .conftest import wait_until
 RATE = 16000
 
 
+def openai_error(message: str, kind: str = "invalid_request_error") -> dict:
+    """OpenAI's error object, which the server answers with (its SDKs show the message)."""
+    return {"error": {"message": message, "type": kind, "param": None, "code": None}}
+
+
 class ToneEngine:
     """A deterministic engine: 1 ms of a 440 Hz tone per input character."""
 
@@ -85,7 +90,7 @@ async def test_health_is_503_while_loading_then_200(aiohttp_client):
     response = await client.get("/health")
     assert (response.status, await response.json()) == (503, {"status": "loading"})
     speech = await client.post("/v1/audio/speech", json={"input": "hi"})
-    assert (speech.status, await speech.json()) == (503, {"error": "TTS engine is loading"})
+    assert (speech.status, await speech.json()) == (503, openai_error("TTS engine is loading", "server_error"))
     release.set()
     for _ in range(200):
         response = await client.get("/health")
@@ -129,7 +134,7 @@ async def test_openai_voice_names_speak_with_the_engine_voices(aiohttp_client):
     assert (aliases["alloy"], aliases["nova"], aliases["robot"]) == ("beep", "boop", "boop")
     refused = await client.post("/v1/audio/speech", json={"input": "Hi.", "voice": "nobody"})
     assert refused.status == 422
-    assert (await refused.json())["error"] == (
+    assert (await refused.json())["error"]["message"] == (
         "unknown voice 'nobody'; available: beep, boop; aliases: "
         f"{', '.join(sorted([*OPENAI_VOICES, 'robot']))}; GET /voices lists them")
 
@@ -189,7 +194,7 @@ async def test_stream_false_failure_in_a_later_sentence_is_a_500(aiohttp_client)
     response = await client.post("/v1/audio/speech",
                                  json={"input": "Fine. Still fine. kaboom.", "stream": False})
     assert (response.status, await response.json()) == (
-        500, {"error": "synthesis failed: RuntimeError: engine exploded"})
+        500, openai_error("synthesis failed: RuntimeError: engine exploded", "server_error"))
 
 
 async def test_wav_is_streamed_sentence_by_sentence(aiohttp_client):
@@ -242,14 +247,14 @@ async def test_refusals_are_json(aiohttp_client, path, body, status, words):
     client = await ready_client(aiohttp_client, ToneEngine(fail_on="kaboom"), max_chars=50)
     response = await client.post(path, json=body)
     assert response.status == status
-    assert words in (await response.json())["error"]
+    assert words in (await response.json())["error"]["message"]
 
 
 async def test_invalid_json_is_400(aiohttp_client):
     client = await ready_client(aiohttp_client, ToneEngine())
     response = await client.post("/v1/audio/speech", data=b"{nope",
                                  headers={"Content-Type": "application/json"})
-    assert (response.status, await response.json()) == (400, {"error": "request body is not valid JSON"})
+    assert (response.status, await response.json()) == (400, openai_error("request body is not valid JSON"))
 
 
 async def test_failure_mid_stream_cuts_the_response(aiohttp_client):

@@ -29,12 +29,17 @@ MAX_BODY_BYTES = 16 * 1024 * 1024
 
 
 def error_response(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
+    """OpenAI's error object, so that its SDKs show the message (with a bare string they show
+    only "Error code: 422")."""
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return web.json_response({"error": {"message": message, "type": kind, "param": None,
+                                        "code": None}}, status=status)
 
 
 @web.middleware
 async def json_errors(request: web.Request, handler) -> web.StreamResponse:
-    """Refusals and failures before a response started become `{"error": message}`."""
+    """Refusals and failures before a response started become OpenAI's error object,
+    `{"error": {"message": ..., "type": ...}}`."""
     try:
         return await handler(request)
     except RequestError as error:

@@ -192,7 +192,7 @@ async def test_openai_voice_names_give_speech(session, voice):
 async def test_unknown_voice_lists_what_is_accepted(session):
     response = await speech(session, input="hi", voice="Alloy")
     assert response.status == 422
-    assert (await response.json())["error"] == (
+    assert (await response.json())["error"]["message"] == (
         "unknown voice 'Alloy'; available: en_US-joe-medium; aliases: "
         f"{', '.join(OPENAI_VOICES)}; GET /voices lists them")
 
@@ -220,9 +220,11 @@ def test_the_openai_sdk_speaks_through_an_openai_voice_name(server, tmp_path):
     assert frames * 2 == len(pcm) == len(whole.content) - 44 and frames / rate > 5
     with pytest.raises(openai.UnprocessableEntityError) as refused:
         client.audio.speech.create(model="tts-1", voice="nobody", input="Hi.")
-    # the SDK's message is "Error code: 422" for an {"error": "<text>"} body; .body is the text
-    assert refused.value.body.startswith(
+    # OpenAI's error object: the SDK's exception carries the server's message
+    assert "unknown voice 'nobody'; available: en_US-joe-medium" in refused.value.message
+    assert refused.value.body["message"].startswith(
         "unknown voice 'nobody'; available: en_US-joe-medium; aliases: alloy, ash,")
+    assert refused.value.body["type"] == "invalid_request_error"
 
 
 async def test_a_whole_wav_has_the_duration_python_wave_reports(session):
@@ -311,7 +313,7 @@ async def test_client_disconnect_stops_synthesis(server, session):
 async def test_refusals(session, body, status, words):
     response = await session.post("/v1/audio/speech", json=body)
     assert response.status == status
-    assert words in (await response.json())["error"]
+    assert words in (await response.json())["error"]["message"]
 
 
 async def test_invalid_json(session):
@@ -396,7 +398,7 @@ def test_espeak_with_configured_aliases(tmp_path):
         assert spoken["narrator"] != spoken["en-us"]
         status, body = post_speech(srv.url, {"input": "hi", "voice": "onyx2"})
         assert status == 422
-        error = json.loads(body)["error"]
+        error = json.loads(body)["error"]["message"]
         assert error.startswith("unknown voice 'onyx2'; available: af, am, an,") and "(and " in error
         assert "; aliases: alloy, ash, ballad, cedar, coral, echo, fable, marin, narrator," in error
     finally:
