@@ -318,7 +318,9 @@ async def test_refusals(session, body, status, words):
 
 async def test_invalid_json(session):
     response = await session.post("/v1/audio/speech", data=b"not json")
-    assert (response.status, await response.json()) == (400, {"error": "request body is not valid JSON"})
+    assert (response.status, await response.json()) == (400, {"error": {
+        "message": "request body is not valid JSON", "type": "invalid_request_error",
+        "param": None, "code": None}})
 
 
 async def test_benchmark_measures_characters_per_second(server, session):
