@@ -56,11 +56,17 @@ async def chat(request: web.Request) -> web.Response:
     return web.Response(body=CHAT_BODY, content_type="application/json")
 
 
-async def sse(request: web.Request) -> web.StreamResponse:
+async def event_stream(request: web.Request) -> web.StreamResponse:
+    """The request read, an SSE response started."""
     await request.read()
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                            "Cache-Control": "no-cache"})
     await response.prepare(request)
+    return response
+
+
+async def sse(request: web.Request) -> web.StreamResponse:
+    response = await event_stream(request)
     for chunk in SSE_CHUNKS:
         await response.write(chunk)
     await response.write_eof()
@@ -68,10 +74,7 @@ async def sse(request: web.Request) -> web.StreamResponse:
 
 
 async def sse_stamped(request: web.Request) -> web.StreamResponse:
-    await request.read()
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                           "Cache-Control": "no-cache"})
-    await response.prepare(request)
+    response = await event_stream(request)
     for tail in STAMPED_TAILS:
         await asyncio.sleep(EVENT_INTERVAL_S)
         await response.write(b'data: {"sent_ns":%d,%s' % (time.monotonic_ns(), tail))

@@ -14,6 +14,7 @@ import time
 from typing import Protocol
 
 from ..http.body import BodyTooLarge, arrived_body, check_length, is_small, read_body
+from ..http.limits import Throttle
 from ..http.messages import Request
 from ..http.target import path_of, redacted, spellings, without_params
 from .auth import PublicKey, verify
@@ -88,27 +89,23 @@ class FailureAlarm:
 class RestartAlarm:
     """Signed requests that verify but were refused because the worker restarted after a higher
     reqnum: a few are expected (signed before the restart, sent after); one WARNING line a
-    minute at most says how many, since many mean the autoscaler's reqnums started again under
-    the same key, and then only deleting the replay mark lets them through."""
+    minute at most (``Throttle``: with how many were held back), since many mean the
+    autoscaler's reqnums started again under the same key, and then only deleting the replay
+    mark lets them through."""
 
     def __init__(self, window: ReplayWindow, interval: float = 60.0):
         self.window = window
-        self.interval = interval
-        self.next_at = 0.0
-        self.refused = 0
+        self.throttle = Throttle(interval)
 
     def note(self, reqnum: int) -> None:
-        self.refused += 1
-        now = time.monotonic()
-        if now < self.next_at:
+        more = self.throttle.due()
+        if more is None:
             return
-        self.next_at = now + self.interval
-        log.warning("%d signed request(s) since the last such line verified but were refused "
-                    "as too old (reqnum %d): at or below reqnum %s, the highest this worker had "
-                    "admitted under this key before it restarted (VESPA_CACHE_DIR/replay-mark). "
-                    "If this goes on, the autoscaler's reqnums started again: delete that file "
-                    "and restart the worker", self.refused, reqnum, self.window.restored)
-        self.refused = 0
+        log.warning("signed request(s) verified but were refused as too old (reqnum %d): at or "
+                    "below reqnum %s, the highest this worker had admitted under this key "
+                    "before it restarted (VESPA_CACHE_DIR/replay-mark)%s. If this goes on, the "
+                    "autoscaler's reqnums started again: delete that file and restart the "
+                    "worker", reqnum, self.window.restored, more)
 
 
 class KeySource(Protocol):
