@@ -17,7 +17,7 @@ from ..http.body import BodyTooLarge, arrived_body, check_length, is_small, read
 from ..http.limits import Throttle
 from ..http.messages import Request
 from ..http.target import path_of, redacted, spellings, without_params
-from .auth import PublicKey, verify
+from .auth import PublicKey, Verdict, verify
 from .envelope import (BODY_METHODS, PASSTHROUGH, Envelope, EnvelopeError, open_envelope,
                        with_path)
 from .refusal import BODY_ERRORS, Reason, Refused, refusal_for
@@ -206,14 +206,28 @@ class Doorway:
 
     async def check_signature(self, envelope: Envelope) -> None:
         """``Refused`` unless the envelope is signed right (``must_verify`` said to check)."""
+        verdict = self.first_verdict(envelope)
+        if not verdict.ok:
+            await self.settle(envelope, verdict)
+
+    def first_verdict(self, envelope: Envelope) -> Verdict:
+        """The signature checked under the key held now, with no wait (a request signed right
+        needs no more); ``Refused`` when there is no key yet."""
         auth_data = envelope.auth_data
         assert auth_data is not None
         keys = self.keys
         if keys is None or keys.key is None:
             raise Refused(Reason.NO_KEY, "worker has not loaded the autoscaler's public key "
                                          "yet; route the request again shortly")
-        verdict = verify(auth_data, keys.key, self.signature_scheme,
-                         expected_url=self.public_url, replay=self.replay)
+        return verify(auth_data, keys.key, self.signature_scheme,
+                      expected_url=self.public_url, replay=self.replay)
+
+    async def settle(self, envelope: Envelope, verdict: Verdict) -> None:
+        """After a failed ``first_verdict``: once the key is fetched again (it may have rotated)
+        the signature is checked under the new one; ``Refused`` when it still fails."""
+        auth_data = envelope.auth_data
+        keys = self.keys
+        assert auth_data is not None and keys is not None
         if not verdict.ok and verdict.scheme is None and await keys.refresh_after_failure():
             verdict = verify(auth_data, keys.key, self.signature_scheme,
                              expected_url=self.public_url, replay=self.replay)

@@ -91,7 +91,9 @@ class Corridor:
             session = None if envelope.session_id is None else self.desk.member(envelope)  # 410
             if self.doorway.must_verify(envelope) and \
                     (session is None or not session.vouches_for(envelope.auth_data)):
-                await self.doorway.check_signature(envelope)
+                verdict = self.doorway.first_verdict(envelope)  # no await when signed right
+                if not verdict.ok:
+                    await self.doorway.settle(envelope, verdict)
             workload = self.admission.bounded(workload_of(envelope.cost, self.default_cost))
             self.at_the_door(request, target, envelope, workload, visit, session)
             await self.serve(request, envelope, workload, visit, session)

@@ -36,8 +36,11 @@ class ReplayWindow:
         self.size = size
         self.max_reqnum: int | None = None
         self.floor: int | None = None
-        self.seen: set[tuple[int, bytes]] = set()
-        self.by_age: list[tuple[int, bytes]] = []  # min-heap over seen
+        # the signatures admitted under each reqnum (almost always one), and those reqnums as a
+        # min-heap: integers compare and hash far cheaper than (reqnum, 256 bytes) pairs
+        self.signatures: dict[int, list[bytes]] = {}
+        self.reqnums: list[int] = []
+        self.pairs = 0
         self.restored: int | None = None  # the highest reqnum admitted before a restart
         self.on_new_max: Callable[[int], None] | None = None
         self.on_refused_as_restored: Callable[[int], None] | None = None
@@ -53,11 +56,12 @@ class ReplayWindow:
     def reset(self) -> None:
         """Forget every pair, the floor and the highest reqnum (a new key)."""
         self.max_reqnum = self.floor = self.restored = None
-        self.seen.clear()
-        self.by_age.clear()
+        self.signatures.clear()
+        self.reqnums.clear()
+        self.pairs = 0
 
     def __len__(self) -> int:
-        return len(self.seen)
+        return self.pairs
 
     def check(self, reqnum: object, signature: bytes) -> str:
         """Why this pair must be refused, or "" when it is fresh (nothing is recorded)."""
@@ -69,7 +73,8 @@ class ReplayWindow:
                         "restarted; route the request again")
             return (f"request too old: reqnum {reqnum} is below the replay window "
                     f"(oldest accepted {self.floor}); route the request again")
-        if (reqnum, signature) in self.seen:
+        seen = self.signatures.get(reqnum)
+        if seen is not None and signature in seen:
             return f"replayed request: reqnum {reqnum} was already served; route the request again"
         return ""
 
@@ -85,20 +90,25 @@ class ReplayWindow:
         return ""
 
     def record(self, reqnum: int, signature: bytes) -> None:
-        pair = (reqnum, signature)
-        self.seen.add(pair)
-        heapq.heappush(self.by_age, pair)
+        seen = self.signatures.get(reqnum)
+        if seen is None:
+            self.signatures[reqnum] = [signature]
+            heapq.heappush(self.reqnums, reqnum)
+        else:
+            seen.append(signature)
+        self.pairs += 1
         if self.max_reqnum is None or reqnum > self.max_reqnum:
             self.max_reqnum = reqnum
             if self.on_new_max is not None:
                 self.on_new_max(reqnum)
         self.raise_floor(self.max_reqnum - self.size)
-        while len(self.seen) > self.size:
-            self.raise_floor(self.by_age[0][0] + 1)
+        while self.pairs > self.size:  # many signatures under few reqnums: forget the oldest
+            self.raise_floor(self.reqnums[0] + 1)
 
     def raise_floor(self, floor: int) -> None:
         if self.floor is not None and floor <= self.floor:
             return
         self.floor = floor
-        while self.by_age and self.by_age[0][0] < floor:
-            self.seen.discard(heapq.heappop(self.by_age))
+        reqnums = self.reqnums
+        while reqnums and reqnums[0] < floor:
+            self.pairs -= len(self.signatures.pop(heapq.heappop(reqnums)))
