@@ -264,6 +264,9 @@ def block_findings(sources: Sources) -> str:
         said = against(row, base)
         if said:
             lines.append(f"- {what}: {said}.")
+    floor = full_scheme_floor(sources, cells.get("vespa"))
+    if floor:
+        lines += ["", floor]
     dev = instructions_per_request(sources, "instructions_dev", "compiled")
     url = instructions_per_request(sources, "instructions_url", "compiled")
     full = instructions_per_request(sources, "instructions_full", "compiled")
@@ -276,6 +279,25 @@ def block_findings(sources: Sources) -> str:
                   f"more. From "
                   f"{sources.cite('instructions_dev', 'instructions_url', 'instructions_full')}."]
     return "\n" + "\n".join(lines) + "\n"
+
+
+FULL_TARGET = 0.8  # issue #20: signed full >= 0.8x of dev mode at JSON c=32
+
+
+def full_scheme_floor(sources: Sources, dev: dict | None) -> str | None:
+    """What one RSA operation a request leaves of dev mode's throughput at best: the worker's
+    CPU a dev-mode request (the harness) against the operation alone (perf/rsa_verify.py)."""
+    rsa = rsa_rows(sources).get("cryptography_recover", {}).get("full")
+    cpu = None if dev is None else dev["cpu_us_per_request"]["proxy"]
+    if not rsa or not cpu:
+        return None
+    best = cpu / (cpu + rsa)
+    side = "below" if best < FULL_TARGET else "above"
+    return (f"**The full scheme's floor**: one RSA operation alone takes {rsa:,.0f} µs here "
+            f"(the `cryptography_recover` row of {sources.cite('rsa_verify')}), against "
+            f"{cpu:,.0f} µs of the worker's CPU for a whole dev-mode request. Were the rest of "
+            f"the signed path free, a worker bound by its CPU would reach at most "
+            f"{best:.2f}× of dev mode under full signatures, {side} the {FULL_TARGET}× target.")
 
 
 def block_hot_path(sources: Sources) -> str:
