@@ -213,3 +213,22 @@ async def test_what_outlives_the_backend_is_killed_after_a_moment(tmp_path, capl
     assert not witness.exists()
     assert f"1 process(es) of fake still running 0s after it stopped: killing them ({child} " \
         in caplog.text
+
+
+# -- the backend's output in its log file -------------------------------------------------------
+
+async def test_a_line_longer_than_the_buffer_reaches_the_log_file_whole(tmp_path):
+    """A line of 3 MiB comes in 64 KiB pieces (the read buffer holds 1 MiB): the file has every
+    byte of it, and of the line after it."""
+    from vespa.backend.supervisor import PIECE, ProcessSpec, Supervisor
+
+    head, tail = PIECE - 10, 3 << 20
+    line = b"x" * head + b"\xe9" * tail + b"\n"
+    script = tmp_path / "long_line.py"
+    script.write_text(f"import sys; sys.stdout.buffer.write(b'x' * {head} "
+                      f"+ b'\\xe9' * {tail} + b'\\nafter it\\n')")
+    log = tmp_path / "backend.log"
+    supervisor = Supervisor(ProcessSpec("long", [PYTHON, str(script)]), str(log))
+    await asyncio.wait_for(supervisor.run(), 30)
+    assert supervisor.process.returncode == 0
+    assert log.read_bytes() == line + b"after it\n"

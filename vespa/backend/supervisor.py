@@ -31,6 +31,7 @@ PR_SET_PDEATHSIG = 1
 # After the backend itself has exited: how long the rest of its group (helpers winding down, such
 # as multiprocessing's resource tracker cleaning up) has to end before it is killed.
 LEFTOVER_GRACE = 5.0
+PIECE = 1 << 16  # a line longer than the read buffer is taken in pieces of this size
 
 
 @dataclass(frozen=True)
@@ -143,10 +144,15 @@ class Supervisor:
             log.info("%s: %s", self.spec.name, text)
 
     async def _next_line(self) -> bytes:
+        """The next line of the backend's output (b"" at its end); a line longer than the
+        buffer comes in pieces."""
+        stdout = self.process.stdout
         try:
-            return await self.process.stdout.readline()
-        except ValueError:  # a line longer than the buffer: take it in pieces
-            return await self.process.stdout.read(1 << 16)
+            return await stdout.readuntil(b"\n")
+        except asyncio.IncompleteReadError as end:  # its last line, without a newline
+            return end.partial
+        except asyncio.LimitOverrunError:  # left in the buffer (readline would drop it all)
+            return await stdout.read(PIECE)
 
     async def stop(self) -> None:
         """SIGTERM the backend (or its whole group), SIGKILL the group after the grace period;
