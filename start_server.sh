@@ -206,8 +206,9 @@ report_failure_forever() {  # worker_status with error_msg to every REPORT_ADDR,
   while true; do
     IFS=',' read -ra addrs <<< "${REPORT_ADDR}"
     for addr in "${addrs[@]}"; do
-      curl -fsS -m 10 -H 'Content-Type: application/json' -d "$body" "${addr%/}/worker_status/" \
-        >/dev/null || say "could not report to $addr"
+      # the body (it holds MASTER_TOKEN) on curl's stdin: a command line is readable by all
+      printf '%s' "$body" | curl -fsS -m 10 -H 'Content-Type: application/json' \
+        --data-binary @- "${addr%/}/worker_status/" >/dev/null || say "could not report to $addr"
     done
     sleep 10
   done

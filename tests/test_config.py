@@ -163,6 +163,17 @@ def test_bad_value_stops_process_with_one_line_and_exit_2(entry, tmp_path):
     assert lines == ["vespa: invalid VESPA_MAX_WAIT_TIME='soon': expected a number > 0"]
 
 
+def test_a_bad_secret_stops_the_process_without_showing_its_value(tmp_path):
+    """The line goes to the terminal (Vast's instance log) before the log's masking is set up."""
+    result = subprocess.run([PYTHON, "-m", "vespa"], cwd=tmp_path, capture_output=True,
+                            env=worker_env(VESPA_BACKEND_API_KEY="bk-0123456789 abcdef"),
+                            text=True, timeout=30)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "vespa: invalid VESPA_BACKEND_API_KEY (a secret: its value is not shown): expected a "
+        "token of visible ASCII characters, without spaces"]
+
+
 def test_a_launched_backend_and_another_backend_url_is_a_clear_error():
     """VESPA_BACKEND launches the backend on VESPA_BACKEND_PORT: a URL elsewhere would be
     silently ignored, so it is refused with what to do instead."""

@@ -9,7 +9,7 @@ import logging
 
 import pytest
 from vespa.http.server import FrontServer, Request
-from vespa.observability.logs import current_request_id, mask, setup_logging
+from vespa.observability.logs import Redactor, current_request_id, mask, setup_logging
 
 MASTER_TOKEN = "mt-5f1e9c2d7a3b4e6f8a0b1c2d3e4f5a6b"
 LOGS_TOKEN = "logs-secret-0123456789"
@@ -130,6 +130,19 @@ def test_the_longer_secret_wins_when_one_contains_another(capture):
     logging.getLogger("vespa.test").info("value %s", MASTER_TOKEN)
     text = output()
     assert MASTER_TOKEN[16:] not in text and inner not in text
+
+
+def test_bytes_lose_their_secrets_and_keep_every_other_byte():
+    """A process's output as it wrote it: each secret's UTF-8 bytes masked, the longer secret
+    first; bytes that are not UTF-8 kept."""
+    accented = "clé-secrète-42"
+    redact = Redactor([MASTER_TOKEN, MASTER_TOKEN[:16], accented, SHORT_KEY]).redact_bytes
+    raw = b"\xff\xe9 " + MASTER_TOKEN.encode() + b" " + accented.encode() + b" " + \
+        SHORT_KEY.encode() + b"\r\n"
+    assert redact(raw) == b"\xff\xe9 " + mask(MASTER_TOKEN).encode() + b" " + \
+        mask(accented).encode() + b" " + mask(SHORT_KEY).encode() + b"\r\n"
+    assert redact(accented.encode("latin-1")) == accented.encode("latin-1")  # not its UTF-8
+    assert Redactor([]).redact_bytes(b"caf\xe9") == b"caf\xe9"
 
 
 def test_setup_twice_keeps_one_handler_and_the_access_log_quiet(capture):

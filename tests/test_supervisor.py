@@ -213,3 +213,52 @@ async def test_what_outlives_the_backend_is_killed_after_a_moment(tmp_path, capl
     assert not witness.exists()
     assert f"1 process(es) of fake still running 0s after it stopped: killing them ({child} " \
         in caplog.text
+
+
+# -- the backend's output in its log file: kept whole, the worker's secrets masked ---------------
+
+TOKEN = "hf_0123456789abcdefghijklmnop"
+
+
+def test_a_secret_split_between_two_pieces_of_a_long_line_is_masked_whole():
+    from vespa.backend.supervisor import MaskedOutput
+    from vespa.observability.logs import Redactor, mask
+
+    output = MaskedOutput(Redactor([TOKEN]))
+    pieces = [b"\xff" * 100 + TOKEN[:5].encode(), TOKEN[5:].encode() + b"\xfe" * 100,
+              b" end\n", b"no newline at the end, " + TOKEN[:3].encode()]
+    written = b"".join(output.feed(piece) for piece in pieces) + output.end()
+    assert written == b"".join(pieces).replace(TOKEN.encode(), mask(TOKEN).encode())
+    # nothing held back after a whole line, nor after the last piece of the output
+    assert output.feed(b"a whole line " + TOKEN.encode() + b"\n") == \
+        b"a whole line " + mask(TOKEN).encode() + b"\n"
+    assert output.feed(b"the last line, " + TOKEN.encode(), last=True) == \
+        b"the last line, " + mask(TOKEN).encode() and output.end() == b""
+
+
+def test_without_secrets_the_output_passes_as_it_came():
+    from vespa.backend.supervisor import MaskedOutput
+    from vespa.observability.logs import Redactor
+
+    output = MaskedOutput(Redactor([None, ""]))
+    piece = b"a piece of a long line, not UTF-8: \xe9"
+    assert output.feed(piece) is piece and output.end() == b""
+
+
+async def test_a_line_longer_than_the_buffer_reaches_the_log_file_whole_and_masked(tmp_path):
+    """A line of 3 MiB comes in 64 KiB pieces (the read buffer holds 1 MiB); a secret straddles
+    the first two: the file has every byte of the line, the secret masked whole."""
+    from vespa.backend.supervisor import PIECE, ProcessSpec, Supervisor
+    from vespa.observability.logs import Redactor, mask
+
+    head, tail = PIECE - 10, 3 << 20  # the secret begins 10 bytes before the first piece ends
+    line = b"x" * head + TOKEN.encode() + b"\xe9" * tail + b"\n"
+    script = tmp_path / "long_line.py"
+    script.write_text(f"import sys; sys.stdout.buffer.write(b'x' * {head} + {TOKEN.encode()!r} "
+                      f"+ b'\\xe9' * {tail} + b'\\nafter it\\n')")
+    log = tmp_path / "backend.log"
+    supervisor = Supervisor(ProcessSpec("long", [PYTHON, str(script)]), str(log),
+                            secrets=Redactor([TOKEN]))
+    await asyncio.wait_for(supervisor.run(), 30)
+    assert supervisor.process.returncode == 0
+    assert log.read_bytes() == line.replace(TOKEN.encode(), mask(TOKEN).encode()) + b"after it\n"

@@ -243,15 +243,20 @@ async def test_json_logs_carry_the_request_id_and_never_the_tokens(spawn, backen
 
 
 async def test_a_launched_backend_printing_its_token_never_leaks_it_to_the_log(session, tmp_path):
+    """Neither to the worker's log nor to the backend's own log file, which keeps every other
+    byte as the backend wrote it (not UTF-8 included)."""
     hf_token = "hf_0123456789abcdefghijklmnop"
+    plain = b"caf\xe9 au lait: no secret on this line\n"
     script = (f"import os, runpy, sys; print('loading with token', os.environ['HF_TOKEN'], "
-              f"flush=True); sys.argv = ['backend', '--port', sys.argv[1]]; "
+              f"flush=True); sys.stdout.buffer.write({plain!r}); sys.stdout.flush(); "
+              f"sys.argv = ['backend', '--port', sys.argv[1]]; "
               f"runpy.run_path('perf/backend.py', run_name='__main__')")
-    port = free_port()
+    port, backend_log = free_port(), tmp_path / "backend.log"
     worker = WorkerProcess(f"http://127.0.0.1:{port}", VESPA_BACKEND="command",
                            VESPA_BACKEND_COMMAND=f'{PYTHON} -c "{script}" {{port}}',
                            VESPA_BACKEND_PORT=str(port), VESPA_LOG_FORMAT="json",
-                           VESPA_CACHE_DIR=str(tmp_path), HF_TOKEN=hf_token)
+                           VESPA_CACHE_DIR=str(tmp_path), VESPA_BACKEND_LOG=str(backend_log),
+                           HF_TOKEN=hf_token)
     try:
         await worker.wait_ready(session)
     finally:
@@ -263,3 +268,7 @@ async def test_a_launched_backend_printing_its_token_never_leaks_it_to_the_log(s
                if "print(" not in line and "loading with token" in line]
     assert printed == ["python: loading with token hf_0…"], output
     assert hf_token not in output
+    written = backend_log.read_bytes()
+    assert hf_token.encode() not in written
+    lines = written.splitlines(keepends=True)
+    assert lines[:2] == ["loading with token hf_0…\n".encode(), plain], written[:300]

@@ -58,8 +58,10 @@ def health_url(backend_url: str, endpoint: str) -> str:
 class Worker:
     def __init__(self, settings: Settings):
         self.settings = settings
-        # the error a launched backend printed may hold its secrets: masked as in the log
-        self.state = WorkerState(redact=Redactor(settings.log_secrets))
+        # masks the secrets where the log's own filter does not: the error a launched backend
+        # printed (kept in the state) and the backend's log file
+        self.redactor = Redactor(settings.log_secrets)
+        self.state = WorkerState(redact=self.redactor)
         self.ledger = Ledger()
         self.admission = Admission(settings.concurrency_limit, settings.max_wait_time,
                                    settings.max_throughput)
@@ -343,7 +345,7 @@ class Worker:
                                      restarts=self.settings.backend_restarts,
                                      on_exit=self.state.fail,
                                      on_restart=self.metrics.backend_restart,
-                                     quiet=polls_pattern(polls))
+                                     quiet=polls_pattern(polls), secrets=self.redactor)
         self.spawn(self.supervisor.run(), "supervisor")
 
     def lifecycle(self) -> Lifecycle:

@@ -6,10 +6,10 @@ itself is killed. It is stopped the way it expects (``ProcessSpec.stop_group``):
 whole group, or to the backend alone when it stops its own children (vLLM); SIGKILL to the group
 if it is still there after the grace period, and to whatever of the group outlives it.
 
-Its output goes to a log file and, line by line, to the worker's log; lines matching ``quiet``
-(its access log of the worker's own health checks and metrics scrapes, one every few seconds) go
-to the file only, and so does the known noise it prints while it stops (``stop_noise.py``),
-which the worker's log gets as one line.
+Its output goes to a log file and, line by line, to the worker's log, with the worker's secrets
+masked in both (``MaskedOutput``); lines matching ``quiet`` (its access log of the worker's own
+health checks and metrics scrapes, one every few seconds) go to the file only, and so does the
+known noise it prints while it stops (``stop_noise.py``), which the worker's log gets as one line.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import os
 import re
 import signal
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import AsyncIterator, Callable, Protocol
 
 from .stop_noise import Fold, NoiseBlock
 
@@ -31,6 +31,7 @@ PR_SET_PDEATHSIG = 1
 # After the backend itself has exited: how long the rest of its group (helpers winding down, such
 # as multiprocessing's resource tracker cleaning up) has to end before it is killed.
 LEFTOVER_GRACE = 5.0
+PIECE = 1 << 16  # a line longer than the read buffer is taken in pieces of this size
 
 
 @dataclass(frozen=True)
@@ -63,13 +64,60 @@ def polls_pattern(paths: list[str]) -> re.Pattern[str]:
     return re.compile(rf'"(?:GET|HEAD) (?:{alternatives})(?:\?[^" ]*)? HTTP/')
 
 
+class SecretMask(Protocol):
+    """What masks the worker's secrets in bytes: ``observability.logs.Redactor``, which the
+    worker passes in (this room does not import that one)."""
+
+    @property
+    def longest(self) -> int:
+        """The longest secret's length in bytes; 0 when there is none."""
+
+    def redact_bytes(self, data: bytes) -> bytes:
+        """``data`` with each secret masked, every other byte as it was."""
+
+
+class MaskedOutput:
+    """The backend's output with each secret masked (``SecretMask``), piece by piece.
+
+    A line longer than the read buffer comes in pieces, and a secret may straddle two of them:
+    the last bytes of a piece that does not end its line (the longest secret's length less one)
+    are held back and masked with the next piece. The bytes are otherwise kept as they came.
+    """
+
+    def __init__(self, secrets: SecretMask | None):
+        # with no secret, each piece passes as it came: nothing to search for, nothing held
+        self.redact = secrets.redact_bytes if secrets is not None and secrets.longest else None
+        self.keep = secrets.longest - 1 if secrets is not None else 0
+        self.held = b""
+
+    def feed(self, piece: bytes, last: bool = False) -> bytes:
+        """What can be written now of the output held back and this piece (``last``: the
+        output ends with it), masked."""
+        if self.redact is None:
+            return piece
+        data = self.redact(self.held + piece)
+        if last or data.endswith(b"\n"):
+            self.held = b""
+            return data
+        # a secret's beginning at the end of the piece is still as it came: masked whole later
+        cut = max(len(data) - self.keep, 0)
+        self.held = data[cut:]
+        return data[:cut]
+
+    def end(self) -> bytes:
+        """What is still held back, when the output ends (masked already)."""
+        held, self.held = self.held, b""
+        return held
+
+
 class Supervisor:
     def __init__(self, spec: ProcessSpec, log_path: str, *, restarts: int = 0,
                  grace: float | None = None, on_exit: Callable[[str], None] = lambda _: None,
                  on_restart: Callable[[], None] = lambda: None,
-                 quiet: re.Pattern[str] | None = None):
+                 quiet: re.Pattern[str] | None = None, secrets: SecretMask | None = None):
         self.spec = spec
         self.log_path = log_path
+        self.secrets = secrets  # masked in the backend's output before it reaches any log
         self.restarts_left = restarts
         self.grace = spec.stop_grace if grace is None else grace
         self.leftover_grace = LEFTOVER_GRACE
@@ -120,11 +168,12 @@ class Supervisor:
             await self.start()
 
     async def pump_output(self) -> None:
-        """Copy the backend's output to its log file and the worker's log, line by line."""
+        """Copy the backend's output to its log file and the worker's log, line by line, its
+        secrets masked."""
         loop = asyncio.get_running_loop()
         fold: Fold | None = None
         with open(self.log_path, "ab", buffering=0) as sink:
-            while line := await self._next_line():
+            async for line in self._masked_lines():
                 await loop.run_in_executor(None, sink.write, line)
                 text = line.decode("utf-8", "replace").rstrip()
                 if not text or (self.quiet is not None and self.quiet.search(text)):
@@ -142,11 +191,26 @@ class Supervisor:
             self.tail.append(text[:300])
             log.info("%s: %s", self.spec.name, text)
 
+    async def _masked_lines(self) -> AsyncIterator[bytes]:
+        """The backend's output to its end, line by line (a long line in pieces), masked."""
+        output = MaskedOutput(self.secrets)
+        while piece := await self._next_line():
+            # its last line, even without a newline, is shown as one line: nothing held back
+            if masked := output.feed(piece, last=self.process.stdout.at_eof()):
+                yield masked
+        if held := output.end():
+            yield held
+
     async def _next_line(self) -> bytes:
+        """The next line of the backend's output (b"" at its end); a line longer than the
+        buffer comes in pieces."""
+        stdout = self.process.stdout
         try:
-            return await self.process.stdout.readline()
-        except ValueError:  # a line longer than the buffer: take it in pieces
-            return await self.process.stdout.read(1 << 16)
+            return await stdout.readuntil(b"\n")
+        except asyncio.IncompleteReadError as end:  # its last line, without a newline
+            return end.partial
+        except asyncio.LimitOverrunError:  # left in the buffer (readline would drop it all)
+            return await stdout.read(PIECE)
 
     async def stop(self) -> None:
         """SIGTERM the backend (or its whole group), SIGKILL the group after the grace period;

@@ -25,8 +25,10 @@ VLLM_API_KEY = dataclasses.replace(next(s for s in CREDENTIALS if s.variable == 
 class ConfigError(ValueError):
     """A setting has a value Vespa cannot use."""
 
-    def __init__(self, name: str, value: str, accepts: str):
-        super().__init__(f"invalid {name}={value!r}: expected {accepts}")
+    def __init__(self, name: str, value: str | None, accepts: str):
+        # None: the value of a secret, not shown (the message goes to the terminal unmasked)
+        shown = " (a secret: its value is not shown)" if value is None else f"={value!r}"
+        super().__init__(f"invalid {name}{shown}: expected {accepts}")
         self.name = name
 
 
@@ -62,7 +64,8 @@ class _Reader:
         try:
             return setting.kind.parse(text)
         except (ValueError, TypeError):
-            raise ConfigError(name, text, setting.kind.accepts) from None
+            raise ConfigError(name, None if setting.secret else text,
+                              setting.kind.accepts) from None
 
 
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:

@@ -27,18 +27,33 @@ def mask(secret: str) -> str:
 
 
 class Redactor:
-    """Replaces every occurrence of each secret in text."""
+    """Replaces every occurrence of each secret in text, or of its UTF-8 bytes in bytes."""
 
     def __init__(self, secrets: Iterable[str | None]):
         kept = {s for s in secrets if s and len(s) >= MIN_SECRET_LENGTH}
         # longest first, so a secret containing another one is replaced whole
         self.pairs = [(s, mask(s)) for s in sorted(kept, key=len, reverse=True)]
+        self.byte_pairs = sorted(((s.encode(), m.encode()) for s, m in self.pairs),
+                                 key=lambda pair: len(pair[0]), reverse=True)
 
     def __call__(self, text: str) -> str:
         for secret, masked in self.pairs:
             if secret in text:
                 text = text.replace(secret, masked)
         return text
+
+    def redact_bytes(self, data: bytes) -> bytes:
+        """``data`` with each secret's UTF-8 bytes replaced by its mask's; every other byte
+        (valid UTF-8 or not) as it was: output kept as a process wrote it, such as a log file."""
+        for secret, masked in self.byte_pairs:
+            if secret in data:
+                data = data.replace(secret, masked)
+        return data
+
+    @property
+    def longest(self) -> int:
+        """The length in bytes of the longest secret (0 when there is none)."""
+        return len(self.byte_pairs[0][0]) if self.byte_pairs else 0
 
 
 class RedactingFilter(logging.Filter):
