@@ -93,6 +93,11 @@ def build_command(env: Mapping[str, str], *, port: int, python: str, gpu: bool,
         raise ValueError("VLLM_ARGS must not set --api-key: set VESPA_BACKEND_API_KEY, which "
                          "the worker gives vLLM and sends with every request")
 
+    if "--hf-token" in given and _has_a_value(user_args, "--hf-token"):
+        raise ValueError("VLLM_ARGS must not give --hf-token a value: set HF_TOKEN, which vLLM "
+                         "reads from its environment (a command line is readable by every "
+                         "process on the machine, and vLLM logs its arguments)")
+
     model = _model(env, user_args, given)
     default_model = not model
     model = model or str(default_model_dir(env))
@@ -260,6 +265,13 @@ def _flag_value(args: list[str], flag: str) -> str:
     if value is None:
         raise ValueError(f"{flag} in VLLM_ARGS has no value")
     return value
+
+
+def _has_a_value(args: list[str], flag: str) -> bool:
+    """Whether any occurrence of the flag is given a value (``--flag v`` or ``--flag=v``)."""
+    return any(_normal_flag(arg) == flag
+               and ("=" in arg or (i + 1 < len(args) and not args[i + 1].startswith("-")))
+               for i, arg in enumerate(args))
 
 
 def _is_local_path(model: str) -> bool:

@@ -143,6 +143,8 @@ def test_model_and_served_name_from_vllm_args():
     ({"VLLM_ARGS": "--port=9000"}, "VLLM_ARGS must not set --port"),
     ({"VLLM_ARGS": "--api-key k"}, "VLLM_ARGS must not set --api-key: set VESPA_BACKEND_API_KEY"),
     ({"VLLM_ARGS": "--api_key=k"}, "VLLM_ARGS must not set --api-key"),
+    ({"VLLM_ARGS": "--hf-token hf_secret"}, "VLLM_ARGS must not give --hf-token a value: set HF_TOKEN"),
+    ({"VLLM_ARGS": "--hf_token=hf_secret"}, "VLLM_ARGS must not give --hf-token a value"),
     ({"VLLM_ARGS": "--model"}, "--model in VLLM_ARGS has no value"),
     ({"VLLM_ARGS": "--model --dtype half"}, "--model in VLLM_ARGS has no value"),
     ({"MODEL_NAME": "a/b", "VLLM_MODEL": "c/d"}, "MODEL_NAME and VLLM_MODEL are both set and differ"),
@@ -157,6 +159,13 @@ def test_model_and_served_name_from_vllm_args():
 def test_bad_settings_raise_a_value_error_naming_the_setting(env, message):
     with pytest.raises(ValueError, match=message):
         cmd(**env)
+
+
+def test_a_bare_hf_token_flag_is_kept():
+    """``--hf-token`` without a value makes vLLM use the token stored on disk: no secret on the
+    command line, so it is passed on."""
+    spec = cmd(VLLM_ARGS="--hf-token --max-num-seqs 4")
+    assert spec.argv[-3:] == ["--hf-token", "--max-num-seqs", "4"]
 
 
 def test_the_backend_key_reaches_vllm_in_its_environment_not_its_command_line():
