@@ -292,8 +292,8 @@ class RequestRecorder:
             except FileNotFoundError:
                 os.makedirs(self.directory, exist_ok=True)
                 write_file(path, data)
-            self.written += 1
             self.count_disk(len(data))
+            self.written += 1  # counted once the records are back within their disk limit
         except Exception as exc:  # disk full, permissions, odd entry: drop it, keep going
             self.failures += 1
             now = time.monotonic()
