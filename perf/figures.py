@@ -292,12 +292,13 @@ def full_scheme_floor(sources: Sources, dev: dict | None) -> str | None:
     if not rsa or not cpu:
         return None
     best = cpu / (cpu + rsa)
-    side = "below" if best < FULL_TARGET else "above"
+    side = "below" if best < FULL_TARGET else "at or above"
+    shown = f"{best:.2f}" if round(best, 2) != FULL_TARGET else f"{best:.3f}"
     return (f"**The full scheme's floor**: one RSA operation alone takes {rsa:,.0f} µs here "
             f"(the `cryptography_recover` row of {sources.cite('rsa_verify')}), against "
             f"{cpu:,.0f} µs of the worker's CPU for a whole dev-mode request. Were the rest of "
             f"the signed path free, a worker bound by its CPU would reach at most "
-            f"{best:.2f}× of dev mode under full signatures, {side} the {FULL_TARGET}× target.")
+            f"{shown}× of dev mode under full signatures, {side} the {FULL_TARGET}× target.")
 
 
 def block_hot_path(sources: Sources) -> str:

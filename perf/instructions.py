@@ -12,8 +12,8 @@ user-space instructions the worker executes, which repeat to within 0.2 % for th
 change worth 2 % shows. It starts ``perf/backend.py`` and the worker (under ``valgrind
 --tool=callgrind``, about 50x slower), warms up, zeroes the counters, runs wrk for a few seconds
 and divides the instructions by the requests answered. The worker's clock-driven work (reports,
-health checks) is stretched by callgrind's slowdown (``CLOCK_STRETCH``), so it weighs on a
-request about as it does at full speed. ``--signed url|full`` runs the worker as on Vast
+health checks) is stretched past the counted window (``CLOCK_STRETCH``), so it is left out:
+under callgrind it fell on 50 times fewer requests than at full speed. ``--signed url|full`` runs the worker as on Vast
 (perf/signed.py's autoscaler holds the key) and sends what Vast's client sends, signed under
 that scheme (perf/clients.py). It needs valgrind and wrk
 (``apt-get install -y valgrind wrk``). Kernel time (the socket calls) is not counted: compare
@@ -57,10 +57,10 @@ def tree_python(tree: Path) -> str:
 
 
 # Work the worker does by the clock (a look at the load every second, a report at least every
-# ten, a backend health check every ten) is spread over about 50 times fewer requests under
-# callgrind than at full speed, and its share a request moved with the machine's speed from run
-# to run. Stretched by that slowdown, the clock fires about as often a request as it does
-# natively (each signed run still reports and delivers its records once its window closes).
+# ten, a backend health check every ten) falls on about 50 times fewer requests under callgrind
+# than at full speed, and its share a request moved with the machine's speed from run to run.
+# Stretched past the counted window, it is left out of the count: at full speed thousands of
+# requests share each second's reports.
 CLOCK_STRETCH: Final = {"VESPA_REPORT_INTERVAL": "50", "VESPA_REPORT_MAX_INTERVAL": "500",
                         "VESPA_HEALTHCHECK_INTERVAL": "500"}
 

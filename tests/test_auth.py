@@ -405,6 +405,19 @@ def test_window_memory_is_bounded_even_for_many_signatures_of_one_reqnum():
     assert window.check(1000, b"sig0").startswith("request too old")
 
 
+def test_window_holds_many_signatures_of_one_reqnum_each_refused_once_seen():
+    """A busy endpoint may share a reqnum among many signatures: each is admitted once, its
+    replay refused, and the window stays cheap to consult (a set, not a list, past the first)."""
+    window = ReplayWindow(size=5000)
+    signatures = [n.to_bytes(256, "big") for n in range(5000)]
+    assert all(window.admit(7, sig) == "" for sig in signatures)
+    assert len(window) == 5000
+    assert all(window.check(7, sig).startswith("replayed") for sig in signatures[::97])
+    assert window.check(7, b"\xff" * 256) == ""
+    window.record(7, signatures[0])  # a pair it holds is not counted twice
+    assert len(window) == 5000
+
+
 @settings(max_examples=200, deadline=None)
 @given(size=st.integers(1, 30),
        arrivals=st.lists(st.tuples(st.integers(0, 200), st.sampled_from([b"a", b"b", b"c"])), max_size=300))

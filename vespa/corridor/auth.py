@@ -40,9 +40,6 @@ REPLAY_SCHEMES: Final = frozenset({"full", "legacy"})
 VERIFIED_CACHE_SIZE = 64
 """Signatures a key remembers having verified (url-only: one per worker URL it was signed for)."""
 PKCS1V15: Final = padding.PKCS1v15()
-# base64.b64decode(validate=True) is this call from Python 3.11 on, behind two Python-level
-# steps that cost more than the decoding (3.10 has no strict mode: there b64decode is used)
-_STRICT_BASE64: Final = sys.version_info >= (3, 11)
 
 
 @mypyc_attr(native_class=False)  # a builtin exception's subclass stays a Python class
@@ -302,8 +299,10 @@ def decode_signature(signature: object, key: PublicKey) -> bytes | str:
     if not isinstance(signature, str):
         return "signature must be a base64 string"
     try:
-        if _STRICT_BASE64:
-            raw = binascii.a2b_base64(signature, strict_mode=True)  # type: ignore[call-arg]
+        # base64.b64decode(validate=True) is this call from Python 3.11 on, behind two
+        # Python-level steps that cost more than the decoding (3.10 has no strict mode)
+        if sys.version_info >= (3, 11):
+            raw = binascii.a2b_base64(signature, strict_mode=True)
         else:
             raw = base64.b64decode(signature, validate=True)
     except (binascii.Error, ValueError):

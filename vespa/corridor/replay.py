@@ -36,9 +36,10 @@ class ReplayWindow:
         self.size = size
         self.max_reqnum: int | None = None
         self.floor: int | None = None
-        # the signatures admitted under each reqnum (almost always one), and those reqnums as a
-        # min-heap: integers compare and hash far cheaper than (reqnum, 256 bytes) pairs
-        self.signatures: dict[int, list[bytes]] = {}
+        # the signature admitted under each reqnum (a set of them when there are several), and
+        # those reqnums as a min-heap: integers compare and hash far cheaper than (reqnum,
+        # 256 bytes) pairs
+        self.signatures: dict[int, bytes | set[bytes]] = {}
         self.reqnums: list[int] = []
         self.pairs = 0
         self.restored: int | None = None  # the highest reqnum admitted before a restart
@@ -73,8 +74,7 @@ class ReplayWindow:
                         "restarted; route the request again")
             return (f"request too old: reqnum {reqnum} is below the replay window "
                     f"(oldest accepted {self.floor}); route the request again")
-        seen = self.signatures.get(reqnum)
-        if seen is not None and signature in seen:
+        if self.holds(reqnum, signature):
             return f"replayed request: reqnum {reqnum} was already served; route the request again"
         return ""
 
@@ -89,13 +89,28 @@ class ReplayWindow:
         self.record(reqnum, signature)
         return ""
 
+    def holds(self, reqnum: int, signature: bytes) -> bool:
+        """Whether the pair is remembered."""
+        seen = self.signatures.get(reqnum)
+        if seen is None:
+            return False
+        if isinstance(seen, bytes):
+            return seen == signature
+        return signature in seen
+
     def record(self, reqnum: int, signature: bytes) -> None:
         seen = self.signatures.get(reqnum)
         if seen is None:
-            self.signatures[reqnum] = [signature]
+            self.signatures[reqnum] = signature
             heapq.heappush(self.reqnums, reqnum)
+        elif isinstance(seen, bytes):
+            if seen == signature:
+                return
+            self.signatures[reqnum] = {seen, signature}
+        elif signature in seen:
+            return
         else:
-            seen.append(signature)
+            seen.add(signature)
         self.pairs += 1
         if self.max_reqnum is None or reqnum > self.max_reqnum:
             self.max_reqnum = reqnum
@@ -111,4 +126,5 @@ class ReplayWindow:
         self.floor = floor
         reqnums = self.reqnums
         while reqnums and reqnums[0] < floor:
-            self.pairs -= len(self.signatures.pop(heapq.heappop(reqnums)))
+            forgotten = self.signatures.pop(heapq.heappop(reqnums))
+            self.pairs -= 1 if isinstance(forgotten, bytes) else len(forgotten)
