@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import math
+from fractions import Fraction
+
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 from hypothesis.stateful import (Bundle, RuleBasedStateMachine, consumes, invariant, rule,
                                  initialize)
 
-from vespa.corridor.ledger import DistinctReqnums, FinishedRequest, Ledger, LoadWindow, Outcome
+from vespa.corridor.ledger import (DistinctReqnums, FinishedRequest, Ledger, LoadWindow, Outcome,
+                                   json_time)
 
 LOAD_FIELDS = {"cur_load", "new_load", "rej_load", "cur_perf", "num_requests_working",
                "num_requests_recieved", "working_request_idxs"}
@@ -432,3 +436,23 @@ def test_a_record_is_the_json_vasts_worker_sends(idx, outcome, queued, started, 
     for name in ("entered_queue_at", "work_started_at", "work_completed_at"):
         assert type(parsed[name]) is float, name
         assert abs(parsed[name] - expected[name]) <= 1e-6, (name, parsed[name], expected[name])
+
+
+def micros_written(text: str) -> int:
+    """The microseconds a JSON float of json_time's spells, read from its digits (not parsed:
+    a float would round them again)."""
+    whole, _, fraction = text.partition(".")
+    assert 1 <= len(fraction) <= 6 and (fraction == "0" or not fraction.endswith("0")), text
+    return int(whole) * 10**6 + int(fraction.ljust(6, "0"))
+
+
+@example(1746562265.4378104)  # 2025: x.4378104 was written .437811
+@example(4694335671.699831)  # 2118: seconds * 1e6 + 0.5 is a tie there, rounded to even
+@example(1765065432.0078125)  # an exact half microsecond: up
+@example(16384.9999995)  # into the next second
+@given(st.floats(min_value=2.0**14, max_value=9e9, exclude_max=True))
+def test_a_timestamp_is_written_rounded_to_the_nearest_microsecond(seconds):
+    """Rounded from the float's exact value (a half up), up to 9e9 s (the year 2255); beyond
+    that json.dumps writes it."""
+    nearest = math.floor(Fraction(seconds) * 10**6 + Fraction(1, 2))
+    assert micros_written(json_time(seconds)) == nearest

@@ -1,24 +1,29 @@
 """The reporter against the real autoscaler emulator on loopback: fields, resets, addresses,
-delete_requests formats, outages, loadtime and cadence."""
+delete_requests formats, outages, loadtime, cadence and shutdown."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import json
+import logging
 import shutil
 import time
 
 import aiohttp
 import pytest
 
+from vespa.config import load_settings
 from vespa.devtools.autoscaler import AutoscalerEmulator, WORKER_STATUS_FIELDS
 from vespa.corridor.ledger import FinishedRequest, Ledger, Outcome
 from vespa.state import Phase, WorkerState
+from vespa.worker import Worker
 from vespa.autoscaler.reporter import (NO_DELETE_ADDR, Identity, Reporter, addresses_for, delete_bodies,
                             status_body)
 
 from .conftest import free_port, wait_until
-from .fleet import emulator, make_emulator, private_key  # noqa: F401  (fixtures)
+from .fleet import WatchedEmulator, emulator, make_emulator, private_key  # noqa: F401
 
 WORKER_URL = "http://127.0.0.1:3999"
 IDENTITY = Identity(worker_id=17, mtoken="master-token", url=WORKER_URL)
@@ -712,3 +717,78 @@ async def test_a_cancelled_status_report_finishes_and_the_final_one_carries_only
     serve(ledger, 2, 5.0)
     assert await reporter.report_status(force=True)
     assert [r["cur_perf"] for r in emulator.reports] == [100.0, 5.0]
+
+
+# -- shutdown ----------------------------------------------------------------------------------
+
+class HeldReports(WatchedEmulator):
+    """Holds each POST to the path ``held`` (until ``release``, 30 s at most)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.held: str | None = None
+        self.release = asyncio.Event()
+
+    async def hold(self, request) -> None:
+        if request.path == self.held:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.release.wait(), 30)
+
+    async def handle_worker_status(self, request):
+        await self.hold(request)
+        return await super().handle_worker_status(request)
+
+    async def handle_delete_requests(self, request):
+        await self.hold(request)
+        return await super().handle_delete_requests(request)
+
+
+@pytest.mark.parametrize("held", ["/worker_status/", "/delete_requests/"])
+async def test_a_report_stuck_past_the_final_reports_time_is_cancelled_before_the_session_closes(
+        held, private_key, backend, tmp_path, caplog):
+    """A report whose answer does not come within the final report's time: stop cancels it and
+    waits for it before closing the session it uses, so nothing runs on under a closed session
+    (it logged "Task exception was never retrieved ... Session is closed"), and what did not
+    arrive is not counted as delivered."""
+    emulator = HeldReports(private_key=private_key)
+    await emulator.start()
+    worker = Worker(load_settings({
+        "REPORT_ADDR": emulator.url, "VESPA_UNSECURED": "true", "CONTAINER_ID": "7",
+        "MASTER_TOKEN": "mtoken-secret", "VESPA_MAX_THROUGHPUT": "1000",
+        "VESPA_BACKEND_URL": str(backend.make_url("")).rstrip("/"),
+        "VESPA_REPORT_INTERVAL": "0.05", "VESPA_HEALTHCHECK_INTERVAL": "0.2",
+        "VESPA_CACHE_DIR": str(tmp_path / "cache")}))
+    stopped = False
+    try:
+        await worker.start()
+        port = free_port()
+        await worker.listen("127.0.0.1", port)
+        await wait_until(lambda: any(r["max_perf"] > 0 for r in emulator.reports), timeout=10)
+        emulator.held = held
+        auth_data = emulator.signer.auth_data(f"http://127.0.0.1:{port}", 5.0, 42)
+        async with aiohttp.ClientSession() as client:
+            async with client.post(f"http://127.0.0.1:{port}/echo",
+                                   json={"auth_data": auth_data, "payload": {}}) as response:
+                assert response.status == 200
+        await wait_until(lambda: emulator.arrived[held] and emulator.answering)  # it is held
+        answered = len(emulator.reports)
+        stopped = True
+        await worker.stop(report_timeout=0.5)
+        assert not [task for task in asyncio.all_tasks()
+                    if "Reporter." in repr(task.get_coro())], "left running"
+        await asyncio.sleep(0.5)  # what would have run on fails now: a retry's pause is 0.2 s
+        gc.collect()  # a task's exception nobody retrieved is logged when it is collected
+        errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert errors == [], [r.getMessage() for r in errors]
+        delivered = {kind: n for (kind, ok), n in worker.metrics.reports.items() if ok}
+        if held == "/worker_status/":  # not counted as sent; its load still to be reported
+            assert worker.reporter.sent == delivered["worker_status"] == answered
+            assert worker.ledger.window.cur_perf == 5.0
+        else:  # the record is still the worker's to deliver
+            assert [r.request_idx for r in worker.ledger.outbox] == [42]
+            assert delivered["delete_requests"] == 0 and emulator.deleted == []
+    finally:
+        emulator.release.set()
+        if not stopped:
+            await worker.stop(report_timeout=0.5)
+        await emulator.stop()

@@ -275,8 +275,9 @@ class Worker:
                 log.warning("drain timeout: %d request(s) still in flight are cut",
                             len(self.ledger.in_flight))
 
-    async def stop(self, shutdown_timeout: float = 1.0) -> None:
-        """Close the socket and the connections, then every room; the last report goes out."""
+    async def stop(self, shutdown_timeout: float = 1.0, report_timeout: float = 5.0) -> None:
+        """Close the socket and the connections, then every room; the last report goes out
+        (within ``report_timeout``)."""
         for listener, server in ((self.listener, self.server),
                                  (self.session_listener, self.session_server)):
             if listener is not None:
@@ -298,7 +299,7 @@ class Worker:
             task.cancel()
         await asyncio.gather(*self.background, return_exceptions=True)
         if self.reporter is not None:
-            await self.final_report()
+            await self.final_report(report_timeout)
         if self.recorder is not None:
             await self.recorder.stop()
         await self.upstream.close()
@@ -320,7 +321,8 @@ class Worker:
                      "refused as too old", high_water)
 
     async def final_report(self, timeout: float = 5.0) -> None:
-        """Tell the autoscaler about the last finished requests before the process ends."""
+        """Tell the autoscaler about the last finished requests before the process ends; what
+        is still on its way after ``timeout`` is given up, before the session closes."""
         reporter = self.reporter
         assert reporter is not None
         try:
@@ -328,7 +330,8 @@ class Worker:
                                                   reporter.report_status(force=True)),
                                    timeout)
         except asyncio.TimeoutError:
-            log.warning("final report to the autoscaler timed out")
+            log.warning("final report to the autoscaler timed out after %gs: given up", timeout)
+        await reporter.abandon()
 
     # -- the backend ---------------------------------------------------------------------------
     async def launch_backend(self) -> None:

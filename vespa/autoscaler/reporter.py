@@ -116,6 +116,7 @@ class Reporter:
                                              sock_connect=timeout)
         self.delivery: asyncio.Task | None = None  # finished records on their way
         self.status_turn = asyncio.Lock()  # one worker_status at a time, each its own window
+        self.reports: set[asyncio.Task] = set()  # worker_status reports on their way
         self.wake = asyncio.Event()
         self.last_sent: dict | None = None
         self.last_sent_at = float("-inf")
@@ -157,8 +158,11 @@ class Reporter:
         One at a time, and shielded: two reports taking the same window (the periodic one and
         the final one, or a test's) would count its load twice; a report whose caller is
         cancelled (shutdown) finishes, so the next one waits for it and carries only what
-        came after."""
-        return await asyncio.shield(asyncio.ensure_future(self._report_status_in_turn(force)))
+        came after (``abandon`` ends it at shutdown, when the time for it is up)."""
+        report = asyncio.ensure_future(self._report_status_in_turn(force))
+        self.reports.add(report)
+        report.add_done_callback(self.reports.discard)
+        return await asyncio.shield(report)
 
     async def _report_status_in_turn(self, force: bool) -> bool:
         async with self.status_turn:
@@ -186,6 +190,20 @@ class Reporter:
         self.disk_used = disk_used
         self.last_sent, self.last_sent_at = body, time.monotonic()
         return True
+
+    async def abandon(self) -> None:
+        """Cancel the reports still on their way and wait for them to end: at shutdown, once
+        the final report's time is up, before the session they use is closed (under a closed
+        session a POST fails, and a retry raises in a task nobody awaits any more). A cancelled
+        worker_status is not counted as sent and its window stays in the ledger; a cancelled
+        delivery puts its records back in the outbox: whether they arrived, nobody knows, and
+        the process ends with them."""
+        pending = list(self.reports)
+        if self.delivery is not None:
+            pending.append(self.delivery)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
 
     @property
     def settled(self) -> bool:

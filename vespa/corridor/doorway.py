@@ -10,7 +10,6 @@ from __future__ import annotations
 import fnmatch
 import logging
 import re
-import time
 from typing import Protocol
 
 from ..http.body import BodyTooLarge, arrived_body, check_length, is_small, read_body
@@ -62,28 +61,24 @@ class EnvelopeLimits:
 
 
 class FailureAlarm:
-    """Signatures that verify under no scheme at all: one WARNING line a minute at most, with
-    how many, the schemes tried and the key's fingerprint, so an operator is not left guessing
-    (vast-cli issue #493 reports production signatures of no documented shape)."""
+    """Signatures that verify under no scheme at all: one WARNING line a minute at most
+    (``Throttle``), with how many since the line before, the schemes tried and the key's
+    fingerprint, so an operator is not left guessing (vast-cli issue #493 reports production
+    signatures of no documented shape)."""
 
     def __init__(self, interval: float = 60.0):
-        self.interval = interval
-        self.next_at = 0.0
-        self.failures = 0
+        self.throttle = Throttle(interval)
 
     def note(self, scheme: str, key: PublicKey) -> None:
-        self.failures += 1
-        now = time.monotonic()
-        if now < self.next_at:
+        held = self.throttle.suppressed  # before ``due`` counts this one or starts again at 0
+        if self.throttle.due() is None:
             return
-        self.next_at = now + self.interval
         tried = "full, url, legacy" if scheme == "auto" else scheme
         log.warning("%d signed request(s) since the last such line verified under no scheme "
                     "(tried %s; VESPA_SIGNATURE_SCHEME=%s) with the autoscaler key %s: check "
                     "that REPORT_ADDR is the autoscaler that routes to this worker and that "
-                    "its /pubkey/ has this fingerprint", self.failures, tried, scheme,
+                    "its /pubkey/ has this fingerprint", held + 1, tried, scheme,
                     key.fingerprint)
-        self.failures = 0
 
 
 class RestartAlarm:
