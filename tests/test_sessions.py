@@ -6,7 +6,9 @@ one delete record. The pure session core is tested at the end."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
+import logging
 import math
 
 import aiohttp
@@ -206,6 +208,26 @@ async def test_the_drain_ends_every_session_with_its_record(fleet):
                                    json={"auth_data": late, "payload": {"lifetime": 5}})
     assert refused.status == 503
     assert not f.worker.sessions.open
+
+
+async def test_on_close_calls_still_waiting_at_shutdown_are_cancelled_before_the_session_closes(
+        fleet, backend, caplog):
+    """Five sessions expire with an on_close_route the backend never answers: four calls hang
+    there, the fifth waits for a slot. Stopping cancels what is still waiting before the HTTP
+    session closes, so no call runs on under a closed session (the fifth raised "Session is
+    closed" in a task nobody awaited, logged at ERROR when collected)."""
+    f = await fleet("url")
+    await ready(f)
+    for _ in range(5):
+        assert (await create(f, lifetime=0.2, on_close_route="/hang"))[0].status == 201
+    await wait_until(lambda: len(backend.log.hanging) == 4, what="four on_close calls hanging")
+    assert len(f.worker.closing) == 5
+    await f.server.close()  # the worker's stop: on_close calls get a second, then no more
+    assert not f.worker.closing
+    gc.collect()  # a task's exception nobody retrieved is logged when it is collected
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == []
+    assert "5 session on_close_route call(s) still waiting at shutdown" in caplog.text
 
 
 async def test_the_session_port_serves_session_end_only(fleet):

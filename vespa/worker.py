@@ -288,8 +288,14 @@ class Worker:
             if listener is not None:
                 await listener.wait_closed()
         self.desk.close_all()  # stopped without a drain (a test, an error): records all the same
-        if self.closing:
-            await asyncio.wait(self.closing, timeout=shutdown_timeout)
+        if self.closing:  # what is still on its way then is cancelled before the session closes
+            _, late = await asyncio.wait(self.closing, timeout=shutdown_timeout)
+            if late:
+                log.warning("%d session on_close_route call(s) still waiting at shutdown: "
+                            "cancelled", len(late))
+                for task in late:
+                    task.cancel()
+                await asyncio.gather(*late, return_exceptions=True)
         if self.supervisor is not None:
             # no health checks or metrics scrapes of a backend on its way out (the supervisor's
             # own task runs on: it logs the backend's last words)
