@@ -37,7 +37,7 @@ import sse_latency  # noqa: E402  (the stamped stream's settings, a latency cell
 # name -> (the tool and its arguments, extra environment, the file's name after the date):
 # what ``--measure`` runs, each with ``--output perf/results/<date>-<suffix>.json``.
 MEASUREMENTS = {
-    "harness": (["perf/run.py", "--rounds", "3", "--with-vast", "--with-nginx"], {}, "run"),
+    "harness": (["perf/run.py", "--rounds", "5", "--with-vast", "--with-nginx"], {}, "run"),
     "instructions_dev": (["perf/instructions.py", "--signed", "none"], {}, "instructions-dev"),
     "instructions_url": (["perf/instructions.py", "--signed", "url"], {}, "instructions-url"),
     "instructions_full": (["perf/instructions.py", "--signed", "full"], {}, "instructions-full"),
