@@ -781,12 +781,15 @@ async def test_a_report_stuck_past_the_final_reports_time_is_cancelled_before_th
         errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
         assert errors == [], [r.getMessage() for r in errors]
         delivered = {kind: n for (kind, ok), n in worker.metrics.reports.items() if ok}
+        given_up = {kind: n for (kind, ok), n in worker.metrics.reports.items() if not ok}
         if held == "/worker_status/":  # not counted as sent; its load still to be reported
             assert worker.reporter.sent == delivered["worker_status"] == answered
             assert worker.ledger.window.cur_perf == 5.0
+            assert worker.reporter.failed >= 1 and given_up["worker_status"] >= 1
         else:  # the record is still the worker's to deliver
             assert [r.request_idx for r in worker.ledger.outbox] == [42]
             assert delivered["delete_requests"] == 0 and emulator.deleted == []
+            assert given_up["delete_requests"] >= 1
     finally:
         emulator.release.set()
         if not stopped:

@@ -150,7 +150,7 @@ async def test_an_unexpected_exception_is_a_500_counted_as_one_and_logged_once_a
     assert len(tracebacks) == 2, [r.getMessage() for r in tracebacks]
     assert "a bug in the worker" in caplog.text
     assert tracebacks[0].getMessage() == "request POST /echo failed"
-    assert tracebacks[1].getMessage() == "request POST /echo failed (4 more in the last 60s)"
+    assert tracebacks[1].getMessage() == "request POST /echo failed (4 more since the last such line)"
     async with f.session.get(f.url + "/_vespa/metrics") as response:
         text = await response.text()
     samples = {(s.name, frozenset(s.labels.items())): s.value

@@ -127,9 +127,12 @@ class Reporter:
     async def post(self, path: str, body: dict | bytes) -> bool:
         """POST to the first address that takes it (each tried a few times); ``body`` is
         JSON-encoded, or its JSON already."""
-        delivered = await self._post(path, body if isinstance(body, bytes) else
-                                     json.dumps(body).encode())
-        self.on_report(path.strip("/"), delivered)
+        delivered = False
+        try:
+            delivered = await self._post(path, body if isinstance(body, bytes) else
+                                         json.dumps(body).encode())
+        finally:  # one cancelled (given up at shutdown) is counted as not delivered
+            self.on_report(path.strip("/"), delivered)
         return delivered
 
     async def _post(self, path: str, body: bytes) -> bool:
@@ -182,7 +185,12 @@ class Reporter:
         due = time.monotonic() - self.last_sent_at >= self.max_interval
         if unchanged and not news and not due and not force:
             return True
-        if not await self.post("/worker_status/", body):
+        try:
+            delivered = await self.post("/worker_status/", body)
+        except asyncio.CancelledError:
+            self.failed += 1  # given up (``abandon``): its window stays in the ledger
+            raise
+        if not delivered:
             self.failed += 1
             return False
         self.sent += 1

@@ -47,8 +47,8 @@ class Throttle:
             self.suppressed += 1
             return None
         self.next_at = now + self.interval
-        more = (f" ({self.suppressed} more in the last {self.interval:g}s)"
-                if self.suppressed else "")
+        # held back since the line before, which is at least ``interval`` ago (maybe far more)
+        more = f" ({self.suppressed} more since the last such line)" if self.suppressed else ""
         self.suppressed = 0
         return more
 
