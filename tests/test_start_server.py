@@ -270,6 +270,11 @@ PORTS = ("VESPA_AUTOSCALER_PORT", "VESPA_WORKER_PORT", "VESPA_WORKER_HTTP_PORT",
          "VESPA_BACKEND_PORT")
 
 
+def default_hangup() -> None:
+    """In the child before exec: SIGHUP back to its default action."""
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
 class LocalStack:
     """``bash start_server.sh`` off Vast, every port its own, its terminal output in a file."""
 
@@ -291,9 +296,12 @@ class LocalStack:
         for name in ("CONTAINER_ID", "REPORT_ADDR", "MASTER_TOKEN"):
             environment.pop(name, None)
         with open(self.log_path, "wb") as terminal:
+            # SIGHUP as a terminal leaves it: a test run under nohup would pass its "ignored" on,
+            # and bash cannot trap a signal ignored when it starts
             self.proc = subprocess.Popen(["bash", "start_server.sh"], cwd=REPO,
                                          stdout=terminal, stderr=subprocess.STDOUT,
-                                         start_new_session=True, env=environment)
+                                         start_new_session=True, env=environment,
+                                         preexec_fn=default_hangup)
 
     @property
     def terminal(self) -> str:
