@@ -37,10 +37,19 @@ from .openai_backend import MODEL, make_openai_backend
 VENV = os.path.dirname(os.path.dirname(sys.executable))  # worker_env.sh installs nothing new here
 
 
+def terminal_signals() -> None:
+    """In the child before exec: SIGHUP and SIGINT at their default actions, as a terminal
+    starts a script (a test run under nohup, or as a shell's background job, passes them on
+    ignored, and bash cannot trap a signal ignored when it starts)."""
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_script(tmp_path, **env: str) -> subprocess.Popen:
     return subprocess.Popen(
         ["bash", "start_server.sh"], cwd=REPO, stdout=subprocess.DEVNULL,
         stderr=open(tmp_path / "start_server.log", "wb"), start_new_session=True,
+        preexec_fn=terminal_signals,
         env=worker_env(**{"CONTAINER_ID": "42", "MASTER_TOKEN": "tok", "VESPA_BACKEND": "command",
                           "VESPA_SSL_CERT": str(tmp_path / "instance.crt"),
                           "VESPA_SSL_KEY": str(tmp_path / "instance.key"),
@@ -234,6 +243,7 @@ async def test_an_update_request_moves_the_checkout_and_restarts_the_worker(tmp_
     proc = subprocess.Popen(
         ["bash", "start_server.sh"], cwd=instance, stdout=subprocess.DEVNULL,
         stderr=open(tmp_path / "start_server.log", "wb"), start_new_session=True,
+        preexec_fn=terminal_signals,
         env={**worker_env(CONTAINER_ID="42", MASTER_TOKEN="tok", VESPA_VENV=venv,
                           VESPA_COMPILE="0", VESPA_BACKEND_URL=str(backend.make_url("")),
                           REPORT_ADDR="http://127.0.0.1:1", VESPA_USE_SSL="false",
@@ -270,11 +280,6 @@ PORTS = ("VESPA_AUTOSCALER_PORT", "VESPA_WORKER_PORT", "VESPA_WORKER_HTTP_PORT",
          "VESPA_BACKEND_PORT")
 
 
-def default_hangup() -> None:
-    """In the child before exec: SIGHUP back to its default action."""
-    signal.signal(signal.SIGHUP, signal.SIG_DFL)
-
-
 class LocalStack:
     """``bash start_server.sh`` off Vast, every port its own, its terminal output in a file."""
 
@@ -296,12 +301,10 @@ class LocalStack:
         for name in ("CONTAINER_ID", "REPORT_ADDR", "MASTER_TOKEN"):
             environment.pop(name, None)
         with open(self.log_path, "wb") as terminal:
-            # SIGHUP as a terminal leaves it: a test run under nohup would pass its "ignored" on,
-            # and bash cannot trap a signal ignored when it starts
             self.proc = subprocess.Popen(["bash", "start_server.sh"], cwd=REPO,
                                          stdout=terminal, stderr=subprocess.STDOUT,
                                          start_new_session=True, env=environment,
-                                         preexec_fn=default_hangup)
+                                         preexec_fn=terminal_signals)
 
     @property
     def terminal(self) -> str:
